@@ -1,0 +1,12 @@
+"""emdask: the EM algorithm on dataframes too large for one machine.
+
+Every model is map-reduce EM on Dask: each partition computes E-step sufficient statistics,
+they are tree-reduced, and the M-step runs on the small result.
+"""
+
+from .estimators import GaussianMixture
+from .exceptions import ConvergenceWarning, DataWarning
+
+__version__ = "0.1.0"
+
+__all__ = ["ConvergenceWarning", "DataWarning", "GaussianMixture", "__version__"]

@@ -1,0 +1,437 @@
+"""Turning user input into blocks of float64 numpy arrays, one per partition.
+
+Accepted input: numpy array, pandas DataFrame, dask DataFrame or dask array. The chosen
+columns are converted once per partition to a float64 array (NaN marks a missing cell)
+and, when they fit in the cluster's memory, persisted so that EM iterations never convert or
+read again. Otherwise every iteration re-reads the source partitions (column projection is
+pushed down to Parquet by dask), and the fit needs no more than a few partitions per worker.
+
+Per-row results (``predict`` and friends) are computed partition by partition with the same
+index, lazily when the input was lazy.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import os
+from dataclasses import dataclass
+from functools import reduce
+
+import numpy as np
+import pandas as pd
+
+import dask
+import dask.array as da
+import dask.dataframe as dd
+
+__all__ = ["BlockData", "DataSummary", "prepare", "map_rows", "select_columns", "current_client"]
+
+#: In-memory inputs are cut into blocks of about this many bytes.
+TARGET_BLOCK_BYTES = 16 * 2**20
+#: Persist when the blocks take at most this fraction of the memory available to the workers.
+PERSIST_FRACTION = 0.5
+
+
+def current_client():
+    """The default ``distributed.Client`` if one is running, else ``None``."""
+    try:
+        from distributed import default_client
+
+        return default_client()
+    except (ImportError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------------------
+# Column selection and conversion
+# --------------------------------------------------------------------------------------
+
+
+def _is_numeric(dtype):
+    return (
+        pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype)
+    ) and not pd.api.types.is_complex_dtype(dtype)
+
+
+def select_columns(dtypes, columns=None, *, what="numeric"):
+    """Names of the columns to model, checked against a frame's ``dtypes``.
+
+    With ``columns=None`` every numeric (or boolean) column is taken.
+    """
+    names = list(dtypes.index)
+    if columns is None:
+        chosen = [c for c in names if _is_numeric(dtypes[c])]
+        if not chosen:
+            raise TypeError(
+                f"the table has no {what} column (columns: {names}); pass columns= or "
+                "encode the columns as numbers"
+            )
+        return chosen
+    if isinstance(columns, (str, int)):
+        columns = [columns]
+    chosen = list(columns)
+    absent = [c for c in chosen if c not in dtypes.index]
+    if absent:
+        raise KeyError(f"column(s) {absent} not in the table; available columns: {names}")
+    bad = [c for c in chosen if not _is_numeric(dtypes[c])]
+    if bad:
+        raise TypeError(
+            f"column(s) {bad} are not numeric ({', '.join(str(dtypes[c]) for c in bad)}); "
+            "encode them as numbers, leave them out of columns=, or model them with "
+            "CategoricalMixture or MixedMixture"
+        )
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"columns= names a column twice: {chosen}")
+    return chosen
+
+
+def frame_to_float(df, columns):
+    """The chosen columns of a pandas frame as a C-contiguous float64 array."""
+    out = df[columns].to_numpy(dtype=np.float64, na_value=np.nan)
+    return np.ascontiguousarray(out)
+
+
+def _array_to_float(a):
+    a = np.asarray(a)
+    if a.dtype != np.float64:
+        a = a.astype(np.float64)
+    return np.ascontiguousarray(a)
+
+
+def _check_numpy(X, name="X"):
+    X = np.asarray(X)
+    if X.ndim != 2:
+        raise ValueError(
+            f"{name} must be 2-D (rows × columns), got shape {X.shape}; reshape a single "
+            "column with X.reshape(-1, 1)"
+        )
+    if not (np.issubdtype(X.dtype, np.number) or X.dtype == bool) or np.iscomplexobj(X):
+        raise TypeError(f"{name} has dtype {X.dtype}; only real numeric arrays can be fitted")
+    return X
+
+
+# --------------------------------------------------------------------------------------
+# Summary of the data (one pass) and the checks made from it
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataSummary:
+    """Column-wise facts gathered in one pass, before any model work."""
+
+    n_rows: int
+    lengths: tuple
+    nan_count: np.ndarray
+    inf_count: np.ndarray
+    col_sum: np.ndarray
+    col_min: np.ndarray
+    col_max: np.ndarray
+    n_empty_rows: int
+
+    @property
+    def col_mean(self):
+        observed = self.n_rows - self.nan_count - self.inf_count
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(observed > 0, self.col_sum / np.maximum(observed, 1), 0.0)
+
+
+def _summarize_block(block, index):
+    finite = np.isfinite(block)
+    nan = np.isnan(block)
+    with np.errstate(invalid="ignore"):
+        masked = np.where(finite, block, np.nan)
+        if block.shape[0]:
+            col_min = np.where(finite.any(0), np.nanmin(np.where(finite, block, np.inf), 0), np.inf)
+            col_max = np.where(finite.any(0), np.nanmax(np.where(finite, block, -np.inf), 0), -np.inf)
+        else:
+            col_min = np.full(block.shape[1], np.inf)
+            col_max = np.full(block.shape[1], -np.inf)
+    return {
+        "lengths": ((index, block.shape[0]),),
+        "nan": nan.sum(0),
+        "inf": (~finite & ~nan).sum(0),
+        "sum": np.nansum(masked, axis=0),
+        "min": col_min,
+        "max": col_max,
+        "empty_rows": int(nan.all(axis=1).sum()) if block.shape[1] else block.shape[0],
+    }
+
+
+def _combine_summaries(*parts):
+    return {
+        "lengths": sum((p["lengths"] for p in parts), ()),
+        "nan": sum(p["nan"] for p in parts),
+        "inf": sum(p["inf"] for p in parts),
+        "sum": sum(p["sum"] for p in parts),
+        "min": reduce(np.minimum, (p["min"] for p in parts)),
+        "max": reduce(np.maximum, (p["max"] for p in parts)),
+        "empty_rows": sum(p["empty_rows"] for p in parts),
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Blocks
+# --------------------------------------------------------------------------------------
+
+
+def _combine_with(combine, *parts):
+    return reduce(combine, parts)
+
+
+class BlockData:
+    """A table as a list of lazy (or persisted) float64 blocks, with its summary.
+
+    Attributes
+    ----------
+    blocks : list
+        One ``dask.delayed`` value (or future) per partition, computing an
+        ndarray of shape (rows_in_partition, n_features).
+    feature_names : list of str
+    has_names : bool
+        Whether the column names came from the input (a frame) rather than positions.
+    summary : DataSummary
+    persisted : bool
+    """
+
+    def __init__(self, blocks, feature_names, has_names, split_every=8):
+        self.blocks = list(blocks)
+        self.feature_names = list(feature_names)
+        self.has_names = has_names
+        self.split_every = int(split_every)
+        self.summary = None
+        self.persisted = False
+        self.n_passes = 0
+
+    @property
+    def n_features(self):
+        return len(self.feature_names)
+
+    @property
+    def n_rows(self):
+        return self.summary.n_rows
+
+    @property
+    def npartitions(self):
+        return len(self.blocks)
+
+    def map_reduce(self, chunk, *args, combine=operator.add, split_every=None):
+        """``combine``-reduce ``chunk(block, block_index, *args)`` over all blocks.
+
+        One Dask graph: a task per block, a tree of ``combine`` tasks with fan-in
+        ``split_every``, and one small result brought back to the client. ``args`` travel
+        inside the graph once (they should be small: parameters, not data).
+        """
+        split_every = split_every or self.split_every
+        if split_every < 2:
+            raise ValueError(f"split_every must be at least 2, got {split_every}")
+        shared = [dask.delayed(a, traverse=False) for a in args]
+        level = [dask.delayed(chunk)(b, i, *shared) for i, b in enumerate(self.blocks)]
+        while len(level) > 1:
+            level = [
+                dask.delayed(_combine_with)(combine, *level[i : i + split_every])
+                for i in range(0, len(level), split_every)
+            ]
+        self.n_passes += 1
+        return level[0].compute()
+
+    def summarize(self):
+        s = self.map_reduce(_summarize_block, combine=_combine_summaries)
+        lengths = tuple(n for _, n in sorted(s["lengths"]))
+        self.summary = DataSummary(
+            n_rows=int(sum(lengths)),
+            lengths=lengths,
+            nan_count=s["nan"],
+            inf_count=s["inf"],
+            col_sum=s["sum"],
+            col_min=s["min"],
+            col_max=s["max"],
+            n_empty_rows=s["empty_rows"],
+        )
+        return self.summary
+
+    def persist(self):
+        """Keep the converted blocks in the cluster's (or this process's) memory."""
+        client = current_client()
+        if client is not None:
+            self.blocks = client.persist(self.blocks)
+        else:
+            self.blocks = list(dask.persist(*self.blocks))
+        self.persisted = True
+
+    def check(self, *, allow_nan):
+        """Clear errors for an empty table, infinite values, all-missing columns and (when
+        the model cannot take them) missing values, each naming the column."""
+        s = self.summary
+        names = self.feature_names
+        if s.n_rows == 0:
+            raise ValueError("the table is empty (0 rows); nothing to fit")
+        if self.n_features == 0:
+            raise ValueError("no column to fit (0 columns selected)")
+        inf = [names[j] for j in np.flatnonzero(s.inf_count)]
+        if inf:
+            raise ValueError(
+                f"column(s) {inf} contain infinite values; replace them with finite "
+                "values or NaN (missing) before fitting"
+            )
+        empty = [names[j] for j in np.flatnonzero(s.nan_count == s.n_rows)]
+        if empty:
+            raise ValueError(
+                f"column(s) {empty} have no observed value; drop them from the columns to fit"
+            )
+        if not allow_nan and s.nan_count.any():
+            bad = {names[j]: int(s.nan_count[j]) for j in np.flatnonzero(s.nan_count)}
+            raise ValueError(
+                f"missing values (NaN) in column(s) {bad} (column: count); this model needs "
+                "complete rows: drop or impute them first"
+            )
+
+    def constant_columns(self):
+        s = self.summary
+        return [self.feature_names[j] for j in np.flatnonzero(s.col_min == s.col_max)]
+
+
+def _available_memory():
+    client = current_client()
+    if client is not None:
+        workers = client.scheduler_info(n_workers=-1)["workers"].values()
+        return sum(w.get("memory_limit") or 0 for w in workers)
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def _n_blocks(n_rows, n_features):
+    nbytes = n_rows * max(n_features, 1) * 8
+    by_size = math.ceil(nbytes / TARGET_BLOCK_BYTES)
+    by_cores = min(os.cpu_count() or 1, max(1, n_rows // 4096))
+    return max(1, by_size, by_cores)
+
+
+def _numpy_blocks(X, npartitions):
+    n = X.shape[0]
+    n_blocks = npartitions or _n_blocks(n, X.shape[1])
+    n_blocks = max(1, min(n_blocks, n)) if n else 1
+    bounds = np.linspace(0, n, n_blocks + 1).astype(int)
+    return [X[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def prepare(X, columns=None, *, allow_nan=True, persist="auto", npartitions=None, split_every=8):
+    """Blocks of the chosen columns, summarized and checked, ready for EM.
+
+    Parameters
+    ----------
+    X : ndarray, pandas.DataFrame, dask DataFrame or dask Array of shape (n_rows, n_features)
+    columns : list of str, optional
+        Columns of a frame to use; default: every numeric column.
+    allow_nan : bool
+        Whether the model handles missing cells.
+    persist : {'auto', True, False}
+        Keep the converted blocks in memory. ``'auto'`` persists when they take at most half
+        of the memory available to the workers (or to this process without a cluster).
+    npartitions : int, optional
+        Number of blocks for in-memory input (default: about 16 MiB each, at least one per
+        core for large inputs). Dask input keeps its partitions.
+    split_every : int
+        Fan-in of the tree reduction.
+    """
+    if persist not in ("auto", True, False):
+        raise ValueError(f"persist={persist!r} must be 'auto', True or False")
+    in_memory = False
+    if isinstance(X, dd.DataFrame):
+        cols = select_columns(X.dtypes, columns)
+        frame = X[cols]
+        blocks = [dask.delayed(frame_to_float)(p, cols) for p in frame.to_delayed()]
+        names, has_names = [str(c) for c in cols], True
+    elif isinstance(X, da.Array):
+        if X.ndim != 2:
+            raise ValueError(f"X must be 2-D (rows × columns), got shape {X.shape}")
+        _check_numpy(np.empty((0, 0), dtype=X.dtype))
+        if columns is not None:
+            raise ValueError("columns= selects columns of a DataFrame; slice the array instead")
+        arr = X.rechunk({1: -1}) if X.numblocks[1] > 1 else X
+        blocks = [dask.delayed(_array_to_float)(b) for b in arr.to_delayed().ravel()]
+        names, has_names = [f"x{j}" for j in range(X.shape[1])], False
+    elif isinstance(X, pd.DataFrame):
+        cols = select_columns(X.dtypes, columns)
+        arr = frame_to_float(X, cols)
+        blocks = _numpy_blocks(arr, npartitions)
+        names, has_names, in_memory = [str(c) for c in cols], True, True
+    else:
+        if isinstance(X, (pd.Series, dd.Series)):
+            raise TypeError("X is a Series; pass a DataFrame (e.g. s.to_frame()) instead")
+        if columns is not None:
+            raise ValueError("columns= selects columns of a DataFrame; slice the array instead")
+        arr = _array_to_float(_check_numpy(X))
+        blocks = _numpy_blocks(arr, npartitions)
+        names, has_names, in_memory = [f"x{j}" for j in range(arr.shape[1])], False, True
+
+    data = BlockData(blocks, names, has_names, split_every=split_every)
+    if in_memory:
+        if persist is not False and current_client() is not None:
+            data.persist()  # ship the blocks to the workers once
+        else:
+            data.blocks = [dask.delayed(b) for b in blocks]
+            data.persisted = True
+        data.summarize()
+    else:
+        data.summarize()
+        nbytes = data.n_rows * data.n_features * 8
+        if persist is True or (
+            persist == "auto" and nbytes <= PERSIST_FRACTION * _available_memory()
+        ):
+            data.persist()
+    data.check(allow_nan=allow_nan)
+    return data
+
+
+# --------------------------------------------------------------------------------------
+# Per-row results
+# --------------------------------------------------------------------------------------
+
+
+def _apply_frame(part, columns, fn, out_columns):
+    out = fn(frame_to_float(part, columns))
+    if out.ndim == 1:
+        return pd.Series(out, index=part.index)
+    return pd.DataFrame(out, index=part.index, columns=out_columns)
+
+
+def map_rows(X, columns, fn, *, n_out=None, dtype=np.float64, out_columns=None):
+    """Apply ``fn`` (float64 block -> per-row array) to every row of ``X``.
+
+    numpy or pandas input gives a numpy array; a dask DataFrame gives a dask Series
+    (``n_out=None``) or DataFrame aligned with the input's index and divisions; a dask
+    array gives a dask array with the input's row chunks. Nothing is computed for lazy
+    input.
+
+    Parameters
+    ----------
+    columns : list or None
+        Columns of a frame to take (``None`` for arrays).
+    n_out : int or None
+        ``None`` when ``fn`` returns one value per row, else the width of its output.
+    """
+    if isinstance(X, dd.DataFrame):
+        missing = [c for c in columns if c not in X.columns]
+        if missing:
+            raise KeyError(f"column(s) {missing} seen during fit are not in X")
+        if n_out is None:
+            meta = pd.Series(np.empty(0, dtype=dtype))
+        else:
+            out_columns = list(out_columns or range(n_out))
+            meta = pd.DataFrame(np.empty((0, n_out), dtype=dtype), columns=out_columns)
+        return X[columns].map_partitions(_apply_frame, columns, fn, out_columns, meta=meta)
+    if isinstance(X, da.Array):
+        arr = X.rechunk({1: -1}) if X.numblocks[1] > 1 else X
+        def block_fn(b):
+            return fn(_array_to_float(b)).astype(dtype, copy=False)
+        if n_out is None:
+            return arr.map_blocks(block_fn, drop_axis=1, dtype=dtype)
+        return arr.map_blocks(block_fn, chunks=(arr.chunks[0], (n_out,)), dtype=dtype)
+    if isinstance(X, pd.DataFrame):
+        missing = [c for c in columns if c not in X.columns]
+        if missing:
+            raise KeyError(f"column(s) {missing} seen during fit are not in X")
+        return fn(frame_to_float(X, columns)).astype(dtype, copy=False)
+    return fn(_array_to_float(_check_numpy(X))).astype(dtype, copy=False)

@@ -1,0 +1,145 @@
+"""The map-reduce EM driver: one Dask graph per iteration for any number of models.
+
+Each iteration hands every block to every model still iterating (``partial_stats``), adds
+the statistics up a tree with fan-in ``split_every``, and runs the M-step on the client.
+Reading the data is the expensive part, so several models — restarts, candidate numbers of
+components, bootstrap replicates — share each pass; a model that has converged drops out of
+later passes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+__all__ = ["EMModel", "IterationInfo", "run_em", "bootstrap_weights", "format_iteration"]
+
+
+@dataclass
+class EMModel:
+    """One model being fitted: its family, current parameters and history.
+
+    ``bootstrap_seed`` makes the model see the data through Poisson(1) row weights drawn
+    from that seed and the block's position (a bootstrap replicate that needs no resampled
+    copy of the table, and gives the same weights every pass whatever the cluster).
+    """
+
+    family: Any
+    params: Any
+    bootstrap_seed: int | None = None
+    lower_bounds: list = field(default_factory=list)
+    n_iter: int = 0
+    converged: bool = False
+
+    @property
+    def lower_bound(self):
+        return self.lower_bounds[-1] if self.lower_bounds else -math.inf
+
+
+@dataclass(frozen=True)
+class IterationInfo:
+    """What a callback hears after each model's M-step."""
+
+    iteration: int
+    model: int
+    n_models: int
+    lower_bound: float
+    change: float
+    seconds: float
+    converged: bool
+    params: Any
+
+
+def bootstrap_weights(seed, block_index, n_rows):
+    """Poisson(1) weights for the rows of one block, reproducible from the seed."""
+    rng = np.random.default_rng([int(seed), int(block_index), 0x5EED])
+    return rng.poisson(1.0, size=n_rows).astype(np.float64)
+
+
+def _em_chunk(block, index, models):
+    out = []
+    for family, params, seed in models:
+        weights = None if seed is None else bootstrap_weights(seed, index, block.shape[0])
+        out.append(family.partial_stats(block, params, weights))
+    return tuple(out)
+
+
+def _add_tuples(a, b):
+    return tuple(x + y for x, y in zip(a, b))
+
+
+def format_iteration(info: IterationInfo) -> str:
+    """The one-line progress report for an iteration."""
+    model = f"  model {info.model}" if info.n_models > 1 else ""
+    return (
+        f"EM iter {info.iteration:4d}{model}  mean log-lik {info.lower_bound: .10g}  "
+        f"change {info.change: .3e}  {info.seconds:6.2f}s"
+    )
+
+
+def run_em(
+    data,
+    models,
+    *,
+    tol=1e-3,
+    max_iter=100,
+    callbacks=(),
+    verbose=0,
+    print_fn: Callable[[str], None] = print,
+):
+    """Iterate EM on every model until each converges or reaches ``max_iter``.
+
+    Parameters
+    ----------
+    data : BlockData
+    models : list of EMModel
+        Updated in place (``params``, ``lower_bounds``, ``n_iter``, ``converged``).
+    tol : float
+        Convergence threshold on the change of the mean log-likelihood per row.
+    max_iter : int
+    callbacks : sequence of callables
+        Each is called with an :class:`IterationInfo` after every model's M-step; a
+        callback that returns ``True`` stops the fit after the current iteration.
+    verbose : int
+        ``>= 1`` prints one line per iteration and model.
+
+    Returns
+    -------
+    list of EMModel
+    """
+    stop = False
+    while not stop:
+        active = [m for m in models if not m.converged and m.n_iter < max_iter]
+        if not active:
+            break
+        start = time.perf_counter()
+        spec = tuple((m.family, m.params, m.bootstrap_seed) for m in active)
+        all_stats = data.map_reduce(_em_chunk, spec, combine=_add_tuples)
+        for model, stats in zip(active, all_stats):
+            lower_bound = stats.mean_loglik
+            change = lower_bound - model.lower_bound
+            model.params = model.family.m_step(stats, model.params)
+            model.n_iter += 1
+            model.lower_bounds.append(lower_bound)
+            if abs(change) < tol:
+                model.converged = True
+            info = IterationInfo(
+                iteration=model.n_iter,
+                model=models.index(model),
+                n_models=len(models),
+                lower_bound=lower_bound,
+                change=change,
+                seconds=time.perf_counter() - start,
+                converged=model.converged,
+                params=model.params,
+            )
+            if verbose:
+                print_fn(format_iteration(info))
+            for callback in callbacks:
+                if callback(info) is True:
+                    stop = True
+    return models

@@ -1,0 +1,240 @@
+"""Gaussian mixture estimator with scikit-learn's arguments and attributes."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..engine import kmeans_parallel, kmeans_plusplus, sample_rows
+from ..families.gaussian import (
+    COVARIANCE_TYPES,
+    GaussianFamily,
+    GaussianParams,
+    compute_precision_cholesky,
+    covariances_from_precisions,
+    precisions_from_cholesky,
+)
+from .base import BaseMixture, _check_number
+
+__all__ = ["GaussianMixture"]
+
+INIT_METHODS = ("k-means||", "kmeans", "k-means++", "random_from_data", "random")
+
+#: Rows drawn for the in-memory k-means++ seeding.
+KMEANS_PLUSPLUS_SAMPLE = 20_000
+
+
+def _assignment_chunk(block, index, family, centers):
+    from ..engine.kmeans import nearest
+
+    labels, _ = nearest(block, centers)
+    informative = ~np.isnan(block).all(axis=1)
+    return family.assignment_stats(block[informative], centers, labels[informative])
+
+
+def _random_resp_chunk(block, index, family, shift, seed):
+    rng = np.random.default_rng([int(seed), int(index), 0xA11CE])
+    informative = ~np.isnan(block).all(axis=1)
+    resp = rng.random((int(informative.sum()), shift.shape[0]))
+    resp /= resp.sum(axis=1, keepdims=True)
+    return family.responsibility_stats(block[informative], resp, shift)
+
+
+class GaussianMixture(BaseMixture):
+    """Gaussian mixture fitted by map-reduce EM over any Dask collection.
+
+    Arguments and fitted attributes follow :class:`sklearn.mixture.GaussianMixture`; rows
+    may have missing cells (NaN), which are handled exactly.
+
+    Parameters
+    ----------
+    n_components : int, default=1
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}, default='full'
+    tol : float, default=1e-3
+        Convergence threshold on the change of the mean log-likelihood per row.
+    reg_covar : float, default=1e-6
+        Non-negative regularization added to the diagonal of every covariance.
+    max_iter : int, default=100
+    n_init : int, default=1
+        Restarts; they share each pass over the data and the best is kept.
+    init_params : {'k-means||', 'kmeans', 'k-means++', 'random_from_data', 'random'}, default='k-means||'
+        ``'k-means||'`` seeds with scalable k-means|| (a fixed number of passes, see
+        :mod:`emdask.engine.kmeans`) and two Lloyd passes; ``'kmeans'`` adds eight more Lloyd
+        passes; ``'k-means++'`` seeds on a uniform sample of 20,000 rows;
+        ``'random_from_data'`` takes k random rows as means; ``'random'`` starts from random
+        responsibilities. The initial weights and covariances come from one more pass.
+    weights_init : array-like of shape (n_components,), optional
+    means_init : array-like of shape (n_components, n_features), optional
+    precisions_init : array-like, optional
+        Shape by covariance type as ``precisions_``.
+    random_state : int, RandomState or Generator, optional
+        The same value gives the same model, whatever the number of workers.
+    warm_start : bool, default=False
+        Start ``fit`` from the previous solution (for data arriving in batches).
+    verbose : int, default=0
+        ``>= 1`` prints one line per iteration: iteration, mean log-likelihood, change, time.
+    split_every : int, default=8
+        Fan-in of the tree reduction of the statistics.
+    persist : {'auto', True, False}, default='auto'
+        Keep the converted data in memory between iterations (``'auto'``: when it fits in
+        half of the workers' memory); otherwise every iteration re-reads the source.
+
+    Attributes
+    ----------
+    weights_ : ndarray of shape (n_components,)
+    means_ : ndarray of shape (n_components, n_features)
+    covariances_, precisions_, precisions_cholesky_ : ndarray
+        Shapes by covariance type, as in scikit-learn.
+    converged_ : bool
+    n_iter_ : int
+    lower_bound_ : float
+        Mean log-likelihood per row at the last iteration.
+    lower_bounds_ : list of float
+        Mean log-likelihood at every iteration.
+    n_features_in_ : int
+    feature_names_in_ : ndarray of str
+        Only when fitted on a frame.
+    n_passes_ : int
+        Passes over the data made by ``fit`` (summary, initialisation and EM).
+    """
+
+    _init_methods = INIT_METHODS
+
+    def __init__(
+        self,
+        n_components=1,
+        *,
+        covariance_type="full",
+        tol=1e-3,
+        reg_covar=1e-6,
+        max_iter=100,
+        n_init=1,
+        init_params="k-means||",
+        weights_init=None,
+        means_init=None,
+        precisions_init=None,
+        random_state=None,
+        warm_start=False,
+        verbose=0,
+        split_every=8,
+        persist="auto",
+    ):
+        self.n_components = n_components
+        self.covariance_type = covariance_type
+        self.tol = tol
+        self.reg_covar = reg_covar
+        self.max_iter = max_iter
+        self.n_init = n_init
+        self.init_params = init_params
+        self.weights_init = weights_init
+        self.means_init = means_init
+        self.precisions_init = precisions_init
+        self.random_state = random_state
+        self.warm_start = warm_start
+        self.verbose = verbose
+        self.split_every = split_every
+        self.persist = persist
+
+    # -- checks ---------------------------------------------------------------------------
+
+    def _check_parameters(self):
+        super()._check_parameters()
+        if self.covariance_type not in COVARIANCE_TYPES:
+            raise ValueError(
+                f"covariance_type={self.covariance_type!r} is not one of {list(COVARIANCE_TYPES)}"
+            )
+        _check_number("reg_covar", self.reg_covar, low=0.0)
+
+    def _check_extra_parameters(self, n_features):
+        k, d = self.n_components, n_features
+        if self.weights_init is not None:
+            w = np.asarray(self.weights_init, dtype=np.float64)
+            if w.shape != (k,):
+                raise ValueError(f"weights_init must have shape ({k},), got {w.shape}")
+            if np.any(w < 0) or np.any(w > 1) or not np.isclose(w.sum(), 1.0):
+                raise ValueError("weights_init must be in [0, 1] and sum to 1")
+        if self.means_init is not None:
+            m = np.asarray(self.means_init, dtype=np.float64)
+            if m.shape != (k, d):
+                raise ValueError(f"means_init must have shape ({k}, {d}), got {m.shape}")
+        if self.precisions_init is not None:
+            expected = {
+                "full": (k, d, d),
+                "tied": (d, d),
+                "diag": (k, d),
+                "spherical": (k,),
+            }[self.covariance_type]
+            p = np.asarray(self.precisions_init, dtype=np.float64)
+            if p.shape != expected:
+                raise ValueError(
+                    f"precisions_init must have shape {expected} for covariance_type="
+                    f"{self.covariance_type!r}, got {p.shape}"
+                )
+            mats = {"full": p, "tied": p[None]}.get(self.covariance_type)
+            if mats is not None:
+                if not np.allclose(mats, np.swapaxes(mats, 1, 2)):
+                    raise ValueError("precisions_init must be symmetric")
+                if np.any(np.linalg.eigvalsh(mats) <= 0):
+                    raise ValueError("precisions_init must be positive definite")
+            elif np.any(p <= 0):
+                raise ValueError("precisions_init must be positive")
+
+    # -- hooks ----------------------------------------------------------------------------
+
+    def _make_family(self):
+        return GaussianFamily(self.n_components, self.covariance_type, self.reg_covar)
+
+    def _initialize(self, data, family, seed):
+        k, d = self.n_components, data.n_features
+        given = [self.weights_init, self.means_init, self.precisions_init]
+        if all(v is not None for v in given):
+            precisions = np.asarray(self.precisions_init, dtype=np.float64)
+            cov = covariances_from_precisions(precisions, self.covariance_type)
+            return family.make_params(self.weights_init, self.means_init, cov)
+        shift = data.summary.col_mean
+        if self.means_init is not None:
+            centers = np.asarray(self.means_init, dtype=np.float64)
+        elif self.init_params == "random":
+            centers = None
+        elif self.init_params == "random_from_data":
+            centers = sample_rows(data, k, seed)
+        elif self.init_params == "k-means++":
+            sample = sample_rows(data, max(KMEANS_PLUSPLUS_SAMPLE, 10 * k), seed)
+            centers = kmeans_plusplus(sample, k, np.random.default_rng(seed))
+        else:
+            n_lloyd = 2 if self.init_params == "k-means||" else 10
+            centers = kmeans_parallel(data, k, seed, n_lloyd=n_lloyd)
+        if centers is None:
+            base = np.tile(shift, (k, 1))
+            stats = data.map_reduce(_random_resp_chunk, family, base, seed)
+            params = family.params_from_stats(stats, base)
+        else:
+            stats = data.map_reduce(_assignment_chunk, family, centers)
+            params = family.params_from_stats(stats, centers)
+        weights, means, cov = params.weights, params.means, params.covariances
+        if self.weights_init is not None:
+            weights = np.asarray(self.weights_init, dtype=np.float64)
+        if self.means_init is not None:
+            means = np.asarray(self.means_init, dtype=np.float64)
+        if self.precisions_init is not None:
+            cov = covariances_from_precisions(
+                np.asarray(self.precisions_init, dtype=np.float64), self.covariance_type
+            )
+        return family.make_params(weights, means, cov)
+
+    def _set_fitted(self, params):
+        self.weights_ = params.weights
+        self.means_ = params.means
+        self.covariances_ = params.covariances
+        self.precisions_cholesky_ = params.precisions_cholesky
+        self.precisions_ = precisions_from_cholesky(params.precisions_cholesky, self.covariance_type)
+
+    def _fitted_params(self):
+        return GaussianParams(
+            np.asarray(self.weights_),
+            np.asarray(self.means_),
+            np.asarray(self.covariances_),
+            compute_precision_cholesky(np.asarray(self.covariances_), self.covariance_type)
+            if not hasattr(self, "precisions_cholesky_")
+            else np.asarray(self.precisions_cholesky_),
+            self.covariance_type,
+        )

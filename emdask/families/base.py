@@ -1,0 +1,95 @@
+"""What every model family shares: additive sufficient statistics and numeric helpers.
+
+A family is a small object holding hyper-parameters (number of components, covariance
+type, smoothing, ...) with four pure-numpy methods::
+
+    params = family.initialize(...)                    # frozen dataclass of arrays
+    stats  = family.partial_stats(block, params)       # E-step on one block
+    stats  = stats_a + stats_b                         # associative, commutative
+    params = family.m_step(stats, params)              # closed form
+
+Families never see Dask: a block is a 2-D float64 numpy array, NaN marking a missing cell.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["Stats", "logsumexp_rows", "normalize_log_rows", "ROW_CHUNK"]
+
+#: Rows handled at once inside a block: a few hundred kilobytes per component stay in cache.
+ROW_CHUNK = 2048
+
+
+@dataclass
+class Stats:
+    """Additive E-step statistics of one block (or of several blocks, once added).
+
+    Attributes
+    ----------
+    n_rows : float
+        Number of rows that carried information (sum of row weights).
+    loglik : float
+        Sum over those rows of the observed-data log-likelihood.
+    terms : dict of str to ndarray
+        The family's own sufficient statistics, added element-wise.
+    """
+
+    n_rows: float = 0.0
+    loglik: float = 0.0
+    terms: dict = field(default_factory=dict)
+
+    def __add__(self, other):
+        if isinstance(other, int) and other == 0:  # lets ``sum()`` start from 0
+            return self
+        if not self.terms:
+            terms = dict(other.terms)
+        elif not other.terms:
+            terms = dict(self.terms)
+        else:
+            if self.terms.keys() != other.terms.keys():
+                raise ValueError("cannot add statistics of different model families")
+            terms = {key: self.terms[key] + other.terms[key] for key in self.terms}
+        return Stats(self.n_rows + other.n_rows, self.loglik + other.loglik, terms)
+
+    __radd__ = __add__
+
+    @property
+    def mean_loglik(self) -> float:
+        """Mean log-likelihood per informative row (the EM lower bound)."""
+        return self.loglik / self.n_rows if self.n_rows > 0 else float("nan")
+
+
+def logsumexp_rows(a):
+    """``log(sum(exp(a), axis=1))`` computed about the row maximum.
+
+    Parameters
+    ----------
+    a : ndarray of shape (n_rows, n_components)
+
+    Returns
+    -------
+    ndarray of shape (n_rows,)
+    """
+    m = a.max(axis=1)
+    m = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(under="ignore"):
+        s = np.exp(a - m[:, None]).sum(axis=1)
+    with np.errstate(divide="ignore"):
+        return np.log(s) + m
+
+
+def normalize_log_rows(a):
+    """Responsibilities and per-row log-normalizer from weighted log-probabilities.
+
+    Returns
+    -------
+    resp : ndarray of shape (n_rows, n_components)
+    log_norm : ndarray of shape (n_rows,)
+    """
+    log_norm = logsumexp_rows(a)
+    with np.errstate(under="ignore"):
+        resp = np.exp(a - log_norm[:, None])
+    return resp, log_norm
