@@ -55,10 +55,32 @@ def _score_chunk(block, index, family, params):
 
 
 class BaseMixture:
-    """Base class for mixture estimators (scikit-learn conventions)."""
+    """Base class for mixture estimators (scikit-learn conventions).
+
+    The fitted state of an estimator is, in full: its constructor arguments
+    (``get_params()``), the common attributes in ``_common_fitted``, the ndarray attributes
+    a subclass lists in ``_fitted_arrays`` and the JSON-able ones it lists in
+    ``_fitted_meta`` (category levels, column-to-family maps, ...). An estimator rebuilt
+    from these alone predicts exactly as the original (model files rely on it).
+    """
 
     #: init_params values a subclass accepts
     _init_methods: tuple = ()
+    #: fitted attributes every mixture has
+    _common_fitted = (
+        "converged_",
+        "n_iter_",
+        "lower_bound_",
+        "lower_bounds_",
+        "n_features_in_",
+        "feature_names_in_",
+        "n_passes_",
+        "_columns",
+    )
+    #: ndarray attributes holding a subclass's fitted parameters
+    _fitted_arrays: tuple = ()
+    #: JSON-able attributes of a subclass's fitted state
+    _fitted_meta: tuple = ()
 
     # -- scikit-learn estimator protocol ------------------------------------------------------
 

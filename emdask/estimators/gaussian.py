@@ -98,6 +98,13 @@ class GaussianMixture(BaseMixture):
     """
 
     _init_methods = INIT_METHODS
+    _fitted_arrays = (
+        "weights_",
+        "means_",
+        "covariances_",
+        "precisions_cholesky_",
+        "precisions_",
+    )
 
     def __init__(
         self,
