@@ -19,7 +19,7 @@ import numpy as np
 __all__ = ["EMModel", "IterationInfo", "run_em", "bootstrap_weights", "format_iteration"]
 
 
-@dataclass
+@dataclass(eq=False)
 class EMModel:
     """One model being fitted: its family, current parameters and history.
 
