@@ -34,13 +34,18 @@ PERSIST_FRACTION = 0.5
 
 
 def current_client():
-    """The default ``distributed.Client`` if one is running, else ``None``."""
-    try:
-        from distributed import default_client
+    """The ``distributed.Client`` that dask computations go to now, else ``None``.
 
-        return default_client()
-    except (ImportError, ValueError):
+    Follows dask's own choice: a default client, or a client's ``get`` set as the scheduler;
+    ``dask.config.set(scheduler='synchronous')`` (or threads) means no client.
+    """
+    try:
+        from distributed import Client
+    except ImportError:  # pragma: no cover - distributed is a dependency
         return None
+    scheduler = dask.base.get_scheduler()
+    owner = getattr(scheduler, "__self__", None)
+    return owner if isinstance(owner, Client) else None
 
 
 # --------------------------------------------------------------------------------------
@@ -215,6 +220,11 @@ class BlockData:
     def npartitions(self):
         return len(self.blocks)
 
+    @property
+    def row_starts(self):
+        """Global position of every block's first row (known after the summary pass)."""
+        return tuple(int(x) for x in np.cumsum((0,) + self.summary.lengths[:-1]))
+
     def map_reduce(self, chunk, *args, combine=operator.add, split_every=None):
         """``combine``-reduce ``chunk(block, block_index, *args)`` over all blocks.
 
@@ -254,7 +264,10 @@ class BlockData:
         """Keep the converted blocks in the cluster's (or this process's) memory."""
         client = current_client()
         if client is not None:
-            self.blocks = client.persist(self.blocks)
+            if all(dask.is_dask_collection(b) for b in self.blocks):
+                self.blocks = client.persist(self.blocks)
+            else:  # in-memory arrays: ship them to the workers once
+                self.blocks = client.scatter(self.blocks)
         else:
             self.blocks = list(dask.persist(*self.blocks))
         self.persisted = True

@@ -1,0 +1,119 @@
+"""The map-reduce driver on real schedulers: multi-process cluster, synchronous, re-reading."""
+
+import warnings
+
+import dask
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+import pytest
+from distributed import Client, LocalCluster
+
+from emdask import ConvergenceWarning, GaussianMixture
+from emdask.engine import prepare
+from emdask.families.base import Stats
+
+
+def table(seed=0, n=3000, d=4):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0, 5, (3, d))
+    X = np.vstack([rng.normal(c, 1.0, (n // 3, d)) for c in centers])
+    return pd.DataFrame(X, columns=[f"f{j}" for j in range(d)])
+
+
+@pytest.fixture(scope="module")
+def cluster_client():
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+        dashboard_address=None, memory_limit="2GiB",
+    ) as cluster, Client(cluster) as client:
+        yield client
+
+
+def fit(X, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return GaussianMixture(3, random_state=5, max_iter=10, tol=0, **kw).fit(X)
+
+
+def test_multiprocess_cluster_equals_synchronous_scheduler(cluster_client, tmp_path):
+    df = table(1)
+    path = tmp_path / "table.parquet"
+    dd.from_pandas(df, npartitions=6).to_parquet(path)
+    on_cluster = fit(dd.read_parquet(path))
+    on_cluster_numpy = fit(df.to_numpy())  # blocks scattered to the workers once
+    with dask.config.set(scheduler="synchronous"):
+        local = fit(dd.read_parquet(path))
+        local_numpy = fit(df.to_numpy())
+    for other, ref in ((on_cluster, local), (on_cluster_numpy, local_numpy)):
+        np.testing.assert_allclose(other.means_, ref.means_, rtol=1e-12)
+        np.testing.assert_allclose(other.covariances_, ref.covariances_, rtol=1e-12)
+    # the per-row methods run on the cluster too, lazily
+    labels = on_cluster.predict(dd.read_parquet(path))
+    np.testing.assert_array_equal(labels.compute().to_numpy(), local.predict(df))
+
+
+def test_same_random_state_whatever_the_number_of_workers(cluster_client, tmp_path):
+    df = table(2)
+    path = tmp_path / "t.parquet"
+    dd.from_pandas(df, npartitions=5).to_parquet(path)
+    two_workers = fit(dd.read_parquet(path))
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as one, Client(one, set_as_default=False) as c1:
+        with dask.config.set(scheduler=c1.get):
+            one_worker = fit(dd.read_parquet(path))
+    np.testing.assert_array_equal(two_workers.means_, one_worker.means_)
+    np.testing.assert_array_equal(two_workers.covariances_, one_worker.covariances_)
+
+
+def test_rereading_when_not_persisted_gives_the_same_model(tmp_path):
+    df = table(3)
+    path = tmp_path / "t.parquet"
+    dd.from_pandas(df, npartitions=4).to_parquet(path)
+    persisted = fit(dd.read_parquet(path), persist=True)
+    reread = fit(dd.read_parquet(path), persist=False)
+    in_memory = fit(df)
+    np.testing.assert_allclose(reread.means_, persisted.means_, rtol=1e-12)
+    np.testing.assert_allclose(in_memory.means_, persisted.means_, rtol=1e-12)
+
+
+def test_one_graph_per_iteration_and_counted_passes():
+    df = table(4, n=1200)
+    data = prepare(dd.from_pandas(df, npartitions=9), persist=False, split_every=2)
+    assert data.n_passes == 1  # the summary pass
+    assert data.summary.lengths == tuple(len(p) for p in np.array_split(np.arange(1200), 9)) or sum(data.summary.lengths) == 1200
+    gm = fit(df)
+    # summary + k-means|| (1 + 5 rounds + 1 weighting + 2 Lloyd) + 1 initial assignment + 10 EM
+    assert gm.n_passes_ == 1 + 9 + 1 + 10
+
+
+def _count_chunk(block, index):
+    return Stats(n_rows=float(block.shape[0]), loglik=float(block.sum()))
+
+
+@pytest.mark.parametrize("split_every", [2, 3, 8])
+def test_tree_reduction_adds_every_block_once(split_every):
+    X = np.arange(1000.0).reshape(500, 2)
+    data = prepare(X, npartitions=17, split_every=split_every)
+    total = data.map_reduce(_count_chunk)
+    assert total.n_rows == 500
+    assert total.loglik == X.sum()
+
+
+def test_statistics_add_associatively_with_zero_for_an_empty_block():
+    from emdask.families.gaussian import GaussianFamily
+
+    X = table(5, n=300).to_numpy()
+    fam = GaussianFamily(3, "full")
+    gm = fit(X)
+    params = gm._fitted_params()
+    whole = fam.partial_stats(X, params)
+    parts = [fam.partial_stats(X[a:b], params) for a, b in [(0, 0), (0, 100), (100, 250), (250, 300)]]
+    assert parts[0].n_rows == 0 and np.all(parts[0].terms["s2"] == 0)
+    left = (parts[0] + parts[1]) + (parts[2] + parts[3])
+    right = parts[3] + (parts[2] + (parts[1] + parts[0]))
+    for s in (left, right):
+        assert s.n_rows == whole.n_rows
+        assert s.loglik == pytest.approx(whole.loglik, rel=1e-13)
+        for key in whole.terms:
+            np.testing.assert_allclose(s.terms[key], whole.terms[key], rtol=1e-12, atol=1e-9)
