@@ -1,6 +1,6 @@
 """The map-reduce EM driver over Dask collections; knows nothing about any one model."""
 
-from .data import BlockData, DataSummary, map_rows, prepare, select_columns
+from .data import BlockData, DataSummary, map_fill, map_rows, prepare, select_columns
 from .driver import EMModel, IterationInfo, bootstrap_weights, format_iteration, run_em
 from .kmeans import kmeans_parallel, kmeans_plusplus, sample_rows
 
@@ -13,6 +13,7 @@ __all__ = [
     "format_iteration",
     "kmeans_parallel",
     "kmeans_plusplus",
+    "map_fill",
     "map_rows",
     "prepare",
     "run_em",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import operator
 import os
+from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from functools import reduce
 
@@ -31,6 +32,8 @@ __all__ = ["BlockData", "DataSummary", "prepare", "map_rows", "select_columns", 
 TARGET_BLOCK_BYTES = 16 * 2**20
 #: Persist when the blocks take at most this fraction of the memory available to the workers.
 PERSIST_FRACTION = 0.5
+#: Times a pass is redone after losing in-memory blocks with a worker (they are sent again).
+MAX_RESENDS = 3
 
 
 def current_client():
@@ -207,6 +210,7 @@ class BlockData:
         self.summary = None
         self.persisted = False
         self.n_passes = 0
+        self._scattered_from = None  # in-memory arrays sent to the workers, kept to resend
 
     @property
     def n_features(self):
@@ -236,14 +240,41 @@ class BlockData:
         if split_every < 2:
             raise ValueError(f"split_every must be at least 2, got {split_every}")
         shared = [dask.delayed(a, traverse=False) for a in args]
-        level = [dask.delayed(chunk)(b, i, *shared) for i, b in enumerate(self.blocks)]
-        while len(level) > 1:
-            level = [
-                dask.delayed(_combine_with)(combine, *level[i : i + split_every])
-                for i in range(0, len(level), split_every)
-            ]
+        for attempt in range(MAX_RESENDS + 1):
+            level = [dask.delayed(chunk)(b, i, *shared) for i, b in enumerate(self.blocks)]
+            while len(level) > 1:
+                level = [
+                    dask.delayed(_combine_with)(combine, *level[i : i + split_every])
+                    for i in range(0, len(level), split_every)
+                ]
+            try:
+                result = level[0].compute()
+                break
+            except CancelledError:
+                # A worker holding blocks scattered from this process died: Dask cannot
+                # recompute them (it has no recipe), so send them again and redo the pass.
+                if attempt == MAX_RESENDS or not self._resend_lost_blocks():
+                    raise
         self.n_passes += 1
-        return level[0].compute()
+        return result
+
+    def _resend_lost_blocks(self):
+        """Scatter again the in-memory blocks whose only copy was lost; whether any was."""
+        client = current_client()
+        if self._scattered_from is None or client is None:
+            return False
+        holders = client.who_has(self.blocks)
+        lost = [
+            i
+            for i, b in enumerate(self.blocks)
+            if b.status != "finished" or not holders.get(b.key)
+        ]
+        if not lost:
+            return False
+        again = client.scatter([self._scattered_from[i] for i in lost], hash=False)
+        for i, future in zip(lost, again):
+            self.blocks[i] = future
+        return True
 
     def summarize(self):
         s = self.map_reduce(_summarize_block, combine=_combine_summaries)
@@ -267,6 +298,7 @@ class BlockData:
             if all(dask.is_dask_collection(b) for b in self.blocks):
                 self.blocks = client.persist(self.blocks)
             else:  # in-memory arrays: ship them to the workers once
+                self._scattered_from = list(self.blocks)
                 self.blocks = client.scatter(self.blocks)
         else:
             self.blocks = list(dask.persist(*self.blocks))
@@ -448,3 +480,45 @@ def map_rows(X, columns, fn, *, n_out=None, dtype=np.float64, out_columns=None):
             raise KeyError(f"column(s) {missing} seen during fit are not in X")
         return fn(frame_to_float(X, columns)).astype(dtype, copy=False)
     return fn(_array_to_float(_check_numpy(X))).astype(dtype, copy=False)
+
+
+def _fill_frame(part, columns, fn, partition_info=None):
+    block = frame_to_float(part, columns)
+    filled = fn(block, partition_info["number"] if partition_info else 0)
+    out = part.copy()
+    for j, col in enumerate(columns):
+        if np.isnan(block[:, j]).any() or out[col].dtype != np.float64:
+            out[col] = filled[:, j]
+    return out
+
+
+def map_fill(X, columns, fn):
+    """Apply ``fn(float_block, partition_number) -> float_block`` to the chosen columns of
+    every partition and put the result back in place, keeping everything else.
+
+    The output has the input's type: numpy in, numpy out; a pandas frame gives a copy with
+    the same index, column order and untouched other columns; a dask DataFrame or array
+    gives a lazy one with the same partitions. Columns modelled are returned as float64.
+    """
+    if isinstance(X, dd.DataFrame):
+        missing = [c for c in columns if c not in X.columns]
+        if missing:
+            raise KeyError(f"column(s) {missing} seen during fit are not in X")
+        meta = X._meta.copy()
+        for col in columns:
+            meta[col] = meta[col].astype(np.float64)
+        return X.map_partitions(_fill_frame, columns, fn, meta=meta)
+    if isinstance(X, da.Array):
+        arr = X.rechunk({1: -1}) if X.numblocks[1] > 1 else X
+
+        def block_fn(b, block_info=None):
+            number = block_info[0]["chunk-location"][0] if block_info else 0
+            return fn(_array_to_float(b), number)
+
+        return arr.map_blocks(block_fn, dtype=np.float64)
+    if isinstance(X, pd.DataFrame):
+        missing = [c for c in columns if c not in X.columns]
+        if missing:
+            raise KeyError(f"column(s) {missing} seen during fit are not in X")
+        return _fill_frame(X, columns, fn)
+    return fn(_array_to_float(_check_numpy(X)), 0)
