@@ -263,12 +263,13 @@ class BlockData:
         client = current_client()
         if self._scattered_from is None or client is None:
             return False
-        holders = client.who_has(self.blocks)
-        lost = [
-            i
-            for i, b in enumerate(self.blocks)
-            if b.status != "finished" or not holders.get(b.key)
-        ]
+        lost = [i for i, b in enumerate(self.blocks) if b.status != "finished"]
+        if not lost:  # the client may not have heard yet: ask the scheduler
+            try:
+                holders = client.who_has(self.blocks)
+            except CancelledError:
+                holders = {}
+            lost = [i for i, b in enumerate(self.blocks) if not holders.get(b.key)]
         if not lost:
             return False
         again = client.scatter([self._scattered_from[i] for i in lost], hash=False)
