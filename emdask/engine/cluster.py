@@ -90,6 +90,38 @@ def probe(address, *, timeout=DEFAULT_TIMEOUT, security=None):
     raise SchedulerUnreachable(address, timeout, result.get("error", "no answer in time"))
 
 
+def _local_client(n_workers, threads_per_worker, memory_limit, security, **client_kwargs):
+    from distributed import Client, LocalCluster
+
+    class LocalClusterClient(Client):
+        """A client that closes the local cluster made for it."""
+
+        def close(self, *args, **kwargs):
+            try:
+                return super().close(*args, **kwargs)
+            finally:
+                cluster.close()
+
+    tls = security is not None and getattr(security, "require_encryption", False)
+    cluster = LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=threads_per_worker,
+        memory_limit=memory_limit,
+        processes=True,
+        host=LOOPBACK,
+        protocol="tls://" if tls else None,
+        security=security,
+        # the HTTP servers (dashboard, metrics) would otherwise listen on every interface
+        dashboard_address=f"{LOOPBACK}:0",
+        worker_dashboard_address=f"{LOOPBACK}:0",
+    )
+    try:
+        return LocalClusterClient(cluster, security=security, **client_kwargs)
+    except BaseException:
+        cluster.close()
+        raise
+
+
 def connect(
     address=None,
     *,
@@ -142,20 +174,9 @@ def connect(
             "cluster object with get_client(), or None for a local cluster"
         )
     if address is None:
-        kwargs = dict(
-            n_workers=n_workers,
-            threads_per_worker=threads_per_worker,
-            memory_limit=memory_limit,
-            processes=True,
-            host=LOOPBACK,
-            dashboard_address=f"{LOOPBACK}:0",
-            worker_dashboard_address=f"{LOOPBACK}:0",
+        return _local_client(
+            n_workers, threads_per_worker, memory_limit, security, **client_kwargs
         )
-        if security is not None:
-            kwargs["security"] = security
-            if getattr(security, "require_encryption", False):
-                kwargs["protocol"] = "tls://"
-        return Client(**kwargs, **client_kwargs)
     address = address.strip()
     if not address:
         raise ValueError("address is empty; pass a scheduler address or None for a local cluster")
