@@ -1,0 +1,507 @@
+"""Dtype-aware encoding of table columns into float64 blocks, and back.
+
+The discrete and mixed-type models read every column as float64 (NaN for a missing cell),
+but users hand them pandas ``category`` columns, strings, booleans, nullable integers. This
+module turns those into numbers, checks them, and turns model output back into the user's
+values:
+
+* categorical columns become integer codes ``0 .. levels-1``. The levels of every column are
+  gathered in **one pass before fitting** (:func:`scan_columns`), so the encoding is the same
+  in every partition, including a level that first appears in the last one. A pandas
+  ``category`` column keeps the order of its declared categories (including ones no row
+  uses); other columns have their observed levels sorted.
+* ``binary`` (0/1 or boolean), ``count`` (non-negative integers), ``successes`` and ``trials``
+  columns are checked while they are converted, in the task that converts them, so a bad
+  value anywhere in a large table stops the fit with an error that names the column.
+
+A level not seen during fit, met later by ``predict`` or ``score``, is an error
+(``handle_unknown='error'``) or is treated as a missing cell (``handle_unknown='missing'``).
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+
+import numpy as np
+import pandas as pd
+
+import dask.array as da
+import dask.dataframe as dd
+
+from ..exceptions import DataWarning
+from .data import BlockData
+
+__all__ = [
+    "COLUMN_KINDS",
+    "LEVELS_WARNING",
+    "TableEncoder",
+    "infer_kind",
+    "is_categorical_dtype",
+    "scan_columns",
+]
+
+#: What a column can be encoded as.
+COLUMN_KINDS = ("real", "binary", "count", "categorical", "successes", "trials")
+#: A categorical column with more levels than this draws a :class:`DataWarning`.
+LEVELS_WARNING = 1000
+#: The limit the warning suggests.
+LEVELS_SUGGESTED = 100
+#: Unseen-level policies.
+HANDLE_UNKNOWN = ("error", "missing")
+
+
+# --------------------------------------------------------------------------------------
+# dtypes
+# --------------------------------------------------------------------------------------
+
+
+def is_categorical_dtype(dtype):
+    """Whether a column of this dtype holds labels rather than numbers (category, string,
+    object)."""
+    if isinstance(dtype, pd.CategoricalDtype):
+        return True
+    return not (pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype))
+
+
+def _is_integer_dtype(dtype):
+    return pd.api.types.is_integer_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype)
+
+
+def infer_kind(name, dtype, value_range=None):
+    """The mixed-model family of a column from its dtype (and, for integers, its range).
+
+    ====================================== ==============
+    dtype                                  family
+    ====================================== ==============
+    bool, boolean                          ``bernoulli``
+    category, string, object               ``categorical``
+    integer with values in {0, 1}          ``bernoulli``
+    integer with values >= 0               ``poisson``
+    other integer, float                   ``gaussian``
+    ====================================== ==============
+    """
+    if pd.api.types.is_bool_dtype(dtype) and not isinstance(dtype, pd.CategoricalDtype):
+        return "bernoulli"
+    if pd.api.types.is_datetime64_any_dtype(dtype) or pd.api.types.is_timedelta64_dtype(dtype):
+        raise TypeError(
+            f"column {name!r} has dtype {dtype}, which no family models; convert it to "
+            "numbers (e.g. days since a date) or leave it out of columns="
+        )
+    if pd.api.types.is_complex_dtype(dtype):
+        raise TypeError(f"column {name!r} is complex; only real columns can be modelled")
+    if is_categorical_dtype(dtype):
+        return "categorical"
+    if _is_integer_dtype(dtype):
+        lo, hi = value_range if value_range is not None else (0, 2)
+        if lo >= 0 and hi <= 1:
+            return "bernoulli"
+        if lo >= 0:
+            return "poisson"
+    return "gaussian"
+
+
+def _py(value):
+    """A level as a plain Python value (JSON-able for numbers, strings and booleans)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _sorted_levels(levels):
+    try:
+        return sorted(levels)
+    except TypeError:  # mixed types: order by type name, then value
+        return sorted(levels, key=lambda v: (type(v).__name__, str(v)))
+
+
+# --------------------------------------------------------------------------------------
+# The scan: levels of categorical columns and ranges of integer columns, in one pass
+# --------------------------------------------------------------------------------------
+
+
+def _column(part, name, position):
+    if isinstance(part, pd.DataFrame):
+        return part[name]
+    return part[:, position]
+
+
+def _value_counts(values):
+    if isinstance(values, pd.Series):
+        vc = values.value_counts(dropna=True, sort=False)
+        return {_py(k): int(v) for k, v in vc.items()}
+    values = np.asarray(values)
+    if values.dtype.kind in "fiub":
+        keep = values[~np.isnan(values)] if values.dtype.kind == "f" else values
+        levels, counts = np.unique(keep, return_counts=True)
+        return {_py(k): int(v) for k, v in zip(levels, counts)}
+    return _value_counts(pd.Series(values, dtype=object))
+
+
+def _range(values):
+    if isinstance(values, pd.Series):
+        values = values.to_numpy(dtype=np.float64, na_value=np.nan)
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0 or np.isnan(values).all():
+        return (np.inf, -np.inf)
+    return (float(np.nanmin(values)), float(np.nanmax(values)))
+
+
+def _scan_part(part, index, categorical, ranged):
+    return {
+        "counts": {name: _value_counts(_column(part, name, pos)) for name, pos in categorical},
+        "ranges": {name: _range(_column(part, name, pos)) for name, pos in ranged},
+    }
+
+
+def _combine_scans(a, b):
+    counts = {}
+    for name in a["counts"]:
+        merged = dict(a["counts"][name])
+        for level, n in b["counts"][name].items():
+            merged[level] = merged.get(level, 0) + n
+        counts[name] = merged
+    ranges = {
+        name: (min(a["ranges"][name][0], b["ranges"][name][0]),
+               max(a["ranges"][name][1], b["ranges"][name][1]))
+        for name in a["ranges"]
+    }
+    return {"counts": counts, "ranges": ranges}
+
+
+def scan_columns(X, names, categorical=(), ranged=(), *, split_every=8):
+    """Levels (with counts) of categorical columns and value ranges of others, in one pass.
+
+    Parameters
+    ----------
+    X : pandas or dask DataFrame, ndarray or dask Array
+    names : list of str
+        Names of the model's columns (``x0, x1, ...`` for arrays).
+    categorical, ranged : sequence of str
+        Columns whose levels, and columns whose (min, max), are wanted.
+
+    Returns
+    -------
+    levels : dict of str to list
+        Ordered levels of each categorical column (declared categories first for a pandas
+        ``category`` column).
+    counts : dict of str to ndarray
+        Rows holding each level, aligned with ``levels``.
+    ranges : dict of str to (float, float)
+    n_passes : int
+        Passes made over ``X`` (0 or 1).
+    """
+    if not categorical and not ranged:
+        return {}, {}, {}, 0
+    pos = {name: j for j, name in enumerate(names)}
+    cat = [(c, pos[c]) for c in categorical]
+    rng = [(c, pos[c]) for c in ranged]
+    n_passes = 0
+    if isinstance(X, dd.DataFrame):
+        needed = list(dict.fromkeys([c for c, _ in cat] + [c for c, _ in rng]))
+        data = BlockData(X[needed].to_delayed(), needed, True, split_every=split_every)
+        scan = data.map_reduce(_scan_part, cat, rng, combine=_combine_scans)
+        n_passes = 1
+        dtypes = X.dtypes
+    elif isinstance(X, da.Array):
+        arr = X.rechunk({1: -1}) if X.numblocks[1] > 1 else X
+        data = BlockData(arr.to_delayed().ravel(), names, False, split_every=split_every)
+        scan = data.map_reduce(_scan_part, cat, rng, combine=_combine_scans)
+        n_passes = 1
+        dtypes = None
+    else:
+        scan = _scan_part(X, 0, cat, rng)
+        dtypes = X.dtypes if isinstance(X, pd.DataFrame) else None
+    levels, counts = {}, {}
+    for name in categorical:
+        seen = scan["counts"][name]
+        dtype = None if dtypes is None else dtypes[name]
+        if isinstance(dtype, pd.CategoricalDtype) and dtype.categories is not None and (
+            not isinstance(X, dd.DataFrame) or X[name].cat.known
+        ):
+            declared = [_py(v) for v in dtype.categories]
+            extra = _sorted_levels([v for v in seen if v not in set(declared)])
+            ordered = declared + extra
+        else:
+            ordered = _sorted_levels(seen)
+        if not seen:
+            raise ValueError(
+                f"column {name!r} has no observed value; drop it from the columns to fit"
+            )
+        if len(ordered) > LEVELS_WARNING:
+            warnings.warn(
+                f"column {name!r} has {len(ordered)} levels; a categorical model estimates "
+                f"n_components × (levels - 1) probabilities for it. Keep its "
+                f"{LEVELS_SUGGESTED} most frequent levels and group the rest (e.g. as "
+                "'other'), or model it as a numeric column.",
+                DataWarning,
+                stacklevel=3,
+            )
+        levels[name] = ordered
+        counts[name] = np.array([seen.get(v, 0) for v in ordered], dtype=np.float64)
+    return levels, counts, dict(scan["ranges"]), n_passes
+
+
+# --------------------------------------------------------------------------------------
+# The encoder
+# --------------------------------------------------------------------------------------
+
+
+def _examples(values, limit=3):
+    shown = list(dict.fromkeys(_py(v) for v in values[: 1000]))[:limit]
+    return ", ".join(repr(v) for v in shown)
+
+
+class TableEncoder:
+    """Turns the model's columns of any table into a checked float64 block, and back.
+
+    Parameters
+    ----------
+    columns : list of str
+        Column names (``x0, x1, ...`` for arrays, whose columns are taken by position).
+    kinds : list of str
+        One of :data:`COLUMN_KINDS` per column.
+    categories : dict of str to list
+        Levels of every ``categorical`` column.
+    named : bool
+        Whether columns are taken from a frame by name (else by position).
+    n_trials : int, optional
+        Fixed number of trials that every ``successes`` value must not exceed.
+    handle_unknown : {'error', 'missing'}
+        What a categorical level not in ``categories`` becomes.
+    model : str
+        Name used in error messages.
+    """
+
+    def __init__(self, columns, kinds, categories=None, *, named=True, n_trials=None,
+                 handle_unknown="error", model="the model"):
+        if handle_unknown not in HANDLE_UNKNOWN:
+            raise ValueError(
+                f"handle_unknown={handle_unknown!r} is not one of {list(HANDLE_UNKNOWN)}"
+            )
+        self.columns = list(columns)
+        self.kinds = list(kinds)
+        bad = set(self.kinds) - set(COLUMN_KINDS)
+        if bad:
+            raise ValueError(f"unknown column kind(s) {sorted(bad)}")
+        self.categories = {c: list(v) for c, v in (categories or {}).items()}
+        self.named = named
+        self.n_trials = n_trials
+        self.handle_unknown = handle_unknown
+        self.model = model
+        self._index = {c: pd.Index(v) for c, v in self.categories.items()}
+
+    @property
+    def n_levels(self):
+        """Levels of each categorical column, in column order."""
+        return [len(self.categories[c]) for c, k in zip(self.columns, self.kinds) if k == "categorical"]
+
+    # -- encoding -----------------------------------------------------------------------------
+
+    def _encode_categorical(self, values, name):
+        index = self._index[name]
+        if isinstance(values, pd.Series) and isinstance(values.dtype, pd.CategoricalDtype):
+            mapping = index.get_indexer(values.cat.categories)
+            raw = values.cat.codes.to_numpy()
+            missing = raw < 0
+            codes = np.where(missing, -1, mapping[np.where(missing, 0, raw)])
+        else:
+            missing = np.asarray(pd.isna(values))
+            codes = index.get_indexer(values)
+        unseen = (codes < 0) & ~missing
+        if unseen.any():
+            if self.handle_unknown == "error":
+                vals = values.to_numpy() if isinstance(values, pd.Series) else np.asarray(values)
+                raise ValueError(
+                    f"column {name!r} holds level(s) not seen during fit "
+                    f"({_examples(vals[unseen])}); refit on data that includes them, or "
+                    "create the model with handle_unknown='missing' to treat them as missing"
+                )
+        out = codes.astype(np.float64)
+        out[codes < 0] = np.nan
+        return out
+
+    def _to_float(self, values, name, kind):
+        try:
+            if isinstance(values, pd.Series):
+                return values.to_numpy(dtype=np.float64, na_value=np.nan)
+            return np.asarray(values, dtype=np.float64)
+        except (TypeError, ValueError):
+            dtype = values.dtype
+            raise TypeError(
+                f"column {name!r} (dtype {dtype}) is not numeric, but {self.model} reads it "
+                f"as a {kind} column; encode it as numbers, or model it as a categorical "
+                "column"
+            ) from None
+
+    def _check(self, x, name, kind):
+        obs = x[~np.isnan(x)]
+        if kind == "binary":
+            bad = obs[(obs != 0) & (obs != 1)]
+            if bad.size:
+                raise ValueError(
+                    f"column {name!r} must hold 0/1 or booleans for {self.model}, but holds "
+                    f"{_examples(bad)}; recode it to 0/1, or model it as a categorical or "
+                    "count column"
+                )
+        elif kind in ("count", "successes", "trials"):
+            bad = obs[(obs < 0) | (obs != np.floor(obs))]
+            bad = bad[np.isfinite(bad) | (bad < 0)]
+            if bad.size:
+                raise ValueError(
+                    f"column {name!r} must hold non-negative whole numbers (counts) for "
+                    f"{self.model}, but holds {_examples(bad)}; fix or drop those rows, or "
+                    "model the column as Gaussian"
+                )
+            if kind == "successes" and self.n_trials is not None:
+                over = obs[obs > self.n_trials]
+                if over.size:
+                    raise ValueError(
+                        f"column {name!r} holds successes greater than n_trials="
+                        f"{self.n_trials} ({_examples(over)}); check n_trials or the column"
+                    )
+
+    def transform_block(self, part):
+        """The model's columns of one partition (frame or 2-D array) as float64, checked."""
+        if isinstance(part, pd.DataFrame) and not self.named:
+            part = part.to_numpy()
+        if not isinstance(part, pd.DataFrame):
+            part = np.asarray(part)
+            if part.ndim != 2 or part.shape[1] != len(self.columns):
+                raise ValueError(
+                    f"X has shape {part.shape}, but {self.model} expects "
+                    f"{len(self.columns)} columns"
+                )
+        out = np.empty((len(part), len(self.columns)))
+        for j, (name, kind) in enumerate(zip(self.columns, self.kinds)):
+            values = _column(part, name, j)
+            if kind == "categorical":
+                out[:, j] = self._encode_categorical(values, name)
+            else:
+                out[:, j] = self._to_float(values, name, kind)
+                self._check(out[:, j], name, kind)
+        if "successes" in self.kinds and "trials" in self.kinds:
+            js, jt = self.kinds.index("successes"), self.kinds.index("trials")
+            # successes without trials (or trials without successes) tell nothing
+            lone = np.isnan(out[:, js]) | np.isnan(out[:, jt])
+            out[lone, js] = np.nan
+            out[lone, jt] = np.nan
+            with np.errstate(invalid="ignore"):
+                over = out[:, js] > out[:, jt]
+            if over.any():
+                row = int(np.flatnonzero(over)[0])
+                raise ValueError(
+                    f"column {self.columns[js]!r} holds more successes than column "
+                    f"{self.columns[jt]!r} holds trials (e.g. {out[row, js]:g} > "
+                    f"{out[row, jt]:g}); fix those rows or swap the columns"
+                )
+        return np.ascontiguousarray(out)
+
+    def transform_frame(self, part):
+        """A pandas partition as a float64 frame with the model's columns (same index)."""
+        return pd.DataFrame(self.transform_block(part), index=part.index, columns=self.columns)
+
+    def transform(self, X):
+        """``X`` with the model's columns encoded as float64, of the same kind as ``X``
+        (lazily for dask input)."""
+        if isinstance(X, (dd.DataFrame, pd.DataFrame)) and self.named:
+            absent = [c for c in self.columns if c not in X.columns]
+            if absent:
+                raise KeyError(f"column(s) {absent} seen during fit are not in X")
+        if isinstance(X, dd.DataFrame):
+            meta = pd.DataFrame({c: pd.Series(dtype=np.float64) for c in self.columns})
+            part = X[self.columns] if self.named else X
+            return part.map_partitions(self.transform_frame, meta=meta)
+        if isinstance(X, da.Array):
+            arr = X.rechunk({1: -1}) if X.numblocks[1] > 1 else X
+            return arr.map_blocks(
+                self.transform_block,
+                chunks=(arr.chunks[0], (len(self.columns),)),
+                dtype=np.float64,
+            )
+        if isinstance(X, pd.DataFrame):
+            if not self.named:
+                return self.transform_block(X)
+            return self.transform_frame(X[self.columns])
+        if isinstance(X, (pd.Series, dd.Series)):
+            raise TypeError("X is a Series; pass a DataFrame (e.g. s.to_frame()) instead")
+        return self.transform_block(X)
+
+    # -- decoding -------------------------------------------------------------------------------
+
+    def decode(self, j, codes):
+        """Values of column ``j`` from model values: levels for a categorical column."""
+        name, kind = self.columns[j], self.kinds[j]
+        if kind != "categorical":
+            return np.asarray(codes, dtype=np.float64)
+        levels = np.empty(len(self.categories[name]), dtype=object)
+        levels[:] = self.categories[name]
+        return levels[np.asarray(codes, dtype=np.intp)]
+
+    def decoded_frame(self, block, index=None):
+        """A frame of decoded values (categorical columns as pandas ``category``)."""
+        data = {}
+        for j, (name, kind) in enumerate(zip(self.columns, self.kinds)):
+            if kind == "categorical":
+                data[name] = pd.Categorical.from_codes(
+                    block[:, j].astype(np.intp), categories=self.categories[name]
+                )
+            elif kind in ("binary", "count", "successes", "trials"):
+                data[name] = block[:, j].astype(np.int64)
+            else:
+                data[name] = block[:, j]
+        return pd.DataFrame(data, index=index)
+
+    def decoded_array(self, block):
+        """An array of decoded values (object dtype when a level is not a number)."""
+        cols = [self.decode(j, block[:, j]) for j in range(block.shape[1])]
+        if all(c.dtype != object or all(isinstance(v, numbers.Real) for v in c) for c in cols):
+            return np.column_stack([np.asarray(c, dtype=np.float64) for c in cols]) if cols else block
+        out = np.empty(block.shape, dtype=object)
+        for j, c in enumerate(cols):
+            out[:, j] = c
+        return out
+
+    def fill(self, part, filled):
+        """``part`` with its missing model cells set from ``filled`` (model values, one column
+        per model column); observed cells, index, other columns and dtypes are kept."""
+        if isinstance(part, pd.DataFrame) and self.named:
+            out = part.copy()
+            for j, name in enumerate(self.columns):
+                s = part[name]
+                mask = np.asarray(s.isna())
+                if not mask.any():
+                    continue
+                out[name] = _fill_series(s, mask, self.decode(j, filled[mask, j]), self.kinds[j])
+            return out
+        if isinstance(part, pd.DataFrame):
+            out = part.copy()
+            for j in range(len(self.columns)):
+                s = part.iloc[:, j]
+                mask = np.asarray(s.isna())
+                if mask.any():
+                    out.iloc[:, j] = _fill_series(
+                        s, mask, self.decode(j, filled[mask, j]), self.kinds[j]
+                    )
+            return out
+        arr = np.asarray(part)
+        out = arr.copy()
+        mask = np.asarray(pd.isna(arr))
+        for j in range(len(self.columns)):
+            m = mask[:, j]
+            if m.any():
+                out[m, j] = self.decode(j, filled[m, j])
+        return out
+
+
+def _fill_series(s, mask, values, kind):
+    dtype = s.dtype
+    if isinstance(dtype, pd.CategoricalDtype):
+        new = [v for v in dict.fromkeys(values) if v not in set(dtype.categories)]
+        if new:
+            s = s.cat.add_categories(new)
+    elif pd.api.types.is_bool_dtype(dtype):
+        values = np.asarray(values, dtype=np.float64) >= 0.5
+    elif _is_integer_dtype(dtype):
+        values = np.round(np.asarray(values, dtype=np.float64)).astype(np.int64)
+    out = s.copy()
+    out[mask] = values
+    return out

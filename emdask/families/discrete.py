@@ -1,0 +1,705 @@
+"""Discrete families: Bernoulli, binomial, categorical and Poisson mixtures.
+
+Every model here is a *product* mixture: given the component, the columns are independent,
+so a row's log-likelihood under component ``k`` is ``log w_k`` plus a sum of per-column terms.
+A missing cell (NaN) is marginalized by leaving its term out of the sum, which is exact under
+missing-at-random. The code is organised around *parts*: a part owns a group of columns of one
+kind and knows how to compute their log-probabilities, add their sufficient statistics and run
+their closed-form M-step. A family is a list of parts plus the mixing weights, so the
+mixed-type family (:mod:`emdask.families.mixed`) is just a longer list.
+
+=============== ==================================== =====================================
+family          parameters (besides ``weights`` (k,)) statistics (``terms``)
+=============== ==================================== =====================================
+Bernoulli       ``probabilities`` (k, d)              ones (k, d), seen (k, d)
+binomial        ``probabilities`` (k,)                successes (k,), trials (k,)
+categorical     ``probabilities`` (k, d, max_levels)  counts (levels + d, k)
+Poisson         ``rates`` (k, d)                      total (k, d), seen (k, d)
+=============== ==================================== =====================================
+
+Smoothing: ``alpha`` is a pseudo-count added in the M-step (a Dirichlet / Beta prior:
+``p = (count + alpha) / (total + levels * alpha)``; for Poisson rates, ``alpha`` pseudo-rows
+with one event each: ``rate = (sum + alpha) / (rows + alpha)``). ``alpha = 0`` gives the
+maximum-likelihood estimate. Log-probabilities are floored at ``log(tiny)`` (about -708), so a
+probability of exactly 0 never produces ``0 * -inf``.
+
+Missing cells: with ``missing='marginalize'`` (default) the cell is left out; with
+``missing='expected'`` it is treated as a hidden variable whose expected value the E-step adds
+to the statistics (the textbook formulation: same fixed point, slower convergence). Rows with
+no observed cell then still count, through their expected values.
+
+Categorical blocks carry integer codes ``0 .. levels-1`` (as float64, NaN for a missing cell);
+:mod:`emdask.engine.encoding` turns labels into codes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import sparse
+from scipy.special import gammaln
+
+from .base import ROW_CHUNK, Stats, normalize_log_rows
+
+__all__ = [
+    "BernoulliFamily",
+    "BernoulliParams",
+    "BinomialFamily",
+    "BinomialParams",
+    "CategoricalFamily",
+    "CategoricalParams",
+    "PoissonFamily",
+    "PoissonParams",
+    "MISSING_MODES",
+    "ProductMixtureFamily",
+    "safe_log",
+]
+
+EPS = np.finfo(np.float64).eps
+#: Floor of every log-probability: ``log`` of the smallest positive normal float64.
+LOG_FLOOR = float(np.log(np.finfo(np.float64).tiny))
+MISSING_MODES = ("marginalize", "expected")
+#: Up to this many one-hot columns a chunk's indicator matrix is dense (BLAS), else sparse.
+DENSE_ONE_HOT_MAX = 256
+
+
+def safe_log(p):
+    """``log(p)`` floored at ``log(tiny)``; ``log(0)`` gives about -708, never ``-inf``."""
+    with np.errstate(divide="ignore"):
+        return np.maximum(np.log(p), LOG_FLOOR)
+
+
+def _chunks(n):
+    for start in range(0, n, ROW_CHUNK):
+        yield slice(start, min(start + ROW_CHUNK, n))
+
+
+def _ratio(num, den, previous):
+    """``num / den`` where ``den > 0``, else the previous value (a component with no mass)."""
+    ok = den > 0
+    out = np.where(ok, num / np.where(ok, den, 1.0), previous)
+    return out
+
+
+def _draw_labels(resp, rng):
+    """One component per row, drawn from its responsibilities."""
+    u = rng.random(resp.shape[0])[:, None]
+    return np.minimum((resp.cumsum(axis=1) < u).sum(axis=1), resp.shape[1] - 1)
+
+
+# --------------------------------------------------------------------------------------
+# Parts: one kind of column each
+# --------------------------------------------------------------------------------------
+
+
+class BernoulliPart:
+    """Binary columns (0/1), one success probability per component and column.
+
+    ``theta``: probabilities of shape (k, d).
+    """
+
+    kind = "bernoulli"
+
+    def __init__(self, cols, alpha=0.0, missing="marginalize"):
+        self.cols = np.asarray(cols, dtype=np.intp)
+        self.alpha = float(alpha)
+        self.missing = missing
+
+    def zero_terms(self, k):
+        d = self.cols.size
+        return {"ones": np.zeros((k, d)), "seen": np.zeros((k, d))}
+
+    def prepare(self, theta):
+        return safe_log(theta), safe_log(1.0 - theta)
+
+    def chunk(self, Xb, prep):
+        x = Xb[:, self.cols]
+        obs = ~np.isnan(x)
+        ones = np.where(obs, x, 0.0)
+        seen = obs.astype(np.float64)
+        log_p, log_q = prep
+        log_prob = ones @ log_p.T + (seen - ones) @ log_q.T
+        return {"ones": ones, "seen": seen, "miss": ~obs, "log_prob": log_prob}
+
+    def accumulate(self, c, resp, terms):
+        terms["ones"] += resp.T @ c["ones"]
+        terms["seen"] += resp.T @ c["seen"]
+
+    def m_step(self, terms, nk, theta):
+        num, den = terms["ones"], terms["seen"]
+        if self.missing == "expected":
+            num = num + (nk[:, None] - den) * theta
+            den = np.broadcast_to(nk[:, None], den.shape)
+        return _ratio(num + self.alpha, den + 2.0 * self.alpha, theta)
+
+    def n_parameters(self, k):
+        return k * self.cols.size
+
+    def sample(self, theta, labels, rng):
+        return (rng.random((labels.size, self.cols.size)) < theta[labels]).astype(np.float64)
+
+    def expected(self, c, resp, theta):
+        """Most probable value (0 or 1) of every cell given the row's observed cells."""
+        return (resp @ theta >= 0.5).astype(np.float64)
+
+    def draw(self, c, labels, theta, rng):
+        return self.sample(theta, labels, rng)
+
+
+class BinomialPart:
+    """Successes out of a number of trials, one success probability per component.
+
+    Columns: ``(successes, trials)``, or ``(successes,)`` with a fixed ``n_trials``.
+    ``theta``: probabilities of shape (k,). A row missing either value carries no
+    information.
+    """
+
+    kind = "binomial"
+
+    def __init__(self, cols, n_trials=None, alpha=0.0):
+        self.cols = np.asarray(cols, dtype=np.intp)
+        expected = 1 if n_trials is not None else 2
+        if self.cols.size != expected:
+            raise ValueError(
+                "a binomial part needs a successes column and a trials column, or one "
+                "successes column and a fixed n_trials"
+            )
+        self.n_trials = None if n_trials is None else float(n_trials)
+        self.alpha = float(alpha)
+
+    def zero_terms(self, k):
+        return {"successes": np.zeros(k), "trials": np.zeros(k)}
+
+    def prepare(self, theta):
+        return safe_log(theta), safe_log(1.0 - theta)
+
+    def chunk(self, Xb, prep):
+        s = Xb[:, self.cols[0]]
+        n = Xb[:, self.cols[1]] if self.n_trials is None else np.full(s.shape, self.n_trials)
+        obs = ~(np.isnan(s) | np.isnan(n))
+        s = np.where(obs, s, 0.0)
+        n = np.where(obs, n, 0.0)
+        log_choose = gammaln(n + 1.0) - gammaln(s + 1.0) - gammaln(n - s + 1.0)
+        log_p, log_q = prep
+        log_prob = s[:, None] * log_p[None, :] + (n - s)[:, None] * log_q[None, :]
+        log_prob += log_choose[:, None]
+        miss = np.column_stack([~obs] * self.cols.size)
+        return {"s": s, "n": n, "miss": miss, "log_prob": log_prob}
+
+    def accumulate(self, c, resp, terms):
+        terms["successes"] += c["s"] @ resp
+        terms["trials"] += c["n"] @ resp
+
+    def m_step(self, terms, nk, theta):
+        return _ratio(
+            terms["successes"] + self.alpha, terms["trials"] + 2.0 * self.alpha, theta
+        )
+
+    def n_parameters(self, k):
+        return k
+
+    def sample(self, theta, labels, rng, trials=None):
+        n = np.full(labels.size, self.n_trials) if trials is None else trials
+        s = rng.binomial(n.astype(np.int64), theta[labels]).astype(np.float64)
+        if self.n_trials is None:
+            return np.column_stack([s, n.astype(np.float64)])
+        return s[:, None]
+
+
+class CategoricalPart:
+    """Categorical columns given as integer codes, one distribution per component and column.
+
+    ``theta``: probabilities of shape (k, d, max_levels), zero beyond a column's levels.
+    The E-step turns each chunk into a one-hot indicator matrix with one extra slot per column
+    for a missing cell (log-probability 0), so log-probabilities and counts are two matrix
+    products.
+    """
+
+    kind = "categorical"
+
+    def __init__(self, cols, n_levels, alpha=0.0, missing="marginalize"):
+        self.cols = np.asarray(cols, dtype=np.intp)
+        self.n_levels = np.asarray(n_levels, dtype=np.intp)
+        if self.n_levels.shape != self.cols.shape:
+            raise ValueError("n_levels must give one number of levels per categorical column")
+        if np.any(self.n_levels < 1):
+            raise ValueError("every categorical column needs at least one level")
+        self.alpha = float(alpha)
+        self.missing = missing
+        slots = self.n_levels + 1  # the last slot of each column is "missing"
+        self.offsets = np.concatenate([[0], np.cumsum(slots)[:-1]]).astype(np.intp)
+        self.n_slots = int(slots.sum())
+        self.max_levels = int(self.n_levels.max()) if self.n_levels.size else 0
+
+    def zero_terms(self, k):
+        return {"counts": np.zeros((self.n_slots, k))}
+
+    def prepare(self, theta):
+        k = theta.shape[0]
+        table = np.zeros((self.n_slots, k))
+        for j, (off, L) in enumerate(zip(self.offsets, self.n_levels)):
+            table[off : off + L] = safe_log(theta[:, j, :L]).T
+        return table
+
+    def _indicators(self, Xb):
+        codes = Xb[:, self.cols]
+        miss = np.isnan(codes)
+        idx = np.where(miss, self.n_levels, codes).astype(np.intp) + self.offsets
+        n, d = idx.shape
+        if self.n_slots <= DENSE_ONE_HOT_MAX:
+            onehot = np.zeros((n, self.n_slots))
+            np.put_along_axis(onehot, idx, 1.0, axis=1)
+        else:
+            onehot = sparse.csr_matrix(
+                (np.ones(n * d), idx.ravel(), np.arange(0, n * d + 1, d)),
+                shape=(n, self.n_slots),
+            )
+        return onehot, miss
+
+    def chunk(self, Xb, prep):
+        onehot, miss = self._indicators(Xb)
+        return {"onehot": onehot, "miss": miss, "log_prob": np.asarray(onehot @ prep)}
+
+    def accumulate(self, c, resp, terms):
+        terms["counts"] += np.asarray(c["onehot"].T @ resp)
+
+    def m_step(self, terms, nk, theta):
+        counts = terms["counts"]
+        new = np.zeros_like(theta)
+        for j, (off, L) in enumerate(zip(self.offsets, self.n_levels)):
+            num = counts[off : off + L].T  # (k, L)
+            if self.missing == "expected":
+                num = num + counts[off + L][:, None] * theta[:, j, :L]
+            num = num + self.alpha
+            den = num.sum(axis=1, keepdims=True)
+            new[:, j, :L] = _ratio(num, den, theta[:, j, :L])
+        return new
+
+    def n_parameters(self, k):
+        return int(k * (self.n_levels - 1).sum())
+
+    def sample(self, theta, labels, rng):
+        out = np.empty((labels.size, self.cols.size))
+        u = rng.random((labels.size, self.cols.size))
+        for j, L in enumerate(self.n_levels):
+            cdf = np.cumsum(theta[labels, j, :L], axis=1)
+            out[:, j] = np.minimum((cdf < u[:, j, None] * cdf[:, -1:]).sum(axis=1), L - 1)
+        return out
+
+    def level_probabilities(self, resp, theta, j):
+        """``P(x_j = level | row's observed cells)``, shape (n, levels_j)."""
+        return resp @ theta[:, j, : self.n_levels[j]]
+
+    def expected(self, c, resp, theta):
+        """Most probable level of every cell given the row's observed cells."""
+        out = np.empty((resp.shape[0], self.cols.size))
+        for j in range(self.cols.size):
+            out[:, j] = self.level_probabilities(resp, theta, j).argmax(axis=1)
+        return out
+
+    def draw(self, c, labels, theta, rng):
+        return self.sample(theta, labels, rng)
+
+
+class PoissonPart:
+    """Count columns, one rate per component and column.
+
+    ``theta``: rates of shape (k, d).
+    """
+
+    kind = "poisson"
+
+    def __init__(self, cols, alpha=0.0, missing="marginalize"):
+        self.cols = np.asarray(cols, dtype=np.intp)
+        self.alpha = float(alpha)
+        self.missing = missing
+
+    def zero_terms(self, k):
+        d = self.cols.size
+        return {"total": np.zeros((k, d)), "seen": np.zeros((k, d))}
+
+    def prepare(self, theta):
+        return safe_log(theta), theta
+
+    def chunk(self, Xb, prep):
+        x = Xb[:, self.cols]
+        obs = ~np.isnan(x)
+        x0 = np.where(obs, x, 0.0)
+        seen = obs.astype(np.float64)
+        log_rate, rate = prep
+        log_prob = x0 @ log_rate.T - seen @ rate.T - gammaln(x0 + 1.0).sum(axis=1)[:, None]
+        return {"x": x0, "seen": seen, "miss": ~obs, "log_prob": log_prob}
+
+    def accumulate(self, c, resp, terms):
+        terms["total"] += resp.T @ c["x"]
+        terms["seen"] += resp.T @ c["seen"]
+
+    def m_step(self, terms, nk, theta):
+        num, den = terms["total"], terms["seen"]
+        if self.missing == "expected":
+            num = num + (nk[:, None] - den) * theta
+            den = np.broadcast_to(nk[:, None], den.shape)
+        return _ratio(num + self.alpha, den + self.alpha, theta)
+
+    def n_parameters(self, k):
+        return k * self.cols.size
+
+    def sample(self, theta, labels, rng):
+        return rng.poisson(theta[labels]).astype(np.float64)
+
+    def expected(self, c, resp, theta):
+        """Conditional expectation of every cell given the row's observed cells."""
+        return resp @ theta
+
+    def draw(self, c, labels, theta, rng):
+        return self.sample(theta, labels, rng)
+
+
+# --------------------------------------------------------------------------------------
+# The product mixture: weights and a list of parts
+# --------------------------------------------------------------------------------------
+
+
+class ProductMixtureFamily:
+    """Shared E-step, M-step and per-row methods of the product-form mixtures.
+
+    Subclasses define ``_parts()`` (the list of parts), ``_thetas(params)`` (one parameter
+    array per part) and ``_make(weights, thetas)`` (parameters from them).
+
+    Parameters
+    ----------
+    n_components : int
+    alpha : float
+        Pseudo-count added in the M-step (0: maximum likelihood).
+    fit_weights : bool
+        ``False`` holds the mixing weights at their initial values.
+    missing : {'marginalize', 'expected'}
+        How the E-step treats a missing cell (see the module docstring).
+    """
+
+    name = "product"
+
+    def __init__(self, n_components, *, alpha=0.0, fit_weights=True, missing="marginalize"):
+        if missing not in MISSING_MODES:
+            raise ValueError(f"missing={missing!r} is not one of {list(MISSING_MODES)}")
+        if alpha < 0:
+            raise ValueError(f"alpha={alpha!r} must be >= 0")
+        self.n_components = int(n_components)
+        self.alpha = float(alpha)
+        self.fit_weights = bool(fit_weights)
+        self.missing = missing
+        self.parts = self._parts()
+
+    def __repr__(self):
+        return (
+            f"{type(self).__name__}(n_components={self.n_components}, alpha={self.alpha}, "
+            f"fit_weights={self.fit_weights}, missing={self.missing!r})"
+        )
+
+    # -- hooks ------------------------------------------------------------------------------
+
+    def _parts(self):
+        raise NotImplementedError
+
+    def _thetas(self, params):
+        raise NotImplementedError
+
+    def _make(self, weights, thetas):
+        raise NotImplementedError
+
+    # -- parameters ---------------------------------------------------------------------------
+
+    def n_parameters(self, n_features=None):
+        """Number of free parameters (for BIC/AIC)."""
+        k = self.n_components
+        free_weights = k - 1 if self.fit_weights else 0
+        return int(sum(p.n_parameters(k) for p in self.parts) + free_weights)
+
+    # -- E-step -----------------------------------------------------------------------------
+
+    def _prepared(self, params):
+        return [p.prepare(t) for p, t in zip(self.parts, self._thetas(params))]
+
+    def _chunk(self, Xb, log_w, prepared):
+        chunks = [p.chunk(Xb, prep) for p, prep in zip(self.parts, prepared)]
+        log_prob = np.broadcast_to(log_w, (Xb.shape[0], log_w.size)).copy()
+        for c in chunks:
+            log_prob += c["log_prob"]
+        return chunks, log_prob
+
+    def partial_stats(self, X, params, weights=None):
+        """E-step statistics of one block.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n_rows, n_features), float64, NaN for a missing cell
+        params : the family's parameters
+        weights : ndarray of shape (n_rows,), optional
+            Row weights (bootstrap replicates); ``None`` means one per row.
+
+        Returns
+        -------
+        Stats
+            ``terms``: ``nk`` (k,), the responsibility mass of each component, and each
+            part's statistics (see the module docstring). Rows with no observed cell count
+            only with ``missing='expected'``; they never count in ``n_rows`` or ``loglik``.
+        """
+        k = self.n_components
+        terms = {"nk": np.zeros(k)}
+        for p in self.parts:
+            terms.update({f"{p.kind}.{key}": v for key, v in p.zero_terms(k).items()})
+        part_terms = [
+            {key: terms[f"{p.kind}.{key}"] for key in p.zero_terms(0)} for p in self.parts
+        ]
+        log_w = safe_log(params.weights)
+        prepared = self._prepared(params)
+        n_rows = 0.0
+        loglik = 0.0
+        for sl in _chunks(X.shape[0]):
+            Xb = X[sl]
+            chunks, log_prob = self._chunk(Xb, log_w, prepared)
+            resp, log_norm = normalize_log_rows(log_prob)
+            informative = ~np.logical_and.reduce([c["miss"].all(axis=1) for c in chunks])
+            row_w = informative.astype(np.float64)
+            if weights is not None:
+                row_w *= weights[sl]
+            n_rows += row_w.sum()
+            loglik += row_w @ np.where(row_w > 0, log_norm, 0.0)
+            if self.missing == "expected":
+                row_w = np.ones(Xb.shape[0]) if weights is None else weights[sl]
+            resp *= row_w[:, None]
+            terms["nk"] += resp.sum(axis=0)
+            for part, c, t in zip(self.parts, chunks, part_terms):
+                part.accumulate(c, resp, t)
+        return Stats(n_rows, loglik, terms)
+
+    # -- M-step -------------------------------------------------------------------------------
+
+    def m_step(self, stats, params):
+        """Closed-form M-step: new parameters from the summed statistics."""
+        t = stats.terms
+        nk = t["nk"]
+        thetas = []
+        for part, theta in zip(self.parts, self._thetas(params)):
+            prefix = f"{part.kind}."
+            own = {key[len(prefix) :]: v for key, v in t.items() if key.startswith(prefix)}
+            thetas.append(part.m_step(own, nk, theta))
+        if self.fit_weights:
+            mass = nk + 10 * EPS
+            weights = mass / mass.sum()
+        else:
+            weights = params.weights
+        return self._make(weights, thetas)
+
+    # -- per-row quantities -----------------------------------------------------------------
+
+    def weighted_log_prob(self, X, params):
+        """``log w_k + log p(x_o | k)`` for every row and component, shape (n_rows, k)."""
+        log_w = safe_log(params.weights)
+        prepared = self._prepared(params)
+        out = np.empty((X.shape[0], self.n_components))
+        for sl in _chunks(X.shape[0]):
+            out[sl] = self._chunk(X[sl], log_w, prepared)[1]
+        return out
+
+    def _fill(self, X, params, fill_part):
+        log_w = safe_log(params.weights)
+        prepared = self._prepared(params)
+        thetas = self._thetas(params)
+        out = np.array(X, dtype=np.float64, copy=True)
+        for sl in _chunks(X.shape[0]):
+            Xb = out[sl]
+            if not np.isnan(Xb).any():
+                continue
+            chunks, log_prob = self._chunk(Xb, log_w, prepared)
+            resp, _ = normalize_log_rows(log_prob)
+            for part, c, theta in zip(self.parts, chunks, thetas):
+                if not c["miss"].any():
+                    continue
+                fill = fill_part(part, c, resp, theta)
+                view = Xb[:, part.cols]
+                view[c["miss"]] = fill[c["miss"]]
+                Xb[:, part.cols] = view
+        return out
+
+    def impute(self, X, params):
+        """Rows with every missing cell filled from the observed cells of its row.
+
+        Counts and continuous values get their conditional expectation; binary and
+        categorical cells their most probable value. Observed cells are returned unchanged.
+        """
+        return self._fill(X, params, lambda part, c, resp, theta: part.expected(c, resp, theta))
+
+    def sample_missing(self, X, params, rng):
+        """Rows with every missing cell drawn from its conditional distribution: a component
+        from the row's posterior, then the missing cells from that component."""
+
+        def draw(part, c, resp, theta):
+            labels = _draw_labels(resp, rng)
+            return part.draw(c, labels, theta, rng)
+
+        return self._fill(X, params, draw)
+
+    def sample(self, params, n_samples, rng):
+        """Draw ``n_samples`` rows; returns ``(X, labels)``, rows grouped by component."""
+        counts = rng.multinomial(n_samples, params.weights / params.weights.sum())
+        labels = np.repeat(np.arange(self.n_components), counts)
+        width = max(int(p.cols.max()) + 1 for p in self.parts)
+        X = np.empty((n_samples, width))
+        for part, theta in zip(self.parts, self._thetas(params)):
+            X[:, part.cols] = part.sample(theta, labels, rng)
+        return X, labels
+
+
+# --------------------------------------------------------------------------------------
+# The four discrete families
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BernoulliParams:
+    """Weights (k,) and success probabilities (k, d)."""
+
+    weights: np.ndarray
+    probabilities: np.ndarray
+
+
+class BernoulliFamily(ProductMixtureFamily):
+    """Mixture of products of Bernoulli distributions over ``n_features`` binary columns."""
+
+    name = "bernoulli"
+
+    def __init__(self, n_components, n_features, **kwargs):
+        self.n_features = int(n_features)
+        super().__init__(n_components, **kwargs)
+
+    def _parts(self):
+        return [BernoulliPart(np.arange(self.n_features), self.alpha, self.missing)]
+
+    def _thetas(self, params):
+        return [params.probabilities]
+
+    def _make(self, weights, thetas):
+        return BernoulliParams(np.asarray(weights, dtype=np.float64), thetas[0])
+
+    def make_params(self, weights, probabilities):
+        return self._make(weights, [np.asarray(probabilities, dtype=np.float64)])
+
+
+@dataclass(frozen=True)
+class BinomialParams:
+    """Weights (k,) and success probabilities (k,)."""
+
+    weights: np.ndarray
+    probabilities: np.ndarray
+
+
+class BinomialFamily(ProductMixtureFamily):
+    """Mixture of binomial distributions.
+
+    A block has two columns, successes and trials, or one column of successes when
+    ``n_trials`` is fixed.
+    """
+
+    name = "binomial"
+
+    def __init__(self, n_components, n_trials=None, **kwargs):
+        self.n_trials = n_trials
+        super().__init__(n_components, **kwargs)
+        if self.missing != "marginalize":
+            raise ValueError("the binomial family supports only missing='marginalize'")
+
+    def _parts(self):
+        cols = [0] if self.n_trials is not None else [0, 1]
+        return [BinomialPart(cols, self.n_trials, self.alpha)]
+
+    def _thetas(self, params):
+        return [params.probabilities]
+
+    def _make(self, weights, thetas):
+        return BinomialParams(np.asarray(weights, dtype=np.float64), thetas[0])
+
+    def make_params(self, weights, probabilities):
+        return self._make(weights, [np.asarray(probabilities, dtype=np.float64)])
+
+    def sample(self, params, n_samples, rng, trials=None):
+        """Draw ``n_samples`` rows (successes[, trials]); returns ``(X, labels)``.
+
+        Without a fixed ``n_trials`` the trials of every row must be given (``trials``).
+        """
+        if self.n_trials is None and trials is None:
+            raise ValueError("without a fixed n_trials, pass the trials of every row to draw")
+        counts = rng.multinomial(n_samples, params.weights / params.weights.sum())
+        labels = np.repeat(np.arange(self.n_components), counts)
+        t = None if trials is None else np.asarray(trials, dtype=np.float64)
+        return self.parts[0].sample(params.probabilities, labels, rng, t), labels
+
+
+@dataclass(frozen=True)
+class CategoricalParams:
+    """Weights (k,) and level probabilities (k, d, max_levels), zero-padded."""
+
+    weights: np.ndarray
+    probabilities: np.ndarray
+
+
+class CategoricalFamily(ProductMixtureFamily):
+    """Latent class model: a mixture of products of categorical distributions.
+
+    Parameters
+    ----------
+    n_components : int
+    n_levels : sequence of int
+        Number of levels of each column; a block holds codes ``0 .. n_levels[j] - 1``.
+    """
+
+    name = "categorical"
+
+    def __init__(self, n_components, n_levels, **kwargs):
+        self.n_levels = tuple(int(L) for L in n_levels)
+        super().__init__(n_components, **kwargs)
+
+    def _parts(self):
+        return [
+            CategoricalPart(np.arange(len(self.n_levels)), self.n_levels, self.alpha, self.missing)
+        ]
+
+    def _thetas(self, params):
+        return [params.probabilities]
+
+    def _make(self, weights, thetas):
+        return CategoricalParams(np.asarray(weights, dtype=np.float64), thetas[0])
+
+    def make_params(self, weights, probabilities):
+        return self._make(weights, [np.asarray(probabilities, dtype=np.float64)])
+
+
+@dataclass(frozen=True)
+class PoissonParams:
+    """Weights (k,) and rates (k, d)."""
+
+    weights: np.ndarray
+    rates: np.ndarray
+
+
+class PoissonFamily(ProductMixtureFamily):
+    """Mixture of products of Poisson distributions over ``n_features`` count columns."""
+
+    name = "poisson"
+
+    def __init__(self, n_components, n_features, **kwargs):
+        self.n_features = int(n_features)
+        super().__init__(n_components, **kwargs)
+
+    def _parts(self):
+        return [PoissonPart(np.arange(self.n_features), self.alpha, self.missing)]
+
+    def _thetas(self, params):
+        return [params.rates]
+
+    def _make(self, weights, thetas):
+        return PoissonParams(np.asarray(weights, dtype=np.float64), thetas[0])
+
+    def make_params(self, weights, rates):
+        return self._make(weights, [np.asarray(rates, dtype=np.float64)])
