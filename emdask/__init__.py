@@ -5,8 +5,25 @@ they are tree-reduced, and the M-step runs on the small result.
 """
 
 from .estimators import GaussianMixture
+from .estimators.discrete import (
+    BernoulliMixture,
+    BinomialMixture,
+    CategoricalMixture,
+    MixedMixture,
+    PoissonMixture,
+)
 from .exceptions import ConvergenceWarning, DataWarning
 
 __version__ = "0.1.0"
 
-__all__ = ["ConvergenceWarning", "DataWarning", "GaussianMixture", "__version__"]
+__all__ = [
+    "BernoulliMixture",
+    "BinomialMixture",
+    "CategoricalMixture",
+    "MixedMixture",
+    "PoissonMixture",
+    "ConvergenceWarning",
+    "DataWarning",
+    "GaussianMixture",
+    "__version__",
+]
