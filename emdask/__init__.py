@@ -13,6 +13,8 @@ from .estimators.discrete import (
     PoissonMixture,
 )
 from .exceptions import ConvergenceWarning, DataWarning
+from .persistence import ModelFileError, load, register_estimator, save
+from .selection import SelectionResult, select_components
 
 __version__ = "0.1.0"
 
@@ -25,5 +27,11 @@ __all__ = [
     "ConvergenceWarning",
     "DataWarning",
     "GaussianMixture",
+    "ModelFileError",
+    "SelectionResult",
+    "load",
+    "register_estimator",
+    "save",
+    "select_components",
     "__version__",
 ]

@@ -16,7 +16,19 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["EMModel", "IterationInfo", "run_em", "bootstrap_weights", "format_iteration"]
+from .randomness import row_poisson1
+
+#: Random stream of the bootstrap weights (see :mod:`emdask.engine.randomness`).
+BOOTSTRAP_STREAM = 0xB007
+
+__all__ = [
+    "EMModel",
+    "IterationInfo",
+    "run_em",
+    "bootstrap_weights",
+    "format_iteration",
+    "map_reduce_many",
+]
 
 
 @dataclass(eq=False)
@@ -54,22 +66,60 @@ class IterationInfo:
     params: Any
 
 
-def bootstrap_weights(seed, block_index, n_rows):
-    """Poisson(1) weights for the rows of one block, reproducible from the seed."""
-    rng = np.random.default_rng([int(seed), int(block_index), 0x5EED])
-    return rng.poisson(1.0, size=n_rows).astype(np.float64)
+def bootstrap_weights(seed, start, n_rows):
+    """Poisson(1) weights for rows ``start, ..., start + n_rows - 1``, reproducible from the
+    seed and the rows' global positions (whatever the partitioning)."""
+    return row_poisson1(seed, BOOTSTRAP_STREAM, start, n_rows)
 
 
-def _em_chunk(block, index, models):
+def _em_chunk(block, index, models, starts):
     out = []
     for family, params, seed in models:
-        weights = None if seed is None else bootstrap_weights(seed, index, block.shape[0])
+        weights = None if seed is None else bootstrap_weights(seed, starts[index], block.shape[0])
         out.append(family.partial_stats(block, params, weights))
     return tuple(out)
 
 
 def _add_tuples(a, b):
     return tuple(x + y for x, y in zip(a, b))
+
+
+def _many_chunk(block, index, tasks):
+    return tuple(chunk(block, index, *args) for chunk, args in tasks)
+
+
+class _ManyCombine:
+    """Element-wise ``combine`` of tuples, one combine function per position."""
+
+    def __init__(self, combines):
+        self.combines = tuple(combines)
+
+    def __call__(self, a, b):
+        return tuple(f(x, y) for f, x, y in zip(self.combines, a, b))
+
+
+def map_reduce_many(data, tasks, *, split_every=None):
+    """Several reductions in one pass over the data.
+
+    Parameters
+    ----------
+    data : BlockData
+    tasks : sequence of ``(chunk, args, combine)``
+        What :meth:`BlockData.map_reduce` would take for each reduction:
+        ``chunk(block, block_index, *args)`` and the ``combine`` of two partial results.
+
+    Returns
+    -------
+    list
+        One result per task, equal to what ``data.map_reduce(chunk, *args, combine=combine)``
+        returns for it, at the cost of a single pass (none when ``tasks`` is empty).
+    """
+    tasks = list(tasks)
+    if not tasks:
+        return []
+    spec = tuple((chunk, tuple(args)) for chunk, args, _ in tasks)
+    combine = _ManyCombine(combine for _, _, combine in tasks)
+    return list(data.map_reduce(_many_chunk, spec, combine=combine, split_every=split_every))
 
 
 def format_iteration(info: IterationInfo) -> str:
@@ -90,6 +140,7 @@ def run_em(
     callbacks=(),
     verbose=0,
     print_fn: Callable[[str], None] = print,
+    after_pass: Callable[[list], Any] | None = None,
 ):
     """Iterate EM on every model until each converges or reaches ``max_iter``.
 
@@ -106,6 +157,9 @@ def run_em(
         callback that returns ``True`` stops the fit after the current iteration.
     verbose : int
         ``>= 1`` prints one line per iteration and model.
+    after_pass : callable, optional
+        Called with ``models`` once every model of a pass has had its M-step and its
+        callbacks (a checkpoint writer, for instance), before the fit stops or goes on.
 
     Returns
     -------
@@ -118,7 +172,7 @@ def run_em(
             break
         start = time.perf_counter()
         spec = tuple((m.family, m.params, m.bootstrap_seed) for m in active)
-        all_stats = data.map_reduce(_em_chunk, spec, combine=_add_tuples)
+        all_stats = data.map_reduce(_em_chunk, spec, data.row_starts, combine=_add_tuples)
         for model, stats in zip(active, all_stats):
             lower_bound = stats.mean_loglik
             change = lower_bound - model.lower_bound
@@ -142,4 +196,6 @@ def run_em(
             for callback in callbacks:
                 if callback(info) is True:
                     stop = True
+        if after_pass is not None:
+            after_pass(models)
     return models

@@ -15,18 +15,36 @@ k-means|| on a :class:`~emdask.engine.data.BlockData` costs a fixed number of pa
 Total: ``1 + n_rounds + 1 + n_lloyd`` passes. Rows with missing cells use their observed
 cells (squared distance over the observed columns, scaled by ``d / d_observed``).
 Distances are computed about a shift (the column means) to keep their precision.
+
+Many seedings, the same passes
+------------------------------
+:func:`kmeans_parallel_many` runs any number of seedings — restarts with different seeds,
+candidate numbers of clusters — in the passes one seeding takes: every pass hands each block
+to all of them. Seedings that share a seed share one oversampled candidate set (``ℓ`` set
+for the largest ``k`` among them) and differ only in the local re-clustering, as the
+paper suggests for choosing ``k``. A lone seeding gives exactly what
+:func:`kmeans_parallel` gives. Passes: ``1 + n_rounds + 1 + max(n_lloyd)`` whatever the
+number of seedings (the first drops out when the first rows come from a sample already
+drawn, see :func:`sample_rows_many`).
 """
 
 from __future__ import annotations
 
 import math
+import operator
 
 import numpy as np
 
+from .driver import map_reduce_many
+
+from .randomness import row_uniforms
+
 __all__ = [
     "kmeans_parallel",
+    "kmeans_parallel_many",
     "kmeans_plusplus",
     "sample_rows",
+    "sample_rows_many",
     "sq_distances",
     "nearest",
     "kmeans_passes",
@@ -34,7 +52,8 @@ __all__ = [
 
 
 def kmeans_passes(n_rounds, n_lloyd):
-    """Passes over the data that :func:`kmeans_parallel` makes."""
+    """Passes over the data that :func:`kmeans_parallel` (and :func:`kmeans_parallel_many`,
+    with ``n_lloyd`` its largest) makes."""
     return 1 + n_rounds + 1 + n_lloyd
 
 
@@ -64,8 +83,8 @@ def nearest(X, centers):
     return labels, d2[np.arange(X.shape[0]), labels]
 
 
-def _keys(seed, stage, index, n):
-    return np.random.default_rng([int(seed), int(stage), int(index)]).random(n)
+def _keys(seed, stage, start, n):
+    return row_uniforms(seed, stage, start, n)
 
 
 def _fill(rows, shift):
@@ -75,8 +94,8 @@ def _fill(rows, shift):
 # -- pass helpers (run inside Dask tasks) --------------------------------------------------
 
 
-def _smallest_keys_chunk(block, index, seed, size, shift):
-    keys = _keys(seed, 0, index, block.shape[0])
+def _smallest_keys_chunk(block, index, seed, size, shift, starts):
+    keys = _keys(seed, 0, starts[index], block.shape[0])
     informative = ~np.isnan(block).all(axis=1)
     keys = np.where(informative, keys, np.inf)
     take = np.argsort(keys, kind="stable")[:size]
@@ -100,18 +119,46 @@ def sample_rows(data, size, seed, shift=None):
     Every row gets a uniform key from the seed and its position; the sample is the rows with
     the smallest keys, so it does not depend on the cluster. Missing cells are filled with
     ``shift`` (default: the column means); rows with no observed cell are never drawn.
+    The rows come in key order, so the first ``m`` rows of a sample are the sample of
+    size ``m`` from the same seed.
+    """
+    return sample_rows_many(data, {seed: size}, shift)[seed]
+
+
+def sample_rows_many(data, sizes, shift=None):
+    """:func:`sample_rows` for several seeds in one pass.
+
+    Parameters
+    ----------
+    data : BlockData
+    sizes : dict of int to int
+        Rows wanted per seed.
+    shift : ndarray of shape (n_features,), optional
+
+    Returns
+    -------
+    dict of int to ndarray
+        The sample of each seed, equal to ``sample_rows(data, size, seed, shift)``.
     """
     shift = data.summary.col_mean if shift is None else shift
-    keys, rows = data.map_reduce(
-        _smallest_keys_chunk, seed, size, shift, combine=_smallest_keys_combine(size)
-    )
-    return rows
+    seeds = list(sizes)
+    starts = data.row_starts
+    tasks = [
+        (
+            _smallest_keys_chunk,
+            (seed, int(sizes[seed]), shift, starts),
+            _smallest_keys_combine(int(sizes[seed])),
+        )
+        for seed in seeds
+    ]
+    results = map_reduce_many(data, tasks)
+    return {seed: rows for seed, (_, rows) in zip(seeds, results)}
 
 
-def _round_chunk(block, index, centers, shift, seed, stage, cap):
+def _round_chunk(block, index, centers, shift, seed, stage, cap, starts):
     X = block - shift
     _, d2 = nearest(X, centers)
-    keys = _keys(seed, stage, index, block.shape[0])
+    keys = _keys(seed, stage, starts[index], block.shape[0])
     with np.errstate(divide="ignore"):
         ratio = d2 / np.maximum(keys, 1e-300)
     take = np.argsort(-ratio, kind="stable")[:cap]
@@ -224,33 +271,81 @@ def kmeans_parallel(data, n_clusters, seed, *, oversampling=2.0, n_rounds=5, n_l
     -------
     ndarray of shape (n_clusters, n_features)
     """
+    return kmeans_parallel_many(
+        data, [(n_clusters, seed, n_lloyd)], oversampling=oversampling, n_rounds=n_rounds
+    )[0]
+
+
+def kmeans_parallel_many(data, jobs, *, oversampling=2.0, n_rounds=5, first_rows=None):
+    """k-means|| for several ``(n_clusters, seed, n_lloyd)`` seedings in shared passes.
+
+    Seedings with the same seed share one candidate set, oversampled for the largest
+    ``n_clusters`` among them (``ℓ = oversampling · max k``), then each is re-clustered
+    locally to its own ``k`` and refined by its own ``n_lloyd`` Lloyd passes (all seedings'
+    Lloyd steps share each pass).
+
+    Parameters
+    ----------
+    data : BlockData
+    jobs : sequence of (n_clusters, seed, n_lloyd)
+    oversampling, n_rounds : see :func:`kmeans_parallel`
+    first_rows : dict of int to ndarray, optional
+        Samples already drawn with :func:`sample_rows_many` (default shift) for these seeds;
+        their first row is the first candidate, which saves the first pass.
+
+    Returns
+    -------
+    list of ndarray
+        The centres of each job, shape (n_clusters, n_features); a job alone gives what
+        :func:`kmeans_parallel` gives.
+
+    Notes
+    -----
+    Passes: ``n_rounds + 1 + max(n_lloyd)``, plus one when ``first_rows`` does not cover
+    every seed.
+    """
+    jobs = [(int(k), int(seed), int(n_lloyd)) for k, seed, n_lloyd in jobs]
+    if not jobs:
+        return []
     shift = data.summary.col_mean
-    ell = oversampling * n_clusters
-    cap = int(math.ceil(3 * ell)) + 32
-    first = sample_rows(data, 1, seed, shift)
-    candidates = first - shift
+    seeds = list(dict.fromkeys(seed for _, seed, _ in jobs))
+    ell = {s: oversampling * max(k for k, seed, _ in jobs if seed == s) for s in seeds}
+    cap = {s: int(math.ceil(3 * ell[s])) + 32 for s in seeds}
+    first_rows = dict(first_rows or {})
+    missing = [s for s in seeds if s not in first_rows or len(first_rows[s]) == 0]
+    if missing:
+        first_rows.update(sample_rows_many(data, {s: 1 for s in missing}, shift))
+    candidates = {s: first_rows[s][:1] - shift for s in seeds}
+    starts = data.row_starts
     for r in range(n_rounds):
-        psi, ratio, rows = data.map_reduce(
-            _round_chunk, candidates, shift, seed, r + 1, cap, combine=_round_combine(cap)
-        )
-        if psi <= 0:
-            continue  # every row already sits on a candidate; the pass is still counted
-        chosen = rows[ratio > psi / ell]
-        candidates = np.vstack([candidates, chosen])
-    counts = data.map_reduce(_count_chunk, candidates, shift)
-    rng = np.random.default_rng([int(seed), 0xC0FFEE])
-    keep = counts > 0
-    cand, weight = candidates[keep], counts[keep]
-    if cand.shape[0] <= n_clusters:
-        extra = n_clusters - cand.shape[0]
-        centers = np.vstack([cand, cand[rng.choice(cand.shape[0], size=extra)]]) if extra else cand
-    else:
-        centers = kmeans_plusplus(cand, n_clusters, rng, sample_weight=weight)
-        centers = weighted_lloyd(cand, centers, weight)
-    for _ in range(n_lloyd):
-        sums, counts, _ = data.map_reduce(_lloyd_chunk, centers, shift, combine=_add3)
-        centers = np.where(counts > 0, sums / np.maximum(counts, 1e-300), centers)
-    return centers + shift
+        tasks = [
+            (_round_chunk, (candidates[s], shift, s, r + 1, cap[s], starts), _round_combine(cap[s]))
+            for s in seeds
+        ]
+        for s, (psi, ratio, rows) in zip(seeds, map_reduce_many(data, tasks)):
+            if psi <= 0:
+                continue  # every row already sits on a candidate; the pass is still counted
+            candidates[s] = np.vstack([candidates[s], rows[ratio > psi / ell[s]]])
+    tasks = [(_count_chunk, (candidates[s], shift), operator.add) for s in seeds]
+    weights = dict(zip(seeds, map_reduce_many(data, tasks)))
+    centers = []
+    for k, seed, _ in jobs:
+        rng = np.random.default_rng([seed, 0xC0FFEE])
+        keep = weights[seed] > 0
+        cand, weight = candidates[seed][keep], weights[seed][keep]
+        if cand.shape[0] <= k:
+            extra = k - cand.shape[0]
+            c = np.vstack([cand, cand[rng.choice(cand.shape[0], size=extra)]]) if extra else cand
+        else:
+            c = kmeans_plusplus(cand, k, rng, sample_weight=weight)
+            c = weighted_lloyd(cand, c, weight)
+        centers.append(c)
+    for it in range(max(n_lloyd for _, _, n_lloyd in jobs)):
+        live = [j for j, (_, _, n_lloyd) in enumerate(jobs) if n_lloyd > it]
+        tasks = [(_lloyd_chunk, (centers[j], shift), _add3) for j in live]
+        for j, (sums, counts, _) in zip(live, map_reduce_many(data, tasks)):
+            centers[j] = np.where(counts > 0, sums / np.maximum(counts, 1e-300), centers[j])
+    return [c + shift for c in centers]
 
 
 def kmeans_cost(data, centers):

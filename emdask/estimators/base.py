@@ -128,6 +128,16 @@ class BaseMixture:
     def _initialize(self, data, family, seed):
         raise NotImplementedError
 
+    @classmethod
+    def _initialize_jobs(cls, data, jobs):
+        """Starting parameters for several ``(estimator, family, seed)`` jobs.
+
+        ``n_init`` restarts and the candidates of :func:`emdask.select_components` start
+        through this hook. A subclass that can share passes between jobs overrides it; by
+        default each job runs its estimator's ``_initialize`` in turn.
+        """
+        return [est._initialize(data, family, seed) for est, family, seed in jobs]
+
     def _set_fitted(self, params):
         raise NotImplementedError
 
@@ -187,7 +197,7 @@ class BaseMixture:
 
     # -- fitting ----------------------------------------------------------------------------------
 
-    def fit(self, X, y=None, *, columns=None, callbacks=()):
+    def fit(self, X, y=None, *, columns=None, callbacks=(), checkpoint=None, resume=False):
         """Estimate the model parameters with EM.
 
         Parameters
@@ -201,27 +211,51 @@ class BaseMixture:
         callbacks : sequence of callables
             Called with an :class:`~emdask.engine.IterationInfo` after every iteration; a
             callback returning ``True`` stops the fit.
+        checkpoint : str or path, optional
+            Directory where the state of the fit (every restart's parameters and history)
+            is written after the initialisation and after every iteration, atomically: a
+            crash leaves the previous checkpoint whole. :func:`emdask.load` reads it as the
+            best model so far.
+        resume : bool, default=False
+            Continue from ``checkpoint`` when it exists (it must come from the same
+            estimator arguments and data), reaching the same result as a fit that was never
+            interrupted; start afresh when it does not exist yet.
 
         Returns
         -------
         self
         """
+        if resume and checkpoint is None:
+            raise ValueError("resume=True continues from a checkpoint: pass checkpoint=path too")
         self._check_parameters()
         data = self._prepare(X, columns)
         self._check_extra_parameters(data.n_features)
         self._check_data(data)
         family = self._make_family()
         seed = seed_from(self.random_state)
-        if getattr(self, "warm_start", False) and hasattr(self, "converged_"):
-            if data.n_features != self.n_features_in_:
-                raise ValueError(
-                    f"X has {data.n_features} features, but the model to warm-start was "
-                    f"fitted on {self.n_features_in_}"
-                )
-            starts = [self._fitted_params()]
-        else:
-            starts = [self._initialize(data, family, seed + i) for i in range(self.n_init)]
-        models = [EMModel(family, params) for params in starts]
+        models = None
+        if resume:
+            from ..persistence import read_checkpoint
+
+            models = read_checkpoint(checkpoint, self, family, data)
+        if models is None:
+            if getattr(self, "warm_start", False) and hasattr(self, "converged_"):
+                if data.n_features != self.n_features_in_:
+                    raise ValueError(
+                        f"X has {data.n_features} features, but the model to warm-start was "
+                        f"fitted on {self.n_features_in_}"
+                    )
+                starts = [self._fitted_params()]
+            else:
+                jobs = [(self, family, seed + i) for i in range(self.n_init)]
+                starts = type(self)._initialize_jobs(data, jobs)
+            models = [EMModel(family, params) for params in starts]
+        after_pass = None
+        if checkpoint is not None:
+            from ..persistence import CheckpointWriter
+
+            after_pass = CheckpointWriter(checkpoint, self, data, seed)
+            after_pass(models)
         run_em(
             data,
             models,
@@ -229,6 +263,7 @@ class BaseMixture:
             max_iter=self.max_iter,
             callbacks=callbacks,
             verbose=self.verbose,
+            after_pass=after_pass,
         )
         best = max(models, key=lambda m: m.lower_bound)
         if not best.converged and self.max_iter > 0:
@@ -238,19 +273,37 @@ class BaseMixture:
                 ConvergenceWarning,
                 stacklevel=2,
             )
+        self._finish_fit(best, data)
+        return self
+
+    def _finish_fit(self, best, data):
+        """Set the fitted attributes from the best :class:`~emdask.engine.EMModel`."""
         self._set_fitted(best.params)
         self.converged_ = best.converged
         self.n_iter_ = best.n_iter
         self.lower_bound_ = best.lower_bound
         self.lower_bounds_ = list(best.lower_bounds)
-        self.n_features_in_ = data.n_features
-        self._columns = list(data.feature_names) if data.has_names else None
-        if data.has_names:
-            self.feature_names_in_ = np.asarray(data.feature_names, dtype=object)
+        self._set_data_attributes(data.n_features, data.feature_names if data.has_names else None)
+        self.n_passes_ = data.n_passes
+
+    def _set_data_attributes(self, n_features, names):
+        """``n_features_in_``, ``feature_names_in_`` (only with names) and the columns to take."""
+        self.n_features_in_ = int(n_features)
+        self._columns = list(names) if names is not None else None
+        if names is not None:
+            self.feature_names_in_ = np.asarray(list(names), dtype=object)
         elif hasattr(self, "feature_names_in_"):
             del self.feature_names_in_
-        self.n_passes_ = data.n_passes
-        return self
+
+    def save(self, path):
+        """Write the fitted model to the directory ``path`` (see :func:`emdask.save`).
+
+        The directory holds ``model.json`` (estimator, arguments, fitted metadata, history,
+        versions) and one ``.npz`` file of the fitted arrays; no pickle. Returns the path.
+        """
+        from ..persistence import save
+
+        return save(self, path)
 
     def fit_predict(self, X, y=None, *, columns=None):
         """Fit, then return the component of every row (see :meth:`predict`)."""

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 
-from ..engine import kmeans_parallel, kmeans_plusplus, sample_rows
+from ..engine.driver import map_reduce_many
+from ..engine.kmeans import kmeans_parallel_many, kmeans_plusplus, sample_rows_many
 from ..families.gaussian import (
     COVARIANCE_TYPES,
     GaussianFamily,
@@ -191,32 +194,90 @@ class GaussianMixture(BaseMixture):
         return GaussianFamily(self.n_components, self.covariance_type, self.reg_covar)
 
     def _initialize(self, data, family, seed):
-        k, d = self.n_components, data.n_features
-        given = [self.weights_init, self.means_init, self.precisions_init]
-        if all(v is not None for v in given):
+        return self._initialize_jobs(data, [(self, family, seed)])[0]
+
+    @classmethod
+    def _initialize_jobs(cls, data, jobs):
+        """Starting parameters of several ``(estimator, family, seed)`` jobs in shared passes.
+
+        Restarts and candidate numbers of components start together: one pass draws the
+        uniform samples of every seed (``'random_from_data'``, ``'k-means++'`` and the first
+        k-means|| centre), the k-means|| rounds of all jobs with a seed share one candidate
+        set (oversampled for the largest ``n_components``) and each pass, their Lloyd steps
+        share each pass, and one last pass computes every job's initial weights and
+        covariances. Passes for k-means|| jobs: ``1 + 5 + 1 + n_lloyd + 1`` (``n_lloyd``: 2,
+        or 10 for ``'kmeans'``) whatever the number of jobs; a job gets the same start
+        alone as among others, except that k-means|| candidates are drawn for the largest
+        ``n_components`` sharing its seed.
+        """
+        shift = data.summary.col_mean
+        sizes = {}  # rows to sample per seed
+        kinds = []
+        for est, _, seed in jobs:
+            k = est.n_components
+            given = (est.weights_init, est.means_init, est.precisions_init)
+            if all(v is not None for v in given):
+                kind = "given"
+            elif est.means_init is not None:
+                kind = "means"
+            elif est.init_params in ("random", "random_from_data"):
+                kind = est.init_params
+            elif est.init_params == "k-means++":
+                kind = "k-means++"
+            else:
+                kind = "k-means||"
+            need = {
+                "random_from_data": k,
+                "k-means++": max(KMEANS_PLUSPLUS_SAMPLE, 10 * k),
+                "k-means||": 1,
+            }.get(kind)
+            if need is not None:
+                sizes[seed] = max(sizes.get(seed, 0), need)
+            kinds.append(kind)
+        samples = sample_rows_many(data, sizes) if sizes else {}
+        km = [j for j, kind in enumerate(kinds) if kind == "k-means||"]
+        km_centers = kmeans_parallel_many(
+            data,
+            [
+                (jobs[j][0].n_components, jobs[j][2], 2 if jobs[j][0].init_params == "k-means||" else 10)
+                for j in km
+            ],
+            first_rows=samples,
+        )
+        centers = dict(zip(km, km_centers))
+        tasks, owners = [], []
+        for j, ((est, family, seed), kind) in enumerate(zip(jobs, kinds)):
+            k = est.n_components
+            if kind == "given":
+                continue
+            if kind == "means":
+                centers[j] = np.asarray(est.means_init, dtype=np.float64)
+            elif kind == "random_from_data":
+                centers[j] = samples[seed][:k]
+            elif kind == "k-means++":
+                sample = samples[seed][: max(KMEANS_PLUSPLUS_SAMPLE, 10 * k)]
+                centers[j] = kmeans_plusplus(sample, k, np.random.default_rng(seed))
+            if kind == "random":
+                base = np.tile(shift, (k, 1))
+                centers[j] = base
+                tasks.append((_random_resp_chunk, (family, base, seed), operator.add))
+            else:
+                tasks.append((_assignment_chunk, (family, centers[j]), operator.add))
+            owners.append(j)
+        stats = dict(zip(owners, map_reduce_many(data, tasks)))
+        return [
+            est._start_from(family, stats.get(j), centers.get(j))
+            for j, (est, family, _) in enumerate(jobs)
+        ]
+
+    def _start_from(self, family, stats, centers):
+        """Initial parameters from the statistics of the first assignment (``None`` when the
+        user gave weights, means and precisions), then the user's ``*_init`` values."""
+        if stats is None:
             precisions = np.asarray(self.precisions_init, dtype=np.float64)
             cov = covariances_from_precisions(precisions, self.covariance_type)
             return family.make_params(self.weights_init, self.means_init, cov)
-        shift = data.summary.col_mean
-        if self.means_init is not None:
-            centers = np.asarray(self.means_init, dtype=np.float64)
-        elif self.init_params == "random":
-            centers = None
-        elif self.init_params == "random_from_data":
-            centers = sample_rows(data, k, seed)
-        elif self.init_params == "k-means++":
-            sample = sample_rows(data, max(KMEANS_PLUSPLUS_SAMPLE, 10 * k), seed)
-            centers = kmeans_plusplus(sample, k, np.random.default_rng(seed))
-        else:
-            n_lloyd = 2 if self.init_params == "k-means||" else 10
-            centers = kmeans_parallel(data, k, seed, n_lloyd=n_lloyd)
-        if centers is None:
-            base = np.tile(shift, (k, 1))
-            stats = data.map_reduce(_random_resp_chunk, family, base, seed)
-            params = family.params_from_stats(stats, base)
-        else:
-            stats = data.map_reduce(_assignment_chunk, family, centers)
-            params = family.params_from_stats(stats, centers)
+        params = family.params_from_stats(stats, centers)
         weights, means, cov = params.weights, params.means, params.covariances
         if self.weights_init is not None:
             weights = np.asarray(self.weights_init, dtype=np.float64)
