@@ -115,6 +115,22 @@ def make_certificates(directory, name="emdask-test"):
     return files
 
 
+def tls_environment(tls):
+    """TLS settings of every Dask process as environment variables, as
+    deploy/docker-compose.tls.yml sets them."""
+    return {
+        "DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION": "True",
+        "DASK_DISTRIBUTED__COMM__DEFAULT_SCHEME": "tls",
+        "DASK_DISTRIBUTED__COMM__TLS__CA_FILE": str(tls.ca_file),
+        "DASK_DISTRIBUTED__COMM__TLS__SCHEDULER__CERT": str(tls.cert_file),
+        "DASK_DISTRIBUTED__COMM__TLS__SCHEDULER__KEY": str(tls.key_file),
+        "DASK_DISTRIBUTED__COMM__TLS__WORKER__CERT": str(tls.cert_file),
+        "DASK_DISTRIBUTED__COMM__TLS__WORKER__KEY": str(tls.key_file),
+        "DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT": str(tls.cert_file),
+        "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY": str(tls.key_file),
+    }
+
+
 # --------------------------------------------------------------------------------------
 # Processes
 # --------------------------------------------------------------------------------------
@@ -181,7 +197,8 @@ class ProcessCluster:
     nanny : bool
         Run workers under a nanny, which restarts a worker process that dies.
     tls : TLSFiles, optional
-        Require TLS: the scheduler and workers use these certificates.
+        Require TLS: the scheduler and workers use these certificates, given to them in
+        environment variables as the compose file does.
     """
 
     def __init__(self, workdir, n_workers=2, memory_limit="1GiB", nthreads=1, nanny=True,
@@ -202,18 +219,10 @@ class ProcessCluster:
         self.env["PYTHONPATH"] = os.pathsep.join(
             [str(TESTS_DIR), str(REPO_ROOT)] + ([self.env["PYTHONPATH"]] if self.env.get("PYTHONPATH") else [])
         )
+        if tls is not None:
+            self.env.update(tls_environment(tls))
 
     # -- command lines --------------------------------------------------------------------
-
-    def _tls_args(self):
-        if self.tls is None:
-            return []
-        return [
-            "--protocol", "tls",
-            "--tls-ca-file", str(self.tls.ca_file),
-            "--tls-cert", str(self.tls.cert_file),
-            "--tls-key", str(self.tls.key_file),
-        ]
 
     def scheduler_command(self):
         return DASK + [
@@ -223,7 +232,7 @@ class ProcessCluster:
             "--dashboard-address", f"{LOOPBACK}:0",
             "--scheduler-file", str(self.scheduler_file),
             "--idle-timeout", "900s",  # a safety net should a test runner die without cleanup
-        ] + self._tls_args()
+        ] + (["--protocol", "tls"] if self.tls is not None else [])
 
     def worker_command(self, name):
         return DASK + [
@@ -237,7 +246,7 @@ class ProcessCluster:
             "--local-directory", str(self.workdir / name),
             "--death-timeout", "60s",
             "--nanny" if self.nanny else "--no-nanny",
-        ] + self._tls_args()
+        ]
 
     def _popen(self, command, log_name):
         log = open(self.workdir / f"{log_name}.log", "ab")

@@ -170,3 +170,11 @@ def test_connect_from_a_thread_that_runs_an_event_loop():
     thread.start()
     thread.join(10)
     assert isinstance(result.get("error"), SchedulerUnreachable)
+
+
+def test_the_scheduler_address_setting_is_the_default(cluster):
+    """A deployment points every flow at its cluster with DASK_SCHEDULER_ADDRESS."""
+    with dask.config.set({"scheduler-address": cluster.address}):
+        with connect(timeout=10) as client:
+            assert client.scheduler.address == cluster.address
+            assert len(client.scheduler_info()["workers"]) == 2

@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import dask
+
 __all__ = ["DEFAULT_TIMEOUT", "SchedulerUnreachable", "connect", "probe"]
 
 #: Seconds allowed to reach a scheduler and hear it answer.
@@ -140,8 +142,10 @@ def connect(
         ``"tcp://host:8786"``, ``"tls://host:8786"`` (or ``"host:8786"``): the scheduler of
         a running cluster (``dask scheduler``, a Kubernetes ``DaskCluster``, ...). A cluster
         object (anything with ``get_client()``: ``KubeCluster``, a Dask Gateway or Coiled
-        cluster, ``LocalCluster``) is asked for its client. ``None`` starts a local cluster
-        of worker processes that listens on 127.0.0.1 only and closes with the client.
+        cluster, ``LocalCluster``) is asked for its client. ``None`` takes Dask's
+        ``scheduler-address`` setting (the ``DASK_SCHEDULER_ADDRESS`` environment variable a
+        deployment sets) and, without one, starts a local cluster of worker processes that
+        listens on 127.0.0.1 only and closes with the client.
     timeout : float
         Seconds allowed to reach the scheduler.
     security : distributed.Security, optional
@@ -173,6 +177,8 @@ def connect(
             f"address={address!r} must be a scheduler address such as 'tcp://host:8786', a "
             "cluster object with get_client(), or None for a local cluster"
         )
+    if address is None:  # Dask's own setting, e.g. DASK_SCHEDULER_ADDRESS in a deployment
+        address = dask.config.get("scheduler-address", None) or None
     if address is None:
         return _local_client(
             n_workers, threads_per_worker, memory_limit, security, **client_kwargs
