@@ -1,0 +1,11 @@
+"""Prefect flows over warehouse tables, built on the emdask library.
+
+Flows (each also a command of the ``emdask`` console script):
+
+* ``impute-survey`` (:func:`pipelines.impute.impute_survey`): fill missing answers.
+* ``segment-customers`` (:func:`pipelines.segment.segment_customers`): segments by mixture model.
+* ``segment-image`` (:func:`pipelines.image.segment_image`): segment an image by colour.
+
+Every flow reads its source without modifying it and publishes a new, validated version of
+its destination atomically (:mod:`pipelines.warehouse`).
+"""

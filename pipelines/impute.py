@@ -1,0 +1,339 @@
+"""The ``impute-survey`` flow: fill the missing answers of a survey table, publish a new version.
+
+Story: check the inputs → profile the table → fit the imputation model by EM → fill (the
+conditional mean, or m multiple imputations) → write the new version to staging → validate it
+against the source → publish atomically → report.
+
+Numeric columns are modelled by :class:`emdask.EMImputer` (a Gaussian mixture fitted on the
+incomplete rows); when categorical or boolean answers are among the columns,
+:class:`emdask.MixedMixture` models them all together and fills each cell from its row.
+
+A published version holds::
+
+    data/part.N.parquet        the table, missing cells filled, everything else as it was
+                               (method='multiple': imputations/1/ ... imputations/m/ instead)
+    filled/part.N.parquet      the id column and, per modelled column, True where a cell was filled
+    model/                     the fitted model (emdask.load reads it)
+    convergence.png            mean log-likelihood per EM iteration
+    manifest.json              parameters, source files, rows, missing cells before and after, fit
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import numpy as np
+import pandas as pd
+from prefect import flow, get_run_logger
+from pydantic import Field
+
+import emdask
+
+from . import warehouse
+from .cluster import dask_client
+from .reports import format_duration
+from .tasks import (
+    FitResult,
+    base_manifest,
+    check_dest,
+    discard,
+    io_task,
+    load_model,
+    plot_convergence,
+    profile_source,
+    progress_callback,
+    publish_version,
+    report_run,
+    save_model,
+    stage_version,
+    step_task,
+    up_to_date,
+    write_version_manifest,
+)
+from .warehouse import InputError
+
+__all__ = ["ImputePlan", "impute_survey"]
+
+FLOW_NAME = "impute-survey"
+
+
+@dataclass
+class ImputePlan:
+    """The checked inputs of an imputation run."""
+
+    source: warehouse.SourceInfo
+    dest: str
+    id_column: str
+    columns: list
+    model: str  # "gaussian" (EMImputer) or "mixed" (MixedMixture)
+    key: str
+    parameters: dict = field(default_factory=dict)
+
+
+def _mixed_available():
+    return hasattr(emdask, "MixedMixture")
+
+
+@io_task
+def plan_imputation(
+    source: str, dest: str, id_column: str, columns: Optional[list], parameters: dict
+) -> ImputePlan:
+    """Check the source, the columns and the destination; nothing is read beyond metadata."""
+    info = warehouse.check_source(source)
+    dtypes = warehouse.open_table(info).dtypes
+    chosen = warehouse.check_table_columns(dtypes, id_column, columns, what="columns")
+    kinds = warehouse.column_kinds(dtypes)
+    non_gaussian = [
+        c for c in chosen
+        if kinds[c] == "categorical" or pd.api.types.is_bool_dtype(dtypes[c])
+    ]
+    model = "mixed" if non_gaussian else "gaussian"
+    if model == "mixed" and not _mixed_available():
+        raise InputError(
+            f"columns {non_gaussian} are categorical and this emdask has no MixedMixture; "
+            "leave them out of columns"
+        )
+    if model == "mixed" and parameters["covariance_type"] not in ("full", "diag"):
+        raise InputError(
+            f"covariance_type={parameters['covariance_type']!r} cannot model categorical columns "
+            f"{non_gaussian}; use 'full' or 'diag'"
+        )
+    dest_path = warehouse.check_destination(dest, info)
+    params = {**parameters, "id_column": id_column, "columns": chosen}
+    key = warehouse.run_key(FLOW_NAME, params, info.fingerprint(), emdask.__version__)
+    return ImputePlan(info, str(dest_path), id_column, chosen, model, key, params)
+
+
+def _make_model(plan):
+    p = plan.parameters
+    common = dict(tol=p["tol"], max_iter=p["max_iter"], random_state=p["random_state"])
+    if plan.model == "mixed":
+        return emdask.MixedMixture(p["n_components"], covariance_type=p["covariance_type"], **common)
+    return emdask.EMImputer(p["n_components"], covariance_type=p["covariance_type"], **common)
+
+
+@step_task
+def fit_imputer(plan: ImputePlan, staged: str) -> FitResult:
+    """Fit the imputation model by EM on the incomplete table and save it to the version."""
+    logger = get_run_logger()
+    model = _make_model(plan)
+    logger.info(f"fitting {model!r} on {len(plan.columns)} columns")
+    started = time.perf_counter()
+    model.fit(warehouse.open_table(plan.source), columns=plan.columns,
+              callbacks=[progress_callback()])
+    seconds = time.perf_counter() - started
+    path = save_model(model, str(Path(staged) / "model"))
+    logger.info(
+        f"fitted in {model.n_iter_} iterations ({'converged' if model.converged_ else 'not converged'}), "
+        f"{format_duration(seconds)}"
+    )
+    return FitResult(
+        model_path=path,
+        model_class=type(model).__name__,
+        n_components=int(model.n_components),
+        n_iter=int(model.n_iter_),
+        converged=bool(model.converged_),
+        lower_bounds=[float(v) for v in model.lower_bounds_],
+        seconds=seconds,
+        n_passes=int(getattr(model, "n_passes_", 0) or 0),
+    )
+
+
+def _fill(model, table):
+    return model.transform(table) if isinstance(model, emdask.EMImputer) else model.impute(table)
+
+
+def _filled_marks(part, id_column, columns):
+    marks = pd.DataFrame({c: part[c].isna().to_numpy() for c in columns}, index=part.index)
+    marks.insert(0, id_column, part[id_column].to_numpy())
+    return marks.reset_index(drop=True)
+
+
+@io_task
+def write_filled(plan: ImputePlan, fit: FitResult, staged: str) -> list:
+    """Fill the missing cells and write the table (or its m imputations) and the fill marks to staging."""
+    import dask
+
+    p = plan.parameters
+    model = load_model(fit.model_path, fit.model_class)
+    table = warehouse.open_table(plan.source)
+    if p["method"] == "multiple":
+        copies = model.sample_imputations(
+            table, n_imputations=p["n_imputations"], random_state=p["random_state"]
+        )
+        outputs = [(f"imputations/{i + 1}", t) for i, t in enumerate(copies)]
+    else:
+        outputs = [("data", _fill(model, table))]
+    meta = _filled_marks(table._meta, plan.id_column, plan.columns)
+    marks = table.map_partitions(_filled_marks, plan.id_column, plan.columns, meta=meta)
+    write_index = table.index.name is not None
+    writes = []
+    for name, frame in outputs + [("filled", marks)]:
+        target = Path(staged) / name
+        shutil.rmtree(target, ignore_errors=True)  # a retry starts from a clean directory
+        writes.append(frame.to_parquet(
+            str(target), write_index=write_index and name != "filled", compute=False
+        ))
+    dask.compute(*writes)
+    names = [name for name, _ in outputs]
+    get_run_logger().info(f"wrote {', '.join(names)} and filled to {staged}")
+    return names
+
+
+@io_task
+def validate_filled(plan: ImputePlan, staged: str, outputs: list) -> dict:
+    """Check every written table against the source: rows, ids, observed cells, no missing cell left."""
+    results = {}
+    for name in outputs:
+        checked = warehouse.validate_filled(
+            plan.source, Path(staged) / name, plan.id_column, plan.columns,
+            mask_dir=Path(staged) / "filled",
+        )
+        left = {c: n for c, n in checked["missing_after"].items() if n}
+        if left:
+            raise warehouse.ValidationError(
+                f"{Path(staged) / name} still has missing cells in {left} (column: count)"
+            )
+        results[name] = checked
+    first = results[outputs[0]]
+    get_run_logger().info(
+        f"validated {', '.join(outputs)}: {first['rows']:,} rows, same ids, observed cells "
+        "unchanged, no missing cell left"
+    )
+    return first
+
+
+@flow(name=FLOW_NAME, validate_parameters=True)
+def impute_survey(
+    source: str,
+    dest: str,
+    id_column: str,
+    columns: Optional[list[str]] = None,
+    n_components: Annotated[int, Field(ge=1, le=100)] = 1,
+    covariance_type: Literal["full", "diag", "tied", "spherical"] = "full",
+    method: Literal["mean", "multiple"] = "mean",
+    n_imputations: Annotated[int, Field(ge=1, le=100)] = 5,
+    max_iter: Annotated[int, Field(ge=1, le=100_000)] = 100,
+    tol: Annotated[float, Field(gt=0)] = 1e-3,
+    random_state: Annotated[int, Field(ge=0)] = 0,
+    dask_address: Optional[str] = None,
+    keep_versions: Annotated[int, Field(ge=1)] = 5,
+    force: bool = False,
+) -> dict:
+    """Fill the missing cells of a table by EM and publish the result as a new version of ``dest``.
+
+    Args:
+        source: Parquet dataset (directory, file or glob) or CSV file(s) to read; never modified.
+        dest: Directory whose versions this run publishes (see ``pipelines.warehouse``).
+        id_column: Column identifying rows; must be present and unique.
+        columns: Columns to model and fill; default: every numeric, boolean and categorical
+            column except the id column.
+        n_components: Mixture components of the model (1: one multivariate normal).
+        covariance_type: Covariance of the numeric columns within a component.
+        method: 'mean' fills each cell with its conditional expectation (most probable level
+            for categories); 'multiple' writes ``n_imputations`` completed copies drawn from
+            the model.
+        n_imputations: Number of copies for method='multiple'.
+        max_iter: Maximum EM iterations.
+        tol: Convergence threshold on the change of the mean log-likelihood per row.
+        random_state: Seed; the same seed on the same data gives the same output.
+        dask_address: Dask scheduler to use; default: $DASK_SCHEDULER_ADDRESS, else a local
+            cluster on 127.0.0.1 for the run.
+        keep_versions: Published versions to keep in ``dest``.
+        force: Recompute even when the published version already holds this run.
+    """
+    started = time.perf_counter()
+    parameters = dict(
+        n_components=n_components, covariance_type=covariance_type, method=method,
+        n_imputations=n_imputations if method == "multiple" else None,
+        max_iter=max_iter, tol=tol, random_state=random_state,
+    )
+    plan = plan_imputation(source, dest, id_column, columns, parameters)
+    done = None if force else up_to_date(plan.dest, plan.key)
+    if done is not None:
+        return _summary_from_manifest(done)
+    with dask_client(dask_address):
+        profile = profile_source(plan.source, plan.id_column, plan.columns)
+        staged = stage_version(plan.dest, plan.key)
+        try:
+            fit = fit_imputer(plan, staged)
+            outputs = write_filled(plan, fit, staged)
+            checked = validate_filled(plan, staged, outputs)
+            plot = plot_convergence(
+                str(Path(staged) / "convergence.png"), fit.lower_bounds,
+                f"{fit.model_class}, k={fit.n_components}: EM convergence",
+            )
+            manifest = base_manifest(FLOW_NAME, plan.key, plan.parameters, plan.source, started)
+            manifest.update(
+                rows=profile.rows,
+                columns=plan.columns,
+                dtypes=profile.dtypes,
+                missing_before=profile.missing,
+                missing_after=checked["missing_after"],
+                outputs={"tables": outputs, "filled": "filled", "model": "model",
+                         "convergence_plot": Path(plot).name},
+                fit=fit.to_dict() | {"model_path": "model"},
+            )
+            write_version_manifest(staged, manifest)
+            version = publish_version(plan.dest, staged, keep_versions)
+        except BaseException:
+            discard(staged)
+            raise
+    summary = _summary_from_manifest(version)
+    _report(summary)
+    return summary
+
+
+def _summary_from_manifest(version_dir):
+    version_dir = Path(version_dir)
+    m = warehouse.read_manifest(version_dir)
+    rows = m["rows"]
+    fit = m["fit"]
+    return {
+        "flow": FLOW_NAME,
+        "version": m["version"],
+        "path": str(version_dir),
+        "rows": rows,
+        "columns": m["columns"],
+        "missing_before": m["missing_before"],
+        "missing_after": m["missing_after"],
+        "filled_cells": int(sum(m["missing_before"].values())),
+        "model": fit["model_class"],
+        "n_components": fit["n_components"],
+        "n_iter": fit["n_iter"],
+        "converged": fit["converged"],
+        "seconds": m["seconds"],
+        "tables": [str(version_dir / t) for t in m["outputs"]["tables"]],
+        "model_path": str(version_dir / "model"),
+        "plots": [str(version_dir / m["outputs"]["convergence_plot"])],
+    }
+
+
+def _report(summary):
+    rows = summary["rows"]
+    per_column = [
+        {
+            "column": c,
+            "missing_before": summary["missing_before"][c],
+            "missing_rate_before": round(summary["missing_before"][c] / rows, 6),
+            "missing_after": summary["missing_after"][c],
+            "missing_rate_after": round(summary["missing_after"][c] / rows, 6),
+        }
+        for c in summary["columns"]
+    ]
+    facts = {
+        "version": summary["path"],
+        "rows": f"{rows:,}",
+        "cells filled": f"{summary['filled_cells']:,}",
+        "model": f"{summary['model']}, k={summary['n_components']}",
+        "EM iterations": f"{summary['n_iter']} ({'converged' if summary['converged'] else 'not converged'})",
+        "time": format_duration(summary["seconds"]),
+    }
+    report_run(
+        "impute-survey", "Survey imputation", facts,
+        [("Missing cells per column", per_column, list(per_column[0]))], per_column,
+    )

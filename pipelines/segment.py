@@ -1,0 +1,458 @@
+"""The ``segment-customers`` flow: split a customer table into segments with a mixture model.
+
+Story: check the inputs → profile the table → (optional) standardize the numeric features →
+fit a mixture, or every candidate number of segments at once and keep the best by BIC →
+write each customer's segment and membership probabilities to staging → validate →
+write the segment profile → publish atomically → report.
+
+Numeric features are modelled by :class:`emdask.GaussianMixture`; when categorical or boolean
+features are among them, :class:`emdask.MixedMixture` models every column with its own family
+(Gaussian, Poisson counts, Bernoulli, categorical).
+
+A published version holds::
+
+    segments/part.N.parquet    id column, segment (0..k-1), p_0 ... p_{k-1}
+    profile.parquet, .csv      per segment: rows, share, mixing weight, and per feature its
+                               mean (numeric), rate (counts), probability (boolean) or level
+                               frequencies (categorical), in the original units
+    model/                     the fitted model (emdask.load reads it); scaling.json when scaled
+    convergence.png            mean log-likelihood per EM iteration of the chosen model
+    bic.png, selection.csv     criterion against k, when k was searched
+    manifest.json
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import numpy as np
+import pandas as pd
+from prefect import flow, get_run_logger
+from pydantic import Field
+
+import emdask
+
+from . import warehouse
+from .cluster import dask_client
+from .reports import format_duration
+from .tasks import (
+    FitResult,
+    base_manifest,
+    discard,
+    io_task,
+    load_model,
+    plot_convergence,
+    profile_source,
+    progress_callback,
+    publish_version,
+    report_run,
+    save_model,
+    stage_version,
+    step_task,
+    up_to_date,
+    write_version_manifest,
+)
+from .warehouse import InputError
+
+__all__ = ["SegmentPlan", "segment_customers", "segment_profile"]
+
+FLOW_NAME = "segment-customers"
+
+
+@dataclass
+class SegmentPlan:
+    """The checked inputs of a segmentation run."""
+
+    source: warehouse.SourceInfo
+    dest: str
+    id_column: str
+    features: list
+    family: str  # "gaussian" or "mixed"
+    scaled: list  # features standardized before fitting
+    candidates: list  # numbers of components to fit
+    key: str
+    parameters: dict = field(default_factory=dict)
+
+
+@io_task
+def plan_segmentation(
+    source: str, dest: str, id_column: str, features: Optional[list], parameters: dict
+) -> SegmentPlan:
+    """Check the source, the features, the model options and the destination (metadata only)."""
+    p = parameters
+    info = warehouse.check_source(source)
+    dtypes = warehouse.open_table(info).dtypes
+    chosen = warehouse.check_table_columns(dtypes, id_column, features, what="features")
+    kinds = warehouse.column_kinds(dtypes)
+    non_gaussian = [
+        c for c in chosen if kinds[c] == "categorical" or pd.api.types.is_bool_dtype(dtypes[c])
+    ]
+    family = p["family"]
+    if family == "auto":
+        family = "mixed" if non_gaussian else "gaussian"
+    if family == "gaussian" and non_gaussian:
+        raise InputError(
+            f"family='gaussian' cannot model categorical or boolean features {non_gaussian}; "
+            "use family='mixed' or leave them out of features"
+        )
+    if family == "mixed" and p["covariance_type"] not in ("full", "diag"):
+        raise InputError(
+            f"covariance_type={p['covariance_type']!r} is not available with family='mixed'; "
+            "use 'full' or 'diag'"
+        )
+    if p["n_components"] is not None:
+        candidates = [int(p["n_components"])]
+    else:
+        if p["k_min"] > p["k_max"]:
+            raise InputError(f"k_min={p['k_min']} is larger than k_max={p['k_max']}")
+        candidates = list(range(p["k_min"], p["k_max"] + 1))
+    if p["scale"]:
+        scaled = [
+            c for c in chosen
+            if c not in non_gaussian
+            and (family == "gaussian" or pd.api.types.is_float_dtype(dtypes[c]))
+        ]
+    else:
+        scaled = []
+    dest_path = warehouse.check_destination(dest, info)
+    params = {**p, "id_column": id_column, "features": chosen}
+    key = warehouse.run_key(FLOW_NAME, params, info.fingerprint(), emdask.__version__)
+    return SegmentPlan(info, str(dest_path), id_column, chosen, family, scaled, candidates, key, params)
+
+
+def _scaled_table(table, scaling):
+    """The table with the scaled features standardized: (x - center) / scale."""
+    if not scaling:
+        return table
+    return table.assign(**{c: (table[c] - m) / s for c, (m, s) in scaling.items()})
+
+
+@step_task
+def fit_scaling(plan: SegmentPlan, staged: str) -> dict:
+    """Estimate each scaled feature's mean and standard deviation (a one-component diagonal Gaussian)."""
+    if not plan.scaled:
+        return {}
+    table = warehouse.open_table(plan.source)
+    model = emdask.GaussianMixture(1, covariance_type="diag", init_params="random", tol=1e-9,
+                                   max_iter=5, random_state=0)
+    model.fit(table, columns=plan.scaled)
+    scale = np.sqrt(model.covariances_[0])
+    scaling = {
+        c: [float(m), float(s) if s > 0 else 1.0]
+        for c, m, s in zip(plan.scaled, model.means_[0], scale)
+    }
+    with open(Path(staged) / "scaling.json", "w") as fh:
+        json.dump({"centers_and_scales": scaling}, fh, indent=2)
+    get_run_logger().info(f"standardizing {len(scaling)} features: (x - mean) / std")
+    return scaling
+
+
+def _estimator(plan):
+    p = plan.parameters
+    common = dict(tol=p["tol"], max_iter=p["max_iter"], random_state=p["random_state"],
+                  n_init=p["n_init"], covariance_type=p["covariance_type"])
+    k = plan.candidates[0]
+    if plan.family == "mixed":
+        return emdask.MixedMixture(k, **common)
+    return emdask.GaussianMixture(k, **common)
+
+
+@step_task
+def fit_segments(plan: SegmentPlan, scaling: dict, staged: str) -> FitResult:
+    """Fit the mixture (every candidate k in shared passes when k is searched) and save the best."""
+    logger = get_run_logger()
+    p = plan.parameters
+    table = _scaled_table(warehouse.open_table(plan.source), scaling)
+    estimator = _estimator(plan)
+    started = time.perf_counter()
+    selection = []
+    if len(plan.candidates) == 1:
+        logger.info(f"fitting {estimator!r} on {len(plan.features)} features")
+        model = estimator.fit(table, columns=plan.features, callbacks=[progress_callback()])
+        n_passes = getattr(model, "n_passes_", 0)
+    else:
+        ks = plan.candidates
+        logger.info(f"fitting k = {ks[0]}..{ks[-1]} together; choosing by {p['criterion'].upper()}")
+        n_init = p["n_init"]
+
+        def callback(info):
+            logger.info(f"k={ks[info.model // n_init]:<3d}" + emdask.engine.format_iteration(info))
+
+        result = emdask.select_components(
+            estimator, table, n_components=ks, criterion=p["criterion"],
+            columns=plan.features, callbacks=[callback],
+        )
+        model = result.best_estimator_
+        n_passes = result.n_passes_
+        result.table_.to_csv(Path(staged) / "selection.csv", index=False)
+        result.plot(str(Path(staged) / f"{p['criterion']}.png"))
+        selection = json.loads(result.table_.to_json(orient="records"))
+        logger.info(f"{p['criterion'].upper()} chose k={result.best_n_components_}")
+    seconds = time.perf_counter() - started
+    path = save_model(model, str(Path(staged) / "model"))
+    logger.info(
+        f"k={model.n_components}: {model.n_iter_} iterations "
+        f"({'converged' if model.converged_ else 'not converged'}), {format_duration(seconds)}"
+    )
+    return FitResult(
+        model_path=path,
+        model_class=type(model).__name__,
+        n_components=int(model.n_components),
+        n_iter=int(model.n_iter_),
+        converged=bool(model.converged_),
+        lower_bounds=[float(v) for v in model.lower_bounds_],
+        seconds=seconds,
+        n_passes=int(n_passes or 0),
+        selection=selection,
+    )
+
+
+def _segment_frame(ids, proba, id_column):
+    out = pd.DataFrame({id_column: ids})
+    out["segment"] = proba.argmax(axis=1).astype(np.int64) if proba.shape[0] else np.empty(0, np.int64)
+    for j in range(proba.shape[1]):
+        out[f"p_{j}"] = proba[:, j]
+    return out
+
+
+def _label_part(part, model, id_column, features, scaling):
+    X = _scaled_table(part[features], scaling)
+    proba = np.asarray(model.predict_proba(X), dtype=np.float64)
+    return _segment_frame(part[id_column].to_numpy(), proba, id_column)
+
+
+@io_task
+def write_segments(plan: SegmentPlan, fit: FitResult, scaling: dict, staged: str) -> str:
+    """Write every row's id, segment and membership probabilities to staging, partition by partition."""
+    model = load_model(fit.model_path)
+    table = warehouse.open_table(plan.source)
+    empty = np.empty((0, fit.n_components))
+    meta = _segment_frame(table._meta[plan.id_column].to_numpy(), empty, plan.id_column)
+    segments = table.map_partitions(
+        _label_part, model, plan.id_column, plan.features, scaling, meta=meta
+    )
+    target = Path(staged) / "segments"
+    shutil.rmtree(target, ignore_errors=True)  # a retry starts from a clean directory
+    segments.to_parquet(str(target), write_index=False)
+    return str(target)
+
+
+@io_task
+def validate_segments(plan: SegmentPlan, fit: FitResult, segments: str) -> dict:
+    """Check the segment table against the source: same ids in order, valid labels and probabilities."""
+    checked = warehouse.validate_segments(plan.source, segments, plan.id_column, fit.n_components)
+    get_run_logger().info(
+        f"validated {checked['rows']:,} rows: same ids, labels in 0..{fit.n_components - 1}, "
+        f"probabilities sum to 1; rows per segment {checked['counts']}"
+    )
+    return checked
+
+
+def segment_profile(model, features, scaling, counts):
+    """Per segment: rows, share, mixing weight, and each feature's parameter in original units.
+
+    Numeric features give the segment's mean, counts their Poisson rate, booleans the
+    probability of True, and categorical features one column ``feature=level`` per level with
+    the level's probability in the segment. All values are the fitted model's parameters
+    (undoing the standardization of scaled features).
+    """
+    k = int(model.n_components)
+    total = max(1, int(sum(counts)))
+    table = pd.DataFrame({
+        "segment": np.arange(k),
+        "rows": np.asarray(counts, dtype=np.int64),
+        "share": np.asarray(counts, dtype=np.float64) / total,
+        "weight": np.asarray(model.weights_, dtype=np.float64),
+    })
+
+    def unscale(c, values):
+        if c in scaling:
+            center, scale = scaling[c]
+            return values * scale + center
+        return values
+
+    if isinstance(model, emdask.GaussianMixture):
+        names = [str(c) for c in model.feature_names_in_]
+        for j, c in enumerate(names):
+            table[c] = unscale(c, model.means_[:, j])
+        return table
+    families = model.column_families_
+    groups = {"gaussian": [], "poisson": [], "bernoulli": [], "categorical": []}
+    for c, fam in families.items():
+        groups[fam].append(c)
+    columns = {}
+    for j, c in enumerate(groups["gaussian"]):
+        columns[c] = unscale(c, np.asarray(model.means_)[:, j])
+    for j, c in enumerate(groups["poisson"]):
+        columns[c] = np.asarray(model.rates_)[:, j]
+    for j, c in enumerate(groups["bernoulli"]):
+        columns[c] = np.asarray(model.binary_probabilities_)[:, j]
+    for j, c in enumerate(groups["categorical"]):
+        for level_index, level in enumerate(model.categories_[c]):
+            columns[f"{c}={level}"] = np.asarray(model.category_probabilities_)[:, j, level_index]
+    for c in features:
+        for name in [n for n in columns if n == c or n.startswith(f"{c}=")]:
+            table[name] = columns[name]
+    return table
+
+
+@io_task
+def write_profile(plan: SegmentPlan, fit: FitResult, scaling: dict, counts: list, staged: str) -> list:
+    """Write the segment profile (sizes and per-segment parameters, original units) to staging."""
+    model = load_model(fit.model_path)
+    profile = segment_profile(model, plan.features, scaling, counts)
+    profile.to_parquet(Path(staged) / "profile.parquet", index=False)
+    profile.to_csv(Path(staged) / "profile.csv", index=False)
+    return json.loads(profile.to_json(orient="records"))
+
+
+@flow(name=FLOW_NAME, validate_parameters=True)
+def segment_customers(
+    source: str,
+    dest: str,
+    id_column: str,
+    features: Optional[list[str]] = None,
+    n_components: Optional[Annotated[int, Field(ge=1, le=100)]] = None,
+    k_min: Annotated[int, Field(ge=1, le=100)] = 2,
+    k_max: Annotated[int, Field(ge=1, le=100)] = 8,
+    criterion: Literal["bic", "aic", "icl"] = "bic",
+    family: Literal["auto", "gaussian", "mixed"] = "auto",
+    covariance_type: Literal["full", "diag", "tied", "spherical"] = "full",
+    scale: bool = False,
+    n_init: Annotated[int, Field(ge=1, le=50)] = 1,
+    max_iter: Annotated[int, Field(ge=1, le=100_000)] = 100,
+    tol: Annotated[float, Field(gt=0)] = 1e-3,
+    random_state: Annotated[int, Field(ge=0)] = 0,
+    dask_address: Optional[str] = None,
+    keep_versions: Annotated[int, Field(ge=1)] = 5,
+    force: bool = False,
+) -> dict:
+    """Segment the rows of a table with a mixture model and publish a new version of ``dest``.
+
+    Args:
+        source: Parquet dataset (directory, file or glob) or CSV file(s); never modified.
+        dest: Directory whose versions this run publishes (see ``pipelines.warehouse``).
+        id_column: Column identifying rows; must be present and unique.
+        features: Columns to segment on; default: every numeric, boolean and categorical
+            column except the id column.
+        n_components: Number of segments; default: chosen by ``criterion`` among k_min..k_max.
+        k_min: Smallest number of segments tried when n_components is not given.
+        k_max: Largest number of segments tried when n_components is not given.
+        criterion: 'bic', 'aic' or 'icl' (lower is better).
+        family: 'gaussian' (numeric features), 'mixed' (a family per column) or 'auto'.
+        covariance_type: Covariance of the numeric features within a segment.
+        scale: Standardize numeric features before fitting (profiles stay in original units).
+        n_init: Restarts per candidate; the best is kept.
+        max_iter: Maximum EM iterations.
+        tol: Convergence threshold on the change of the mean log-likelihood per row.
+        random_state: Seed; the same seed on the same data gives the same output.
+        dask_address: Dask scheduler to use; default: $DASK_SCHEDULER_ADDRESS, else a local
+            cluster on 127.0.0.1 for the run.
+        keep_versions: Published versions to keep in ``dest``.
+        force: Recompute even when the published version already holds this run.
+    """
+    started = time.perf_counter()
+    parameters = dict(
+        n_components=n_components, k_min=k_min, k_max=k_max, criterion=criterion, family=family,
+        covariance_type=covariance_type, scale=scale, n_init=n_init, max_iter=max_iter, tol=tol,
+        random_state=random_state,
+    )
+    plan = plan_segmentation(source, dest, id_column, features, parameters)
+    done = None if force else up_to_date(plan.dest, plan.key)
+    if done is not None:
+        return _summary_from_manifest(done)
+    with dask_client(dask_address):
+        profile = profile_source(plan.source, plan.id_column, plan.features)
+        staged = stage_version(plan.dest, plan.key)
+        try:
+            scaling = fit_scaling(plan, staged)
+            fit = fit_segments(plan, scaling, staged)
+            segments = write_segments(plan, fit, scaling, staged)
+            checked = validate_segments(plan, fit, segments)
+            seg_profile = write_profile(plan, fit, scaling, checked["counts"], staged)
+            plot = plot_convergence(
+                str(Path(staged) / "convergence.png"), fit.lower_bounds,
+                f"{fit.model_class}, k={fit.n_components}: EM convergence",
+            )
+            outputs = {"segments": "segments", "profile": "profile.parquet", "model": "model",
+                       "convergence_plot": Path(plot).name}
+            if fit.selection:
+                outputs["selection_plot"] = f"{criterion}.png"
+                outputs["selection"] = "selection.csv"
+            if scaling:
+                outputs["scaling"] = "scaling.json"
+            manifest = base_manifest(FLOW_NAME, plan.key, plan.parameters, plan.source, started)
+            manifest.update(
+                rows=profile.rows,
+                features=plan.features,
+                family=plan.family,
+                missing_before=profile.missing,
+                counts=checked["counts"],
+                profile=seg_profile,
+                outputs=outputs,
+                fit=fit.to_dict() | {"model_path": "model"},
+            )
+            write_version_manifest(staged, manifest)
+            version = publish_version(plan.dest, staged, keep_versions)
+        except BaseException:
+            discard(staged)
+            raise
+    summary = _summary_from_manifest(version)
+    _report(summary)
+    return summary
+
+
+def _summary_from_manifest(version_dir):
+    version_dir = Path(version_dir)
+    m = warehouse.read_manifest(version_dir)
+    fit, out = m["fit"], m["outputs"]
+    plots = [str(version_dir / out["convergence_plot"])]
+    if "selection_plot" in out:
+        plots.append(str(version_dir / out["selection_plot"]))
+    return {
+        "flow": FLOW_NAME,
+        "version": m["version"],
+        "path": str(version_dir),
+        "rows": m["rows"],
+        "features": m["features"],
+        "model": fit["model_class"],
+        "n_components": fit["n_components"],
+        "searched": [row["n_components"] for row in fit["selection"]],
+        "criterion": m["parameters"]["criterion"],
+        "selection": fit["selection"],
+        "counts": m["counts"],
+        "profile": m["profile"],
+        "missing_before": m["missing_before"],
+        "n_iter": fit["n_iter"],
+        "converged": fit["converged"],
+        "seconds": m["seconds"],
+        "tables": [str(version_dir / out["segments"]), str(version_dir / out["profile"])],
+        "model_path": str(version_dir / "model"),
+        "plots": plots,
+    }
+
+
+def _report(summary):
+    rows = summary["rows"]
+    facts = {
+        "version": summary["path"],
+        "rows": f"{rows:,}",
+        "features": ", ".join(summary["features"]),
+        "missing cells": f"{sum(summary['missing_before'].values()):,} (marginalized, not filled)",
+        "model": f"{summary['model']}, k={summary['n_components']}",
+        "k searched": (f"{summary['searched'][0]}..{summary['searched'][-1]} by "
+                       f"{summary['criterion'].upper()}" if summary["searched"] else "no (given)"),
+        "EM iterations": f"{summary['n_iter']} ({'converged' if summary['converged'] else 'not converged'})",
+        "time": format_duration(summary["seconds"]),
+    }
+    profile = summary["profile"]
+    tables = [("Segments", profile, list(profile[0]))]
+    if summary["selection"]:
+        sel = summary["selection"]
+        tables.append((f"{summary['criterion'].upper()} by number of segments", sel, list(sel[0])))
+    report_run("segment-customers", "Customer segmentation", facts, tables, profile)

@@ -1,0 +1,205 @@
+"""Prefect tasks every flow shares: check, profile, stage, plot, publish, report.
+
+Tasks take and return paths and small objects; tables stay in the warehouse and on the Dask
+cluster. Only input/output tasks retry, and never on bad input (:class:`InputError`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+import emdask
+from emdask.engine import format_iteration
+
+from . import reports, warehouse
+from .warehouse import InputError
+
+__all__ = [
+    "FitResult",
+    "check_dest",
+    "discard",
+    "io_task",
+    "load_model",
+    "plot_convergence",
+    "profile_source",
+    "progress_callback",
+    "publish_version",
+    "report_run",
+    "save_model",
+    "stage_version",
+    "step_task",
+    "up_to_date",
+    "write_version_manifest",
+]
+
+
+def _retry_unless_bad_input(task, task_run, state):
+    """Retry failed I/O, but not a run that failed on bad input: it would fail again."""
+    try:
+        state.result(raise_on_failure=True)
+    except InputError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+def io_task(fn=None, **kwargs):
+    """``@task`` for reading and writing: a few retries, never cached."""
+    options = dict(
+        retries=2,
+        retry_delay_seconds=2,
+        retry_condition_fn=_retry_unless_bad_input,
+        cache_policy=NO_CACHE,
+    )
+    options.update(kwargs)
+    return task(fn, **options) if fn is not None else task(**options)
+
+
+def step_task(fn=None, **kwargs):
+    """``@task`` for computing steps: no retries (a failed fit is not transient), never cached."""
+    options = dict(cache_policy=NO_CACHE)
+    options.update(kwargs)
+    return task(fn, **options) if fn is not None else task(**options)
+
+
+@dataclass
+class FitResult:
+    """What a fit left behind: the model file and the history the reports need."""
+
+    model_path: str
+    model_class: str
+    n_components: int
+    n_iter: int
+    converged: bool
+    lower_bounds: list
+    seconds: float
+    n_passes: int = 0
+    selection: list = field(default_factory=list)  # one dict per candidate k when k was searched
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def progress_callback(label=""):
+    """A fit callback that logs one line per EM iteration (iteration, log-likelihood, change, time)."""
+    logger = get_run_logger()
+    prefix = f"{label} " if label else ""
+
+    def callback(info):
+        logger.info(prefix + format_iteration(info))
+
+    return callback
+
+
+def save_model(model, path):
+    """Write a fitted estimator as a model file (JSON + .npz) at ``path``; returns the path.
+
+    An :class:`emdask.EMImputer` is stored as its fitted mixture (``model_``): that mixture
+    is the whole fitted state, and :func:`load_model` rebuilds the imputer from it.
+    """
+    target = model
+    if isinstance(model, emdask.EMImputer):
+        target = model.model_
+    return str(emdask.save(target, path))
+
+
+def load_model(path, model_class=None):
+    """Read a model file written by :func:`save_model` (as an imputer when it was one)."""
+    model = emdask.load(path)
+    if model_class == "EMImputer" and not isinstance(model, emdask.EMImputer):
+        names = set(emdask.EMImputer._param_names())
+        imputer = emdask.EMImputer(**{k: v for k, v in model.get_params().items() if k in names})
+        imputer.model_ = model
+        model = imputer
+    return model
+
+
+@io_task
+def check_dest(dest: str, source: warehouse.SourceInfo | None = None) -> str:
+    """Check the destination can receive a new version without touching the source."""
+    return str(warehouse.check_destination(dest, source))
+
+
+def up_to_date(dest, key):
+    """The published version when it already holds this exact run, else None (logged)."""
+    found = warehouse.find_published(dest, key)
+    if found is not None:
+        get_run_logger().info(
+            f"{found} already holds this run (same source files and parameters); nothing to do. "
+            "Pass force=True to recompute."
+        )
+    return found
+
+
+@io_task
+def profile_source(source: warehouse.SourceInfo, id_column: str, columns: list) -> warehouse.TableProfile:
+    """Count rows and missing cells and check the ids are present and unique."""
+    profile = warehouse.profile_table(source, id_column, columns)
+    rates = ", ".join(f"{c} {r:.1%}" for c, r in profile.missing_rate().items() if r)
+    get_run_logger().info(
+        f"{profile.rows:,} rows in {profile.partitions} partitions; missing: {rates or 'none'}"
+    )
+    return profile
+
+
+@io_task
+def stage_version(dest: str, key: str) -> str:
+    """Create the staging directory of a new version."""
+    return str(warehouse.new_staging(dest, key))
+
+
+@io_task
+def plot_convergence(path: str, lower_bounds: list, title: str) -> str:
+    """Plot the mean log-likelihood per EM iteration to a PNG."""
+    return str(reports.convergence_plot(path, lower_bounds, title=title))
+
+
+@io_task
+def write_version_manifest(staged: str, manifest: dict) -> str:
+    """Write the version's manifest, the last file of a complete version."""
+    return str(warehouse.write_manifest(staged, manifest))
+
+
+@io_task
+def publish_version(dest: str, staged: str, keep_versions: int) -> str:
+    """Publish the staged version: one rename, then an atomic swap of the CURRENT pointer."""
+    path = warehouse.publish(dest, staged, keep_versions=keep_versions)
+    get_run_logger().info(f"published {path}")
+    return str(path)
+
+
+def discard(staged):
+    """Remove a failed run's staging directory; the published version stays as it was."""
+    if staged and Path(staged).exists():
+        warehouse.discard_staging(staged)
+        get_run_logger().warning(f"run failed; removed its staging directory {staged}")
+
+
+@step_task
+def report_run(key: str, title: str, facts: dict, tables: list, table: list | None = None) -> str:
+    """Create the run's Prefect artifacts: a markdown summary and a table."""
+    markdown = reports.summary_markdown(title, facts, [tuple(t) for t in tables])
+    reports.create_artifacts(key, markdown, table=table, description=title)
+    return markdown
+
+
+def base_manifest(flow_name, key, parameters, source=None, started=None):
+    """The manifest fields every flow writes."""
+    return {
+        "flow": flow_name,
+        "run_key": key,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "emdask_version": emdask.__version__,
+        "parameters": parameters,
+        "source": None if source is None else {"path": source.path, "format": source.format,
+                                               "files": source.fingerprint()},
+        "seconds": None if started is None else round(time.perf_counter() - started, 3),
+        "host": os.uname().nodename if hasattr(os, "uname") else None,
+    }
