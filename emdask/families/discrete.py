@@ -207,6 +207,31 @@ class BinomialPart:
         return s[:, None]
 
 
+class _CategoricalScratch:
+    """A categorical part's log-probability table, with work buffers reused by every chunk
+    of one pass (a pass is one thread's: the buffers are never shared between threads).
+
+    Allocating a fresh indicator matrix per chunk costs page faults on every chunk where
+    the allocator hands large blocks back to the system at once (as Dask workers configure
+    it); reusing buffers keeps the kernel's cost the same everywhere.
+    """
+
+    def __init__(self, table, part):
+        self.table = table
+        self.offsets = part.offsets.astype(np.float64)
+        self.missing_slot = part.n_levels.astype(np.float64)
+        self.n_slots = part.n_slots
+        self.row_base = (np.arange(ROW_CHUNK) * part.n_slots)[:, None]
+        self._buffers = {}
+
+    def buffer(self, name, shape, dtype):
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape[0] < shape[0]:
+            rows = max(shape[0], ROW_CHUNK)
+            buf = self._buffers[name] = np.empty((rows,) + shape[1:], dtype=dtype)
+        return buf[: shape[0]]
+
+
 class CategoricalPart:
     """Categorical columns given as integer codes, one distribution per component and column.
 
@@ -240,26 +265,43 @@ class CategoricalPart:
         table = np.zeros((self.n_slots, k))
         for j, (off, L) in enumerate(zip(self.offsets, self.n_levels)):
             table[off : off + L] = safe_log(theta[:, j, :L]).T
-        return table
+        return _CategoricalScratch(table, self)
 
-    def _indicators(self, Xb):
-        codes = Xb[:, self.cols]
+    def _codes(self, Xb):
+        c = self.cols
+        if c.size and np.array_equal(c, np.arange(c[0], c[0] + c.size)):
+            return Xb[:, c[0] : c[0] + c.size]  # a view: no copy of the chunk
+        return Xb[:, c]
+
+    def _indicators(self, Xb, prep):
+        codes = self._codes(Xb)
         miss = np.isnan(codes)
-        idx = np.where(miss, self.n_levels, codes).astype(np.intp) + self.offsets
-        n, d = idx.shape
+        n, d = codes.shape
+        # slot of every cell: offset + code, or offset + levels for a missing cell; computed
+        # in buffers reused from chunk to chunk (no large allocation per chunk)
+        slot = prep.buffer("slot", (n, d), np.float64)
+        np.copyto(slot, codes)
+        np.copyto(slot, prep.missing_slot, where=miss)
+        slot += prep.offsets
         if self.n_slots <= DENSE_ONE_HOT_MAX:
-            onehot = np.zeros((n, self.n_slots))
-            np.put_along_axis(onehot, idx, 1.0, axis=1)
+            flat = prep.buffer("flat", (n, d), np.intp)
+            np.copyto(flat, slot, casting="unsafe")
+            if n > prep.row_base.shape[0]:
+                prep.row_base = (np.arange(n) * self.n_slots)[:, None]
+            flat += prep.row_base[:n]
+            onehot = prep.buffer("onehot", (n, self.n_slots), np.float64)
+            onehot.fill(0.0)
+            onehot.reshape(-1)[flat.reshape(-1)] = 1.0
         else:
             onehot = sparse.csr_matrix(
-                (np.ones(n * d), idx.ravel(), np.arange(0, n * d + 1, d)),
+                (np.ones(n * d), slot.astype(np.intp).ravel(), np.arange(0, n * d + 1, d)),
                 shape=(n, self.n_slots),
             )
         return onehot, miss
 
     def chunk(self, Xb, prep):
-        onehot, miss = self._indicators(Xb)
-        return {"onehot": onehot, "miss": miss, "log_prob": np.asarray(onehot @ prep)}
+        onehot, miss = self._indicators(Xb, prep)
+        return {"onehot": onehot, "miss": miss, "log_prob": np.asarray(onehot @ prep.table)}
 
     def accumulate(self, c, resp, terms):
         terms["counts"] += np.asarray(c["onehot"].T @ resp)
