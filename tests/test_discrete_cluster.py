@@ -26,7 +26,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::emdask.ConvergenceWarning")
 @pytest.fixture(scope="module")
 def client():
     cluster = LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
         host="127.0.0.1",
     )
     c = Client(cluster)
@@ -103,3 +103,17 @@ def test_model_selection_over_categorical_mixtures():
     assert best.categories_ == [["no", "maybe", "yes"], ["a", "b"], [1, 2, 3, 4]]
     bic = result.table_.set_index("n_components")["bic"]
     assert bic[2] == pytest.approx(best.bic(df), rel=1e-9)
+
+
+def test_checkpointed_fit_resumes_to_the_same_model(tmp_path):
+    df = survey_frame(n=500, seed=45)
+    full = CategoricalMixture(3, tol=0, max_iter=12, random_state=0).fit(df)
+    CategoricalMixture(3, tol=0, max_iter=12, random_state=0).fit(
+        df, checkpoint=tmp_path / "ck", callbacks=[lambda info: info.iteration >= 5]
+    )
+    assert emdask.load(tmp_path / "ck").categories_ == full.categories_
+    resumed = CategoricalMixture(3, tol=0, max_iter=12, random_state=0).fit(
+        df, checkpoint=tmp_path / "ck", resume=True
+    )
+    assert resumed.n_iter_ == 12
+    np.testing.assert_array_equal(resumed.probabilities_, full.probabilities_)
