@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import linalg
 
+from . import _kernels
 from .base import ROW_CHUNK, Stats, normalize_log_rows
 
 __all__ = [
@@ -41,17 +42,14 @@ __all__ = [
     "GaussianParams",
     "compute_precision_cholesky",
     "precisions_from_cholesky",
+    "reference_partial_stats",
 ]
 
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 LOG_2PI = np.log(2.0 * np.pi)
 EPS = np.finfo(np.float64).eps
 
-_ILL_DEFINED = (
-    "Fitting the mixture model failed because some components have ill-defined empirical "
-    "covariance (for instance caused by singleton or collapsed samples). Try to decrease the "
-    "number of components, increase reg_covar, or scale the input data."
-)
+_ILL_DEFINED = _kernels.ILL_DEFINED
 
 
 @dataclass(frozen=True)
@@ -323,6 +321,10 @@ class GaussianFamily:
     def partial_stats(self, X, params, weights=None):
         """E-step statistics of one block.
 
+        Every component is handled at once by a few matrix products per row chunk (see
+        :mod:`emdask.families._kernels`); :func:`reference_partial_stats` computes the same
+        statistics component by component.
+
         Parameters
         ----------
         X : ndarray of shape (n_rows, n_features), float64, NaN for a missing cell
@@ -338,41 +340,25 @@ class GaussianFamily:
             A row with every cell missing carries no information and is left out.
         """
         k, d = params.means.shape
-        dense = self.covariance_type in ("full", "tied")
-        nk = np.zeros(k)
-        s1 = np.zeros((k, d))
-        s2 = np.zeros((k, d, d)) if dense else np.zeros((k, d))
-        n_rows = 0.0
-        loglik = 0.0
         prep = _prepare(params)
-        for sl in _chunks(X.shape[0]):
-            comps, log_prob, miss = _components(X[sl], prep)
-            resp, log_norm = normalize_log_rows(log_prob)
-            any_missing = miss.any()
-            row_w = ~miss.all(axis=1) if any_missing else None
-            if weights is not None:
-                row_w = weights[sl] if row_w is None else weights[sl] * row_w
-            if row_w is None:
-                n_rows += log_norm.size
-                loglik += log_norm.sum()
-            else:
-                n_rows += row_w.sum()
-                loglik += row_w @ np.where(row_w > 0, log_norm, 0.0)
-                resp *= row_w[:, None]
-            nk += resp.sum(axis=0)
-            for j, comp in enumerate(comps):
-                r = resp[:, j]
-                Xc = comp.centred
-                s1[j] += r @ Xc
-                if dense:
-                    s2[j] += (Xc * r[:, None]).T @ Xc
-                    for rows, cols, L in comp.cond:
-                        _add_conditional_covariance(s2[j], r[rows], cols, L)
-                else:
-                    s2[j] += r @ (Xc * Xc)
-                    if any_missing:
-                        s2[j] += (r @ miss) / prep.factor[j] ** 2
-        return Stats(n_rows, loglik, {"nk": nk, "s1": s1, "s2": s2})
+        totals = _kernels.Totals()
+        complete, complete_w, incomplete, incomplete_w, miss = _kernels.row_selection(X, weights)
+        if prep.dense:
+            kernel = _kernels.DenseKernel(params.means, params.weights, prep.factor, prep.const)
+            acc = np.zeros((d + 1, k * d))
+            nk = kernel.complete_stats(complete, complete_w, acc, totals)
+            s1, s2 = kernel.finish(acc)
+            if incomplete is not None and incomplete.shape[0]:
+                nk += kernel.incomplete_stats(incomplete, miss, incomplete_w, s1, s2, totals)
+            s2 = 0.5 * (s2 + s2.transpose(0, 2, 1))
+        else:
+            kernel = _kernels.DiagonalKernel(params.means, prep.factor, prep.const)
+            s1 = np.zeros((k, d))
+            s2 = np.zeros((k, d))
+            nk = kernel.stats(complete, None, complete_w, s1, s2, totals)
+            if incomplete is not None and incomplete.shape[0]:
+                nk += kernel.stats(incomplete, miss, incomplete_w, s1, s2, totals)
+        return Stats(totals.n_rows, totals.loglik, {"nk": nk, "s1": s1, "s2": s2})
 
     # -- M-step ---------------------------------------------------------------------------
 
@@ -515,3 +501,47 @@ def _add_conditional_covariance(s2, r, cols, L):
     s2 += np.bincount(
         flat.ravel(), weights=(cov * r[:, None, None]).ravel(), minlength=d * d
     ).reshape(d, d)
+
+
+def reference_partial_stats(family, X, params, weights=None):
+    """:meth:`GaussianFamily.partial_stats` computed component by component, row chunk by
+    row chunk, with missing cells handled per group of rows sharing their missing count.
+
+    The plain reference the fast kernels are tested against; same arguments and result.
+    """
+    k, d = params.means.shape
+    dense = family.covariance_type in ("full", "tied")
+    nk = np.zeros(k)
+    s1 = np.zeros((k, d))
+    s2 = np.zeros((k, d, d)) if dense else np.zeros((k, d))
+    n_rows = 0.0
+    loglik = 0.0
+    prep = _prepare(params)
+    for sl in _chunks(X.shape[0]):
+        comps, log_prob, miss = _components(X[sl], prep)
+        resp, log_norm = normalize_log_rows(log_prob)
+        any_missing = miss.any()
+        row_w = ~miss.all(axis=1) if any_missing else None
+        if weights is not None:
+            row_w = weights[sl] if row_w is None else weights[sl] * row_w
+        if row_w is None:
+            n_rows += log_norm.size
+            loglik += log_norm.sum()
+        else:
+            n_rows += row_w.sum()
+            loglik += row_w @ np.where(row_w > 0, log_norm, 0.0)
+            resp *= row_w[:, None]
+        nk += resp.sum(axis=0)
+        for j, comp in enumerate(comps):
+            r = resp[:, j]
+            Xc = comp.centred
+            s1[j] += r @ Xc
+            if dense:
+                s2[j] += (Xc * r[:, None]).T @ Xc
+                for rows, cols, L in comp.cond:
+                    _add_conditional_covariance(s2[j], r[rows], cols, L)
+            else:
+                s2[j] += r @ (Xc * Xc)
+                if any_missing:
+                    s2[j] += (r @ miss) / prep.factor[j] ** 2
+    return Stats(n_rows, loglik, {"nk": nk, "s1": s1, "s2": s2})

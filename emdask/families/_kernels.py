@@ -1,0 +1,631 @@
+"""Fast E-step kernels of the Gaussian family: sufficient statistics as a few large matrix
+products per row chunk.
+
+The plain per-component kernel in :mod:`emdask.families.gaussian` is the reference these
+kernels are tested against; both return the same statistics (counts, first and second moments
+about the previous means, log-likelihood).
+
+Full and tied covariance
+------------------------
+All components are handled by one matrix product per chunk. With a common shift ``c`` (the
+weighted mean of the component means), ``x̃ = x - c`` and ``δ_j = mu_j - c``::
+
+    [x̃, 1] @ [[U_1 ... U_k], [-δ_1 U_1 ... -δ_k U_k]]  ->  (x - mu_j) U_j for every j
+
+and the second moments about each previous mean, with ``w_ij = r_ij (x̃_i - δ_j)``::
+
+    [x̃, 1]ᵀ @ [w_1 ... w_k]  ->  Σ_i x̃_i w_ijᵀ and Σ_i w_ij
+    s2_j = Σ_i x̃_i w_ijᵀ - δ_j s1_jᵀ     (s1_j = Σ_i w_ij)
+
+Error bound. Only one factor of each product is taken about the common shift; the other is
+centred on the component's own previous mean. A rounding error of ``x̃`` or ``δ_j`` is of
+order ``eps (|x - mu_j| + |δ_j|)``, so the relative error of a component's Mahalanobis terms
+and second moments grows like ``eps · |δ_j| / σ_j`` (σ_j the component's spread): linearly in
+how far the component lies from the common shift in units of its own spread, never
+quadratically as ``Σ x xᵀ - n mu muᵀ`` would. An offset shared by all components (a column
+with mean 1e6) is removed exactly by the shift. Components 1e4 spreads apart keep about 12
+significant digits (tests check this against the per-component kernel).
+
+Missing cells under a full covariance
+-------------------------------------
+Rows are sorted by their missingness pattern, so that the pattern's work (Cholesky factor of
+``P_mm``, its inverse and log-determinant, for every component) is done once per pattern and
+batched over the patterns with the same number of missing cells. Per row and component the
+remaining work is O(d² + d_m²): with ``x̃₀`` the centred row with zeros in its missing cells,
+
+    q_o = x̃₀ᵀ P x̃₀ - vᵀ P_mm⁻¹ v,   v = (P x̃₀)_m,   x_m - mu_m = -P_mm⁻¹ v
+
+(the observed part's Mahalanobis distance and the conditional mean), where ``x̃₀ U`` and
+``x̃₀ P`` for all components come from one matrix product of ``[x̃₀, o]`` (``o`` the observed
+mask). The conditional covariance ``P_mm⁻¹`` enters the second moment once per pattern,
+weighted by the pattern's summed responsibilities.
+
+Diagonal and spherical covariance
+---------------------------------
+Product form: every component at once on a (rows, components, features) array, missing cells
+left out of the product.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "DenseKernel",
+    "DiagonalKernel",
+    "COMPLETE_CHUNK",
+    "MISSING_CHUNK",
+    "ILL_DEFINED",
+    "Totals",
+    "row_selection",
+    "batched_cholesky_inverse",
+]
+
+LOG_2PI = np.log(2.0 * np.pi)
+
+#: Rows per chunk of complete rows (about 1 MiB of work arrays for 16 features and 8
+#: components; chosen by measurement, see benchmarks/README.md).
+COMPLETE_CHUNK = 1024
+#: Rows per chunk of rows with missing cells.
+MISSING_CHUNK = 512
+
+ILL_DEFINED = (
+    "Fitting the mixture model failed because some components have ill-defined empirical "
+    "covariance (for instance caused by singleton or collapsed samples). Try to decrease the "
+    "number of components, increase reg_covar, or scale the input data."
+)
+
+
+# --------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------
+
+
+def _log_normalize(log_prob):
+    """Responsibilities and log-normalizer of (rows, k) weighted log-probabilities."""
+    resp, log_norm = _log_normalize_kb(np.ascontiguousarray(log_prob.T))
+    return resp.T, log_norm
+
+
+def _log_normalize_kb(q):
+    """Responsibilities (k, rows), in place of ``q`` (k, rows) weighted log-probabilities,
+    and the per-row log-normalizer (rows,). Components along the first axis keep the inner
+    loops long."""
+    top = q.max(axis=0)
+    if not np.all(np.isfinite(top)):
+        top = np.where(np.isfinite(top), top, 0.0)
+    q -= top
+    with np.errstate(under="ignore"):
+        np.exp(q, out=q)
+    total = q.sum(axis=0)
+    with np.errstate(divide="ignore"):
+        log_norm = np.log(total)
+        scale = 1.0 / total
+    log_norm += top
+    q *= scale
+    return q, log_norm
+
+
+def batched_cholesky_inverse(A):
+    """Inverse and log-determinant of symmetric positive definite matrices.
+
+    A Cholesky factorisation and triangular inversion written entry by entry, each step
+    vectorised over the whole batch (fast for many small matrices).
+
+    Parameters
+    ----------
+    A : ndarray of shape (..., m, m)
+
+    Returns
+    -------
+    inverse : ndarray of shape (..., m, m)
+    log_det : ndarray of shape (...)
+
+    Raises
+    ------
+    ValueError
+        If a matrix is not positive definite.
+    """
+    m = A.shape[-1]
+    batch = A.shape[:-2]
+    a = np.moveaxis(A.reshape(-1, m, m), 0, -1)  # (m, m, B): the batch along the last axis
+    L = np.zeros_like(a)
+    for j in range(m):
+        s = a[j, j] - np.einsum("kb,kb->b", L[j, :j], L[j, :j]) if j else a[j, j].copy()
+        if not np.all(s > 0.0):
+            raise ValueError(ILL_DEFINED)
+        L[j, j] = np.sqrt(s)
+        for i in range(j + 1, m):
+            t = a[i, j] - np.einsum("kb,kb->b", L[i, :j], L[j, :j]) if j else a[i, j].copy()
+            L[i, j] = t / L[j, j]
+    Linv = np.zeros_like(a)  # lower triangular, rows by forward substitution
+    for i in range(m):
+        Linv[i, i] = 1.0 / L[i, i]
+        for c in range(i):
+            Linv[i, c] = -np.einsum("kb,kb->b", L[i, c:i], Linv[c:i, c]) * Linv[i, i]
+    inverse = np.einsum("kib,kjb->ijb", Linv, Linv)  # Linvᵀ Linv
+    log_det = 2.0 * np.log(np.diagonal(L, axis1=0, axis2=1)).sum(axis=-1)
+    inverse = np.moveaxis(inverse, -1, 0).reshape(batch + (m, m))
+    return inverse, log_det.reshape(batch)
+
+
+def row_selection(X, weights):
+    """Rows that carry information, split into complete and incomplete ones.
+
+    Returns ``(complete, complete_w, incomplete, incomplete_w, miss)``: arrays of rows (or
+    ``X`` itself when every row is complete and unweighted), their weights (or ``None``) and
+    the missing mask of the incomplete rows. Rows with every cell missing or with weight zero
+    add nothing to the statistics and are left out.
+    """
+    miss = np.isnan(X)
+    if weights is None and not miss.any():
+        return X, None, None, None, None
+    keep = np.ones(X.shape[0], dtype=bool) if weights is None else weights > 0
+    n_miss = miss.sum(axis=1)
+    complete = keep & (n_miss == 0)
+    incomplete = keep & (n_miss > 0) & (n_miss < X.shape[1])
+    cw = None if weights is None else weights[complete]
+    iw = None if weights is None else weights[incomplete]
+    return X[complete], cw, X[incomplete], iw, miss[incomplete]
+
+
+@dataclass
+class Totals:
+    n_rows: float = 0.0
+    loglik: float = 0.0
+
+
+def _weigh(resp, log_norm, row_w, totals):
+    """Add a chunk's rows to the totals; weight its responsibilities (k, rows) in place."""
+    if row_w is None:
+        totals.n_rows += log_norm.size
+        totals.loglik += log_norm.sum()
+    else:
+        totals.n_rows += row_w.sum()
+        totals.loglik += row_w @ log_norm
+        resp *= row_w
+
+
+# --------------------------------------------------------------------------------------
+# Full and tied covariance
+# --------------------------------------------------------------------------------------
+
+
+class DenseKernel:
+    """E-step statistics under full (or tied) covariances, for every component at once.
+
+    Parameters
+    ----------
+    means : ndarray of shape (k, d)
+    weights : ndarray of shape (k,)
+    chol : ndarray of shape (k, d, d)
+        Upper-triangular ``U_j`` with precision ``P_j = U_j U_jᵀ``.
+    const : ndarray of shape (k,)
+        ``log w_j + log det U_j - d/2 log 2π``.
+    """
+
+    def __init__(self, means, weights, chol, const):
+        k, d = means.shape
+        self.k, self.d = k, d
+        self.means = means
+        self.chol = np.ascontiguousarray(np.broadcast_to(chol, (k, d, d)))
+        self.const = const
+        self.shift = weights @ means if np.all(np.isfinite(weights)) else means.mean(axis=0)
+        self.delta = means - self.shift
+        # [x̃, 1] @ stacked -> (x - mu_j) U_j for every j
+        stacked = np.empty((d + 1, k * d))
+        for j in range(k):
+            stacked[:d, j * d : (j + 1) * d] = self.chol[j]
+            stacked[d, j * d : (j + 1) * d] = -self.delta[j] @ self.chol[j]
+        self.stacked = stacked
+        self._precision = None
+        self._missing_stacked = None
+
+    # -- complete rows --------------------------------------------------------------------
+
+    def complete_stats(self, X, row_w, acc, totals, chunk=COMPLETE_CHUNK):
+        """Add the statistics of complete rows ``X`` (n, d) to ``acc`` (d + 1, k·d).
+
+        Chunks are held transposed (features × rows), so that every elementwise step runs
+        along the rows. Returns the summed responsibilities (k,).
+        """
+        k, d = self.k, self.d
+        kd = k * d
+        n = X.shape[0]
+        nk = np.zeros(k)
+        if n == 0:
+            return nk
+        b = min(chunk, n)
+        xa_buf = np.empty((d + 1, b))
+        xa_buf[d] = 1.0
+        y_buf = np.empty((kd, b))
+        q_buf = np.empty((k, b))
+        w_buf = np.empty((k, d, b))
+        stacked_t = np.ascontiguousarray(self.stacked.T)
+        delta = self.delta[:, :, None]
+        compiled = _compiled_kernels()
+        for start in range(0, n, b):
+            stop = min(start + b, n)
+            nb = stop - start
+            xa = xa_buf[:, :nb]
+            np.subtract(X[start:stop].T, self.shift[:, None], out=xa[:d])
+            y = np.matmul(stacked_t, xa, out=y_buf[:, :nb]).reshape(k, d, nb)
+            weights = None if row_w is None else row_w[start:stop]
+            w = w_buf[:, :, :nb]
+            if compiled is not None:
+                loglik, n_rows = compiled.complete_rows(
+                    y, xa, self.delta, self.const,
+                    np.ones(0) if weights is None else weights, weights is not None, w, nk,
+                )
+                totals.loglik += loglik
+                totals.n_rows += n_rows
+                acc += xa @ w.reshape(kd, nb).T
+                continue
+            q = np.einsum("jlb,jlb->jb", y, y, out=q_buf[:, :nb])
+            q *= -0.5
+            q += self.const[:, None]
+            resp, log_norm = _log_normalize_kb(q)
+            _weigh(resp, log_norm, weights, totals)
+            nk += resp.sum(axis=1)
+            np.subtract(xa[None, :d], delta, out=w)
+            w *= resp[:, None, :]
+            acc += xa @ w.reshape(kd, nb).T
+        return nk
+
+    def finish(self, acc):
+        """``s1`` (k, d) and ``s2`` (k, d, d) about the previous means, from ``acc``."""
+        k, d = self.k, self.d
+        s1 = acc[d].reshape(k, d).copy()
+        s2 = acc[:d].reshape(d, k, d).transpose(1, 0, 2).copy()
+        s2 -= self.delta[:, :, None] * s1[:, None, :]
+        return s1, s2
+
+    # -- rows with missing cells -------------------------------------------------------------
+
+    @property
+    def precision(self):
+        if self._precision is None:
+            self._precision = np.einsum("kij,klj->kil", self.chol, self.chol)
+        return self._precision
+
+    @property
+    def missing_stacked(self):
+        """``[x̃₀, o] @ this`` gives ``x̃₀ U_j`` and ``x̃₀ P_j`` for every j (x̃₀: the row
+        centred on ``mu_j`` with zeros in its missing cells, o: its observed mask)."""
+        if self._missing_stacked is None:
+            k, d = self.k, self.d
+            P = self.precision
+            big = np.empty((2 * d, 2 * k * d))
+            for j in range(k):
+                cu = slice(j * d, (j + 1) * d)
+                cp = slice((k + j) * d, (k + j + 1) * d)
+                big[:d, cu] = self.chol[j]
+                big[d:, cu] = -self.delta[j][:, None] * self.chol[j]
+                big[:d, cp] = P[j]
+                big[d:, cp] = -self.delta[j][:, None] * P[j]
+            self._missing_stacked = big
+        return self._missing_stacked
+
+    def _pattern_tables(self, cols_by_count):
+        """Per pattern and component: ``P_mm⁻¹`` and the log-density correction."""
+        k, d = self.k, self.d
+        P = self.precision
+        tables = {}
+        for m, cols in cols_by_count.items():
+            Pmm = P[:, cols[:, :, None], cols[:, None, :]]  # (k, n_pat, m, m)
+            Pmm = np.ascontiguousarray(Pmm.transpose(1, 0, 2, 3))
+            inv, log_det = batched_cholesky_inverse(Pmm)
+            corr = 0.5 * m * LOG_2PI - 0.5 * log_det  # (n_pat, k)
+            tables[m] = (cols, inv, corr)
+        return tables
+
+    def incomplete_stats(self, X, miss, row_w, s1, s2, totals, chunk=MISSING_CHUNK):
+        """Add the statistics of rows with missing cells (at least one observed) to ``s1``
+        (k, d) and ``s2`` (k, d, d) about the previous means.
+
+        Returns the summed responsibilities (k,).
+        """
+        k, d = self.k, self.d
+        n = X.shape[0]
+        nk = np.zeros(k)
+        if n == 0:
+            return nk
+        order, pattern_of_row, count_of_row, local_of_row, cols_by_count = _sort_by_pattern(miss)
+        X = X[order]
+        miss = miss[order]
+        row_w = None if row_w is None else row_w[order]
+        resp_by_pattern = np.zeros((sum(c.shape[0] for c in cols_by_count.values()), k))
+        compiled = _compiled_kernels()
+        if compiled is not None:
+            tables = self._incomplete_compiled(
+                compiled, X, row_w, pattern_of_row, cols_by_count, s1, s2, nk,
+                resp_by_pattern, totals, chunk,
+            )
+            self._add_conditional_covariance(tables, resp_by_pattern, s2)
+            return nk
+        tables = self._pattern_tables(cols_by_count)
+        big = self.missing_stacked
+        b = min(chunk, n)
+        xa_buf = np.empty((b, 2 * d))
+        yg_buf = np.empty((b, 2 * k * d))
+        q_buf = np.empty((k, b))
+        xc_buf = np.empty((k, b, d))
+        w_buf = np.empty((k, b, d))
+        for start in range(0, n, b):
+            stop = min(start + b, n)
+            nb = stop - start
+            mb = miss[start:stop]
+            xa = xa_buf[:nb]
+            xt = xa[:, :d]
+            np.subtract(X[start:stop], self.shift, out=xt)
+            xc = xc_buf[:, :nb]
+            w = w_buf[:, :nb]
+            np.subtract(xt[None], self.delta[:, None, :], out=xc)  # NaN in missing cells
+            np.copyto(xt, 0.0, where=mb)
+            np.logical_not(mb, out=xa[:, d:], casting="unsafe")
+            yg = np.matmul(xa, big, out=yg_buf[:nb])
+            self._incomplete_rows_numpy(
+                yg, xc, w, q_buf[:, :nb], tables, count_of_row[start:stop],
+                local_of_row[start:stop], pattern_of_row[start:stop],
+                None if row_w is None else row_w[start:stop], nk, resp_by_pattern, totals,
+            )
+            s1 += w.sum(axis=1)
+            s2 += np.matmul(xc.transpose(0, 2, 1), w)
+        self._add_conditional_covariance(tables, resp_by_pattern, s2)
+        return nk
+
+    def _add_conditional_covariance(self, tables, resp_by_pattern, s2):
+        """``s2_j[m, m] += Σ_patterns R_pj P_mm⁻¹`` (R: the pattern's summed
+        responsibilities)."""
+        k, d = self.k, self.d
+        flat_size = k * d * d
+        extra = np.zeros(flat_size)
+        first = 0
+        for m, (cols, inv, _) in tables.items():
+            R = resp_by_pattern[first : first + cols.shape[0]]  # (n_pat, k)
+            first += cols.shape[0]
+            flat = (
+                np.arange(k)[None, :, None, None] * d * d
+                + cols[:, None, :, None] * d
+                + cols[:, None, None, :]
+            )
+            flat = np.broadcast_to(flat, inv.shape)
+            extra += np.bincount(
+                flat.ravel(), weights=(inv * R[:, :, None, None]).ravel(), minlength=flat_size
+            )
+        s2 += extra.reshape(k, d, d)
+
+    def _incomplete_compiled(
+        self, compiled, X, row_w, pattern_of_row, cols_by_count, s1, s2, nk,
+        resp_by_pattern, totals, chunk,
+    ):
+        """The compiled variant of the chunk loop of :meth:`incomplete_stats`: rows centred
+        on each component's own mean, ``x̃₀ U_j`` by one batched product, then one compiled
+        pass per chunk. Returns the pattern tables."""
+        k, d = self.k, self.d
+        n = X.shape[0]
+        counts, col_off, inv_off, cols_flat = _flat_pattern_index(cols_by_count, k)
+        inv_flat = np.empty(int(inv_off[-1] + k * counts[-1] ** 2))
+        corr = np.empty((counts.size, k))
+        if not compiled.pattern_tables(
+            self.precision, cols_flat, col_off, counts, inv_off, inv_flat, corr
+        ):
+            raise ValueError(ILL_DEFINED)
+        b = min(chunk, n)
+        xc_buf = np.empty((k, b, d + 1))
+        xc_buf[:, :, d] = 1.0
+        y_buf = np.empty((k, b, d))
+        w_buf = np.empty((k, b, d))
+        no_weights = np.ones(0)
+        for start in range(0, n, b):
+            stop = min(start + b, n)
+            nb = stop - start
+            xc = xc_buf[:, :nb]
+            compiled.centre_rows(X[start:stop], self.means, xc)
+            y0 = np.matmul(xc[:, :, :d], self.chol, out=y_buf[:, :nb])
+            w = w_buf[:, :nb]
+            loglik, n_rows = compiled.incomplete_rows(
+                y0, self.chol, self.const, pattern_of_row[start:stop], counts, col_off,
+                inv_off, cols_flat, inv_flat, corr,
+                no_weights if row_w is None else row_w[start:stop], row_w is not None,
+                xc, w, nk, resp_by_pattern,
+            )
+            totals.loglik += loglik
+            totals.n_rows += n_rows
+            moments = np.matmul(xc.transpose(0, 2, 1), w)  # (k, d + 1, d)
+            s2 += moments[:, :d]
+            s1 += moments[:, d]
+        # tables by count, as _pattern_tables gives them
+        tables = {}
+        first = 0
+        for m, cols in cols_by_count.items():
+            n_pat = cols.shape[0]
+            inv = inv_flat[inv_off[first] : inv_off[first] + n_pat * k * m * m]
+            tables[m] = (cols, inv.reshape(n_pat, k, m, m), corr[first : first + n_pat])
+            first += n_pat
+        return tables
+
+    def _incomplete_rows_numpy(
+        self, yg, xc, w, q, tables, counts, locals_, pats, weights, nk, resp_by_pattern, totals
+    ):
+        """Log-densities, responsibilities, filled rows ``xc`` (k, nb, d) and weighted rows
+        ``w`` of one chunk of pattern-sorted rows, from ``yg = [x̃₀ U | x̃₀ P]``."""
+        k, d = self.k, self.d
+        nb = yg.shape[0]
+        y = yg[:, : k * d].reshape(nb, k, d)
+        g = yg[:, k * d :].reshape(nb, k, d)
+        np.einsum("ijk,ijk->ji", y, y, out=q)
+        q *= -0.5
+        q += self.const[:, None]
+        qt = q.T
+        xct = xc.transpose(1, 0, 2)  # (nb, k, d) view
+        bounds = np.flatnonzero(np.diff(counts)) + 1
+        edges = np.concatenate(([0], bounds, [nb]))
+        for a, e in zip(edges[:-1], edges[1:]):
+            m = int(counts[a])
+            cols, inv, corr = tables[m]
+            li = locals_[a:e]
+            idx = np.broadcast_to(cols[li][:, None, :], (e - a, k, m))
+            v = np.take_along_axis(g[a:e], idx, axis=2)  # (n_r, k, m): P_mo (x_o - mu_o)
+            z = np.matmul(inv[li], v[..., None])[..., 0]  # P_mm⁻¹ v
+            qt[a:e] += 0.5 * np.einsum("rkm,rkm->rk", v, z)
+            qt[a:e] += corr[li]
+            np.put_along_axis(xct[a:e], idx, -z, axis=2)
+        resp, log_norm = _log_normalize_kb(q)
+        _weigh(resp, log_norm, weights, totals)
+        nk += resp.sum(axis=1)
+        np.multiply(xc, resp[:, :, None], out=w)
+        # summed responsibilities per pattern (rows of a pattern are contiguous)
+        runs = np.concatenate(([0], np.flatnonzero(np.diff(pats)) + 1))
+        resp_by_pattern[pats[runs]] += np.add.reduceat(resp, runs, axis=1).T
+
+
+def _flat_pattern_index(cols_by_count, k):
+    """Pattern tables laid flat, indexed by pattern rank (for the compiled kernels): missing
+    count, offset of the pattern's columns in the flat columns, offset of its (k, m, m)
+    inverses in a flat array of inverses, and the flat columns."""
+    counts, col_off, inv_off, cols_flat = [], [], [], []
+    c_at = i_at = 0
+    for m, cols in cols_by_count.items():
+        n_pat = cols.shape[0]
+        counts.append(np.full(n_pat, m, dtype=np.int64))
+        col_off.append(c_at + m * np.arange(n_pat, dtype=np.int64))
+        inv_off.append(i_at + k * m * m * np.arange(n_pat, dtype=np.int64))
+        cols_flat.append(cols.ravel().astype(np.int64))
+        c_at += cols.size
+        i_at += n_pat * k * m * m
+    return (
+        np.concatenate(counts),
+        np.concatenate(col_off),
+        np.concatenate(inv_off),
+        np.concatenate(cols_flat),
+    )
+
+
+def _sort_by_pattern(miss):
+    """Rows ordered by (number of missing cells, pattern).
+
+    Returns
+    -------
+    order : ndarray (n,)
+        Row permutation.
+    pattern_of_row, count_of_row, local_of_row : ndarray (n,)
+        For the sorted rows: the pattern's rank (patterns ranked by count, then pattern),
+        the pattern's missing count and its position among the patterns with that count.
+    cols_by_count : dict of int to ndarray (n_patterns_m, m)
+        Missing columns of each pattern (in rank order), ascending.
+    """
+    n, d = miss.shape
+    count = miss.sum(axis=1)
+    if d <= 56:
+        key = (miss @ (np.int64(1) << np.arange(d, dtype=np.int64))) | (count.astype(np.int64) << d)
+        order = np.argsort(key, kind="stable")
+        key = key[order]
+        first = np.concatenate(([True], key[1:] != key[:-1]))
+    else:
+        packed = np.packbits(miss, axis=1)
+        raw = np.ascontiguousarray(np.column_stack([count.astype(np.uint8), packed]))
+        key = raw.view(np.dtype((np.void, raw.shape[1]))).ravel()
+        order = np.argsort(key, kind="stable")
+        key = key[order]
+        first = np.concatenate(([True], key[1:] != key[:-1]))
+    pattern_of_row = np.cumsum(first) - 1
+    starts = np.flatnonzero(first)
+    count_sorted = count[order]
+    pat_count = count_sorted[starts]
+    masks = miss[order[starts]]
+    cols_by_count = {}
+    local = np.empty(starts.size, dtype=np.intp)
+    for m in np.unique(pat_count):
+        pats = np.flatnonzero(pat_count == m)  # contiguous ranks
+        cols_by_count[int(m)] = np.nonzero(masks[pats])[1].reshape(pats.size, int(m))
+        local[pats] = np.arange(pats.size)
+    return order, pattern_of_row, count_sorted, local[pattern_of_row], cols_by_count
+
+
+# --------------------------------------------------------------------------------------
+# Diagonal and spherical covariance
+# --------------------------------------------------------------------------------------
+
+
+class DiagonalKernel:
+    """E-step statistics under diagonal (or spherical) covariances, all components at once.
+
+    Parameters
+    ----------
+    means : ndarray of shape (k, d)
+    factor : ndarray of shape (k, d)
+        Square roots of the precisions.
+    const : ndarray of shape (k,)
+    """
+
+    def __init__(self, means, factor, const):
+        self.means = means
+        self.factor = factor
+        self.const = const
+        self.k, self.d = means.shape
+        self.miss_corr = 0.5 * LOG_2PI - np.log(factor)  # (k, d)
+
+    def stats(self, X, miss, row_w, s1, s2, totals, chunk=COMPLETE_CHUNK):
+        k, d = self.k, self.d
+        n = X.shape[0]
+        nk = np.zeros(k)
+        if n == 0:
+            return nk
+        b = min(chunk, n)
+        xc_buf = np.empty((b, k, d))
+        y_buf = np.empty((b, k, d))
+        for start in range(0, n, b):
+            stop = min(start + b, n)
+            nb = stop - start
+            xc = np.subtract(X[start:stop, None, :], self.means, out=xc_buf[:nb])
+            mb = None if miss is None else miss[start:stop]
+            if mb is not None:
+                np.copyto(xc, 0.0, where=mb[:, None, :])
+            y = np.multiply(xc, self.factor, out=y_buf[:nb])
+            q = np.einsum("ijk,ijk->ji", y, y)
+            q *= -0.5
+            q += self.const[:, None]
+            if mb is not None:
+                q += self.miss_corr @ mb.T
+            resp, log_norm = _log_normalize_kb(q)
+            _weigh(resp, log_norm, None if row_w is None else row_w[start:stop], totals)
+            nk += resp.sum(axis=1)
+            w = np.multiply(xc, resp.T[:, :, None], out=y_buf[:nb])
+            s1 += w.sum(axis=0)
+            s2 += np.einsum("ijk,ijk->jk", w, xc)
+            if mb is not None:
+                s2 += (resp @ mb) / self.factor**2
+        return nk
+
+
+# --------------------------------------------------------------------------------------
+# Compiled per-row steps (optional: numba)
+# --------------------------------------------------------------------------------------
+
+#: Whether to use the compiled per-row steps when numba is installed (the numpy steps
+#: above are the reference they are tested against).
+use_compiled = True
+_COMPILED = []
+
+
+def compiled_available():
+    """Whether numba can be imported (the ``fast`` extra)."""
+    return _load_compiled() is not None
+
+
+def _compiled_kernels():
+    return _load_compiled() if use_compiled else None
+
+
+def _load_compiled():
+    if not _COMPILED:
+        try:
+            from . import _compiled
+        except ImportError:
+            _COMPILED.append(None)
+        else:
+            _COMPILED.append(_compiled)
+    return _COMPILED[0]
