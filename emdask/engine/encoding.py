@@ -451,13 +451,16 @@ class TableEncoder:
         return pd.DataFrame(data, index=index)
 
     def decoded_array(self, block):
-        """An array of decoded values (object dtype when a level is not a number)."""
-        cols = [self.decode(j, block[:, j]) for j in range(block.shape[1])]
-        if all(c.dtype != object or all(isinstance(v, numbers.Real) for v in c) for c in cols):
-            return np.column_stack([np.asarray(c, dtype=np.float64) for c in cols]) if cols else block
-        out = np.empty(block.shape, dtype=object)
-        for j, c in enumerate(cols):
-            out[:, j] = c
+        """An array of decoded values: float64, or object when some level is not a number."""
+        numeric = all(
+            isinstance(v, numbers.Real)
+            for c, k in zip(self.columns, self.kinds)
+            if k == "categorical"
+            for v in self.categories[c]
+        )
+        out = np.empty(block.shape, dtype=np.float64 if numeric else object)
+        for j in range(block.shape[1]):
+            out[:, j] = self.decode(j, block[:, j])
         return out
 
     def fill(self, part, filled):
