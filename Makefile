@@ -18,7 +18,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(PY) -m emdask.demo
+	$(PY) -m pipelines.cli demo
 
 bench: $(STAMP)
 	$(PY) benchmarks/gmm_vs_sklearn.py

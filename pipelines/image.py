@@ -50,7 +50,7 @@ from .tasks import (
 )
 from .warehouse import InputError
 
-__all__ = ["ImagePlan", "image_features", "segment_image"]
+__all__ = ["ImagePlan", "check_inputs", "image_features", "model_parameters", "segment_image"]
 
 FLOW_NAME = "segment-image"
 #: Pixels per chunk of the Dask array the model is fitted on.
@@ -74,6 +74,22 @@ class ImagePlan:
     @property
     def pixels(self):
         return self.width * self.height
+
+
+def model_parameters(n_components=None, k_min=2, k_max=8, position=False, position_weight=1.0,
+                     covariance_type="full", max_iter=100, tol=1e-3, random_state=0, **_):
+    """The run's model parameters (those that, with the image, determine its output)."""
+    return dict(
+        n_components=n_components, k_min=None if n_components else k_min,
+        k_max=None if n_components else k_max, position=position,
+        position_weight=position_weight if position else None, covariance_type=covariance_type,
+        max_iter=max_iter, tol=tol, random_state=random_state,
+    )
+
+
+def check_inputs(image, out, **options):
+    """Check a run's inputs as its first task does, without running it; raises InputError."""
+    return plan_image.fn(image, out, model_parameters(**options))
 
 
 def _open_image(path):
@@ -298,9 +314,9 @@ def segment_image(
         force: Recompute even when the published version already holds this run.
     """
     started = time.perf_counter()
-    parameters = dict(
+    parameters = model_parameters(
         n_components=n_components, k_min=k_min, k_max=k_max, position=position,
-        position_weight=position_weight if position else None, covariance_type=covariance_type,
+        position_weight=position_weight, covariance_type=covariance_type,
         max_iter=max_iter, tol=tol, random_state=random_state,
     )
     plan = plan_image(image, out, parameters)

@@ -56,7 +56,7 @@ from .tasks import (
 )
 from .warehouse import InputError
 
-__all__ = ["ImputePlan", "impute_survey"]
+__all__ = ["ImputePlan", "check_inputs", "impute_survey", "model_parameters"]
 
 FLOW_NAME = "impute-survey"
 
@@ -106,6 +106,21 @@ def plan_imputation(
     params = {**parameters, "id_column": id_column, "columns": chosen}
     key = warehouse.run_key(FLOW_NAME, params, info.fingerprint(), emdask.__version__)
     return ImputePlan(info, str(dest_path), id_column, chosen, model, key, params)
+
+
+def model_parameters(n_components=1, covariance_type="full", method="mean", n_imputations=5,
+                     max_iter=100, tol=1e-3, random_state=0, **_):
+    """The run's model parameters (those that, with the source, determine its output)."""
+    return dict(
+        n_components=n_components, covariance_type=covariance_type, method=method,
+        n_imputations=n_imputations if method == "multiple" else None,
+        max_iter=max_iter, tol=tol, random_state=random_state,
+    )
+
+
+def check_inputs(source, dest, id_column, columns=None, **options):
+    """Check a run's inputs as its first task does, without running it; raises InputError."""
+    return plan_imputation.fn(source, dest, id_column, columns, model_parameters(**options))
 
 
 def _make_model(plan):
@@ -247,10 +262,9 @@ def impute_survey(
         force: Recompute even when the published version already holds this run.
     """
     started = time.perf_counter()
-    parameters = dict(
+    parameters = model_parameters(
         n_components=n_components, covariance_type=covariance_type, method=method,
-        n_imputations=n_imputations if method == "multiple" else None,
-        max_iter=max_iter, tol=tol, random_state=random_state,
+        n_imputations=n_imputations, max_iter=max_iter, tol=tol, random_state=random_state,
     )
     plan = plan_imputation(source, dest, id_column, columns, parameters)
     done = None if force else up_to_date(plan.dest, plan.key)

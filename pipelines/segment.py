@@ -59,7 +59,7 @@ from .tasks import (
 )
 from .warehouse import InputError
 
-__all__ = ["SegmentPlan", "segment_customers", "segment_profile"]
+__all__ = ["SegmentPlan", "check_inputs", "model_parameters", "segment_customers", "segment_profile"]
 
 FLOW_NAME = "segment-customers"
 
@@ -123,6 +123,23 @@ def plan_segmentation(
     params = {**p, "id_column": id_column, "features": chosen}
     key = warehouse.run_key(FLOW_NAME, params, info.fingerprint(), emdask.__version__)
     return SegmentPlan(info, str(dest_path), id_column, chosen, family, scaled, candidates, key, params)
+
+
+def model_parameters(n_components=None, k_min=2, k_max=8, criterion="bic", family="auto",
+                     covariance_type="full", scale=False, n_init=1, max_iter=100, tol=1e-3,
+                     random_state=0, **_):
+    """The run's model parameters (those that, with the source, determine its output)."""
+    return dict(
+        n_components=n_components, k_min=None if n_components else k_min,
+        k_max=None if n_components else k_max, criterion=criterion, family=family,
+        covariance_type=covariance_type, scale=scale, n_init=n_init, max_iter=max_iter, tol=tol,
+        random_state=random_state,
+    )
+
+
+def check_inputs(source, dest, id_column, features=None, **options):
+    """Check a run's inputs as its first task does, without running it; raises InputError."""
+    return plan_segmentation.fn(source, dest, id_column, features, model_parameters(**options))
 
 
 def _scaled_table(table, scaling):
@@ -357,7 +374,7 @@ def segment_customers(
         force: Recompute even when the published version already holds this run.
     """
     started = time.perf_counter()
-    parameters = dict(
+    parameters = model_parameters(
         n_components=n_components, k_min=k_min, k_max=k_max, criterion=criterion, family=family,
         covariance_type=covariance_type, scale=scale, n_init=n_init, max_iter=max_iter, tol=tol,
         random_state=random_state,
