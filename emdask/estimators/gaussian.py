@@ -58,7 +58,8 @@ class GaussianMixture(BaseMixture):
         Non-negative regularization added to the diagonal of every covariance.
     max_iter : int, default=100
     n_init : int, default=1
-        Restarts; they share each pass over the data and the best is kept.
+        Restarts; they share each pass over the data, initialisation included (the
+        restarts' k-means|| runs take the passes of one), and the best is kept.
     init_params : {'k-means||', 'kmeans', 'k-means++', 'random_from_data', 'random'}, default='k-means||'
         ``'k-means||'`` seeds with scalable k-means|| (a fixed number of passes, see
         :mod:`emdask.engine.kmeans`) and two Lloyd passes; ``'kmeans'`` adds eight more Lloyd
