@@ -40,10 +40,10 @@ __all__ = [
 
 
 def _retry_unless_bad_input(task, task_run, state):
-    """Retry failed I/O, but not a run that failed on bad input: it would fail again."""
+    """Retry failed I/O, but not bad input or output that fails validation: they would fail again."""
     try:
         state.result(raise_on_failure=True)
-    except InputError:
+    except (InputError, warehouse.ValidationError):
         return False
     except Exception:
         return True
