@@ -114,6 +114,7 @@ def pattern_tables(P, cols, col_off, pat_m, inv_off, inv, corr):
         co = col_off[p]
         for j in range(k):
             log_det = 0.0
+            prod = 1.0
             for a in range(m):
                 for b in range(a + 1):
                     s = P[j, cols[co + a], cols[co + b]]
@@ -123,7 +124,10 @@ def pattern_tables(P, cols, col_off, pat_m, inv_off, inv, corr):
                         if not s > 0.0:
                             return False
                         L[a, a] = np.sqrt(s)
-                        log_det += 2.0 * np.log(L[a, a])
+                        prod *= s
+                        if prod > 1e150 or prod < 1e-150:
+                            log_det += np.log(prod)
+                            prod = 1.0
                     else:
                         L[a, b] = s / L[b, b]
             for a in range(m):
@@ -140,6 +144,7 @@ def pattern_tables(P, cols, col_off, pat_m, inv_off, inv, corr):
                     for t in range(max(a, b), m):
                         s += Li[t, a] * Li[t, b]
                     inv[base + a * m + b] = s
+            log_det += np.log(prod)
             corr[p, j] = 0.5 * m * log_2pi - 0.5 * log_det
     return True
 
@@ -158,7 +163,7 @@ def centre_rows(X, means, xc):
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def incomplete_rows(
-    y0, chol, const, pats, pat_m, col_off, inv_off, cols, inv, corr,
+    yg, const, pats, pat_m, col_off, inv_off, cols, inv, corr,
     weights, use_weights, xc, w, nk, resp_by_pattern,
 ):
     """Observed-part log-densities, responsibilities, conditional-mean filled rows and their
@@ -166,10 +171,9 @@ def incomplete_rows(
 
     Parameters
     ----------
-    y0 : ndarray (k, nb, d)
-        ``x̃₀ U_j`` (x̃₀: the row centred on ``mu_j`` with zeros in its missing cells).
-    chol : ndarray (k, d, d)
-        ``U_j``; ``(x̃₀ P_j)_a = Σ_l y0_l U_j[a, l]``.
+    yg : ndarray (k, nb, 2 d)
+        ``[x̃₀ U_j | x̃₀ P_j]`` (x̃₀: the row centred on ``mu_j`` with zeros in its missing
+        cells).
     const : ndarray (k,)
     pats : ndarray (nb,)
         Each row's pattern rank; the pattern tables are indexed by it.
@@ -189,7 +193,8 @@ def incomplete_rows(
     -------
     loglik, n_rows : float
     """
-    k, nb, d = y0.shape
+    k, nb, d2 = yg.shape
+    d = d2 // 2
     q = np.empty(k)
     z = np.empty((k, d))
     t = np.empty(d)
@@ -204,16 +209,12 @@ def incomplete_rows(
         for j in range(k):
             s = 0.0
             for l in range(d):
-                v = y0[j, i, l]
+                v = yg[j, i, l]
                 s += v * v
             mat = io + j * m * m
             vz = 0.0
             for a in range(m):
-                va = 0.0
-                ca = cols[co + a]
-                for l in range(ca, d):
-                    va += y0[j, i, l] * chol[j, ca, l]
-                z[j, a] = va
+                z[j, a] = yg[j, i, d + cols[co + a]]
             for a in range(m):
                 za = 0.0
                 for c in range(m):
@@ -246,3 +247,19 @@ def incomplete_rows(
             for l in range(d):
                 w[j, i, l] = r * xc[j, i, l]
     return loglik, n_rows
+
+
+@njit(cache=True, nogil=True)
+def add_conditional_covariance(s2, resp_by_pattern, pat_m, col_off, inv_off, cols, inv):
+    """``s2_j[m, m] += Σ_patterns R_pj P_mm⁻¹`` (R: the pattern's summed responsibilities)."""
+    k = s2.shape[0]
+    for p in range(pat_m.size):
+        m = pat_m[p]
+        co = col_off[p]
+        for j in range(k):
+            r = resp_by_pattern[p, j]
+            base = inv_off[p] + j * m * m
+            for a in range(m):
+                ca = cols[co + a]
+                for b in range(m):
+                    s2[j, ca, cols[co + b]] += r * inv[base + a * m + b]

@@ -48,7 +48,9 @@ left out of the product.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -58,6 +60,7 @@ __all__ = [
     "COMPLETE_CHUNK",
     "MISSING_CHUNK",
     "ILL_DEFINED",
+    "PatternRows",
     "Totals",
     "row_selection",
     "batched_cholesky_inverse",
@@ -65,9 +68,9 @@ __all__ = [
 
 LOG_2PI = np.log(2.0 * np.pi)
 
-#: Rows per chunk of complete rows (about 1 MiB of work arrays for 16 features and 8
-#: components; chosen by measurement, see benchmarks/README.md).
-COMPLETE_CHUNK = 1024
+#: Rows per chunk of complete rows (chosen by measurement for 16 features and 8 components:
+#: 256 to 1024 rows are within a few percent, 2048 and more fall out of cache).
+COMPLETE_CHUNK = 256
 #: Rows per chunk of rows with missing cells.
 MISSING_CHUNK = 512
 
@@ -151,24 +154,117 @@ def batched_cholesky_inverse(A):
     return inverse, log_det.reshape(batch)
 
 
+@dataclass(frozen=True)
+class PatternRows:
+    """Rows with missing cells (at least one observed), sorted by missingness pattern.
+
+    Attributes
+    ----------
+    X : ndarray (n, d)
+    miss : ndarray (n, d) of bool
+    weights : ndarray (n,) or None
+    pattern_of_row, count_of_row, local_of_row : ndarray (n,)
+        Each row's pattern rank, the pattern's missing count and its position among the
+        patterns with that count.
+    cols_by_count : dict of int to ndarray (n_patterns_m, m)
+        Missing columns of the patterns with m missing cells, in rank order.
+    """
+
+    X: np.ndarray
+    miss: np.ndarray
+    weights: np.ndarray | None
+    pattern_of_row: np.ndarray
+    count_of_row: np.ndarray
+    local_of_row: np.ndarray
+    cols_by_count: dict
+
+
+@dataclass(frozen=True)
+class _Layout:
+    complete: np.ndarray  # positions of complete rows
+    incomplete: np.ndarray  # positions of informative incomplete rows, sorted by pattern
+    pattern_of_row: np.ndarray
+    count_of_row: np.ndarray
+    local_of_row: np.ndarray
+    cols_by_count: dict
+
+
+#: Row layouts of the blocks seen last, by block identity: the sort by missingness pattern
+#: depends on the data alone, and a persisted block is handed to every EM iteration. An entry
+#: is used only while its block is alive and has the same missing cells, and goes with it.
+_LAYOUTS = {}
+
+
+def _forget(key, _ref):
+    _LAYOUTS.pop(key, None)
+
+
+def _layout(X, miss):
+    key = id(X)
+    packed = np.packbits(miss)
+    hit = _LAYOUTS.get(key)
+    if hit is not None:
+        ref, shape, saved, layout = hit
+        if ref() is X and shape == miss.shape and np.array_equal(saved, packed):
+            return layout
+    n_miss = miss.sum(axis=1)
+    incomplete = np.flatnonzero((n_miss > 0) & (n_miss < X.shape[1]))
+    if incomplete.size:
+        order, pattern_of_row, count_of_row, local_of_row, cols_by_count = _sort_by_pattern(
+            miss[incomplete]
+        )
+    else:
+        order = pattern_of_row = count_of_row = local_of_row = incomplete
+        cols_by_count = {}
+    layout = _Layout(
+        np.flatnonzero(n_miss == 0), incomplete[order], pattern_of_row, count_of_row,
+        local_of_row, cols_by_count,
+    )
+    try:
+        ref = weakref.ref(X, partial(_forget, key))
+    except TypeError:  # pragma: no cover - ndarrays take weak references
+        return layout
+    _LAYOUTS[key] = (ref, miss.shape, packed, layout)
+    return layout
+
+
 def row_selection(X, weights):
     """Rows that carry information, split into complete and incomplete ones.
 
-    Returns ``(complete, complete_w, incomplete, incomplete_w, miss)``: arrays of rows (or
-    ``X`` itself when every row is complete and unweighted), their weights (or ``None``) and
-    the missing mask of the incomplete rows. Rows with every cell missing or with weight zero
-    add nothing to the statistics and are left out.
+    Returns ``(complete, complete_w, incomplete)``: the complete rows (``X`` itself when
+    every row is complete and unweighted), their weights (or ``None``) and the incomplete
+    rows as :class:`PatternRows` (or ``None``). Rows with every cell missing or with weight
+    zero add nothing to the statistics and are left out.
     """
     miss = np.isnan(X)
-    if weights is None and not miss.any():
-        return X, None, None, None, None
-    keep = np.ones(X.shape[0], dtype=bool) if weights is None else weights > 0
-    n_miss = miss.sum(axis=1)
-    complete = keep & (n_miss == 0)
-    incomplete = keep & (n_miss > 0) & (n_miss < X.shape[1])
-    cw = None if weights is None else weights[complete]
-    iw = None if weights is None else weights[incomplete]
-    return X[complete], cw, X[incomplete], iw, miss[incomplete]
+    if not miss.any():
+        if weights is None:
+            return X, None, None
+        keep = weights > 0
+        return X[keep], weights[keep], None
+    layout = _layout(X, miss)
+    complete = layout.complete
+    rows = layout.incomplete
+    pattern_of_row, count_of_row, local_of_row = (
+        layout.pattern_of_row, layout.count_of_row, layout.local_of_row
+    )
+    cw = iw = None
+    if weights is not None:
+        complete = complete[weights[complete] > 0]
+        cw = weights[complete]
+        keep = weights[rows] > 0
+        rows = rows[keep]
+        pattern_of_row, count_of_row, local_of_row = (
+            pattern_of_row[keep], count_of_row[keep], local_of_row[keep]
+        )
+        iw = weights[rows]
+    incomplete = None
+    if rows.size:
+        incomplete = PatternRows(
+            X[rows], miss[rows], iw, pattern_of_row, count_of_row, local_of_row,
+            layout.cols_by_count,
+        )
+    return X[complete], cw, incomplete
 
 
 @dataclass
@@ -321,29 +417,29 @@ class DenseKernel:
             tables[m] = (cols, inv, corr)
         return tables
 
-    def incomplete_stats(self, X, miss, row_w, s1, s2, totals, chunk=MISSING_CHUNK):
-        """Add the statistics of rows with missing cells (at least one observed) to ``s1``
+    def incomplete_stats(self, rows, s1, s2, totals, chunk=MISSING_CHUNK):
+        """Add the statistics of rows with missing cells (:class:`PatternRows`) to ``s1``
         (k, d) and ``s2`` (k, d, d) about the previous means.
 
         Returns the summed responsibilities (k,).
         """
         k, d = self.k, self.d
+        X, miss, row_w = rows.X, rows.miss, rows.weights
+        pattern_of_row, count_of_row, local_of_row = (
+            rows.pattern_of_row, rows.count_of_row, rows.local_of_row
+        )
+        cols_by_count = rows.cols_by_count
         n = X.shape[0]
         nk = np.zeros(k)
         if n == 0:
             return nk
-        order, pattern_of_row, count_of_row, local_of_row, cols_by_count = _sort_by_pattern(miss)
-        X = X[order]
-        miss = miss[order]
-        row_w = None if row_w is None else row_w[order]
         resp_by_pattern = np.zeros((sum(c.shape[0] for c in cols_by_count.values()), k))
         compiled = _compiled_kernels()
         if compiled is not None:
-            tables = self._incomplete_compiled(
+            self._incomplete_compiled(
                 compiled, X, row_w, pattern_of_row, cols_by_count, s1, s2, nk,
                 resp_by_pattern, totals, chunk,
             )
-            self._add_conditional_covariance(tables, resp_by_pattern, s2)
             return nk
         tables = self._pattern_tables(cols_by_count)
         big = self.missing_stacked
@@ -403,7 +499,7 @@ class DenseKernel:
     ):
         """The compiled variant of the chunk loop of :meth:`incomplete_stats`: rows centred
         on each component's own mean, ``x̃₀ U_j`` by one batched product, then one compiled
-        pass per chunk. Returns the pattern tables."""
+        pass per chunk."""
         k, d = self.k, self.d
         n = X.shape[0]
         counts, col_off, inv_off, cols_flat = _flat_pattern_index(cols_by_count, k)
@@ -413,10 +509,11 @@ class DenseKernel:
             self.precision, cols_flat, col_off, counts, inv_off, inv_flat, corr
         ):
             raise ValueError(ILL_DEFINED)
+        chol_prec = np.concatenate([self.chol, self.precision], axis=2)  # (k, d, 2d)
         b = min(chunk, n)
         xc_buf = np.empty((k, b, d + 1))
         xc_buf[:, :, d] = 1.0
-        y_buf = np.empty((k, b, d))
+        y_buf = np.empty((k, b, 2 * d))
         w_buf = np.empty((k, b, d))
         no_weights = np.ones(0)
         for start in range(0, n, b):
@@ -424,10 +521,10 @@ class DenseKernel:
             nb = stop - start
             xc = xc_buf[:, :nb]
             compiled.centre_rows(X[start:stop], self.means, xc)
-            y0 = np.matmul(xc[:, :, :d], self.chol, out=y_buf[:, :nb])
+            yg = np.matmul(xc[:, :, :d], chol_prec, out=y_buf[:, :nb])
             w = w_buf[:, :nb]
             loglik, n_rows = compiled.incomplete_rows(
-                y0, self.chol, self.const, pattern_of_row[start:stop], counts, col_off,
+                yg, self.const, pattern_of_row[start:stop], counts, col_off,
                 inv_off, cols_flat, inv_flat, corr,
                 no_weights if row_w is None else row_w[start:stop], row_w is not None,
                 xc, w, nk, resp_by_pattern,
@@ -437,15 +534,9 @@ class DenseKernel:
             moments = np.matmul(xc.transpose(0, 2, 1), w)  # (k, d + 1, d)
             s2 += moments[:, :d]
             s1 += moments[:, d]
-        # tables by count, as _pattern_tables gives them
-        tables = {}
-        first = 0
-        for m, cols in cols_by_count.items():
-            n_pat = cols.shape[0]
-            inv = inv_flat[inv_off[first] : inv_off[first] + n_pat * k * m * m]
-            tables[m] = (cols, inv.reshape(n_pat, k, m, m), corr[first : first + n_pat])
-            first += n_pat
-        return tables
+        compiled.add_conditional_covariance(
+            s2, resp_by_pattern, counts, col_off, inv_off, cols_flat, inv_flat
+        )
 
     def _incomplete_rows_numpy(
         self, yg, xc, w, q, tables, counts, locals_, pats, weights, nk, resp_by_pattern, totals
@@ -520,7 +611,10 @@ def _sort_by_pattern(miss):
     n, d = miss.shape
     count = miss.sum(axis=1)
     if d <= 56:
-        key = (miss @ (np.int64(1) << np.arange(d, dtype=np.int64))) | (count.astype(np.int64) << d)
+        packed = np.packbits(miss, axis=1, bitorder="little")
+        wide = np.zeros((n, 8), dtype=np.uint8)
+        wide[:, : packed.shape[1]] = packed
+        key = wide.view("<u8").ravel().astype(np.int64) | (count.astype(np.int64) << d)
         order = np.argsort(key, kind="stable")
         key = key[order]
         first = np.concatenate(([True], key[1:] != key[:-1]))

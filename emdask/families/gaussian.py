@@ -342,22 +342,24 @@ class GaussianFamily:
         k, d = params.means.shape
         prep = _prepare(params)
         totals = _kernels.Totals()
-        complete, complete_w, incomplete, incomplete_w, miss = _kernels.row_selection(X, weights)
+        complete, complete_w, incomplete = _kernels.row_selection(X, weights)
         if prep.dense:
             kernel = _kernels.DenseKernel(params.means, params.weights, prep.factor, prep.const)
             acc = np.zeros((d + 1, k * d))
             nk = kernel.complete_stats(complete, complete_w, acc, totals)
             s1, s2 = kernel.finish(acc)
-            if incomplete is not None and incomplete.shape[0]:
-                nk += kernel.incomplete_stats(incomplete, miss, incomplete_w, s1, s2, totals)
+            if incomplete is not None:
+                nk += kernel.incomplete_stats(incomplete, s1, s2, totals)
             s2 = 0.5 * (s2 + s2.transpose(0, 2, 1))
         else:
             kernel = _kernels.DiagonalKernel(params.means, prep.factor, prep.const)
             s1 = np.zeros((k, d))
             s2 = np.zeros((k, d))
             nk = kernel.stats(complete, None, complete_w, s1, s2, totals)
-            if incomplete is not None and incomplete.shape[0]:
-                nk += kernel.stats(incomplete, miss, incomplete_w, s1, s2, totals)
+            if incomplete is not None:
+                nk += kernel.stats(
+                    incomplete.X, incomplete.miss, incomplete.weights, s1, s2, totals
+                )
         return Stats(totals.n_rows, totals.loglik, {"nk": nk, "s1": s1, "s2": s2})
 
     # -- M-step ---------------------------------------------------------------------------
