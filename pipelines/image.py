@@ -31,6 +31,7 @@ import emdask
 
 from . import warehouse
 from .cluster import dask_client
+from .partitions import read_rows
 from .reports import format_duration
 from .tasks import (
     FitResult,
@@ -172,10 +173,6 @@ def write_features(plan: ImagePlan, staged: str) -> str:
     return str(path)
 
 
-def _read_rows(path, start, stop):
-    return np.array(np.load(path, mmap_mode="r")[start:stop])
-
-
 def _pixel_array(path):
     """The feature file as a Dask array read in chunks of rows by the workers."""
     import dask
@@ -184,7 +181,7 @@ def _pixel_array(path):
     shape = np.load(path, mmap_mode="r").shape
     bounds = list(range(0, shape[0], CHUNK_PIXELS)) + [shape[0]]
     chunks = [
-        da.from_delayed(dask.delayed(_read_rows)(path, a, b), shape=(b - a, shape[1]), dtype=np.float32)
+        da.from_delayed(dask.delayed(read_rows)(path, a, b), shape=(b - a, shape[1]), dtype=np.float32)
         for a, b in zip(bounds[:-1], bounds[1:])
     ]
     return da.concatenate(chunks, axis=0)

@@ -35,6 +35,7 @@ import emdask
 
 from . import warehouse
 from .cluster import dask_client
+from .partitions import filled_marks
 from .reports import format_duration
 from .tasks import (
     FitResult,
@@ -162,12 +163,6 @@ def _fill(model, table):
     return model.transform(table) if isinstance(model, emdask.EMImputer) else model.impute(table)
 
 
-def _filled_marks(part, id_column, columns):
-    marks = pd.DataFrame({c: part[c].isna().to_numpy() for c in columns}, index=part.index)
-    marks.insert(0, id_column, part[id_column].to_numpy())
-    return marks.reset_index(drop=True)
-
-
 @io_task
 def write_filled(plan: ImputePlan, fit: FitResult, staged: str) -> list:
     """Fill the missing cells and write the table (or its m imputations) and the fill marks to staging."""
@@ -183,8 +178,8 @@ def write_filled(plan: ImputePlan, fit: FitResult, staged: str) -> list:
         outputs = [(f"imputations/{i + 1}", t) for i, t in enumerate(copies)]
     else:
         outputs = [("data", _fill(model, table))]
-    meta = _filled_marks(table._meta, plan.id_column, plan.columns)
-    marks = table.map_partitions(_filled_marks, plan.id_column, plan.columns, meta=meta)
+    meta = filled_marks(table._meta, plan.id_column, plan.columns)
+    marks = table.map_partitions(filled_marks, plan.id_column, plan.columns, meta=meta)
     write_index = table.index.name is not None
     writes = []
     for name, frame in outputs + [("filled", marks)]:

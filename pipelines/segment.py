@@ -39,6 +39,7 @@ import emdask
 
 from . import warehouse
 from .cluster import dask_client
+from .partitions import label_partition, scaled_table, segment_frame
 from .reports import format_duration
 from .tasks import (
     FitResult,
@@ -142,13 +143,6 @@ def check_inputs(source, dest, id_column, features=None, **options):
     return plan_segmentation.fn(source, dest, id_column, features, model_parameters(**options))
 
 
-def _scaled_table(table, scaling):
-    """The table with the scaled features standardized: (x - center) / scale."""
-    if not scaling:
-        return table
-    return table.assign(**{c: (table[c] - m) / s for c, (m, s) in scaling.items()})
-
-
 @step_task
 def fit_scaling(plan: SegmentPlan, staged: str) -> dict:
     """Estimate each scaled feature's mean and standard deviation (a one-component diagonal Gaussian)."""
@@ -184,7 +178,7 @@ def fit_segments(plan: SegmentPlan, scaling: dict, staged: str) -> FitResult:
     """Fit the mixture (every candidate k in shared passes when k is searched) and save the best."""
     logger = get_run_logger()
     p = plan.parameters
-    table = _scaled_table(warehouse.open_table(plan.source), scaling)
+    table = scaled_table(warehouse.open_table(plan.source), scaling)
     estimator = _estimator(plan)
     started = time.perf_counter()
     selection = []
@@ -229,29 +223,15 @@ def fit_segments(plan: SegmentPlan, scaling: dict, staged: str) -> FitResult:
     )
 
 
-def _segment_frame(ids, proba, id_column):
-    out = pd.DataFrame({id_column: ids})
-    out["segment"] = proba.argmax(axis=1).astype(np.int64) if proba.shape[0] else np.empty(0, np.int64)
-    for j in range(proba.shape[1]):
-        out[f"p_{j}"] = proba[:, j]
-    return out
-
-
-def _label_part(part, model, id_column, features, scaling):
-    X = _scaled_table(part[features], scaling)
-    proba = np.asarray(model.predict_proba(X), dtype=np.float64)
-    return _segment_frame(part[id_column].to_numpy(), proba, id_column)
-
-
 @io_task
 def write_segments(plan: SegmentPlan, fit: FitResult, scaling: dict, staged: str) -> str:
     """Write every row's id, segment and membership probabilities to staging, partition by partition."""
     model = load_model(fit.model_path)
     table = warehouse.open_table(plan.source)
     empty = np.empty((0, fit.n_components))
-    meta = _segment_frame(table._meta[plan.id_column].to_numpy(), empty, plan.id_column)
+    meta = segment_frame(table._meta[plan.id_column].to_numpy(), empty, plan.id_column)
     segments = table.map_partitions(
-        _label_part, model, plan.id_column, plan.features, scaling, meta=meta
+        label_partition, model, plan.id_column, plan.features, scaling, meta=meta
     )
     target = Path(staged) / "segments"
     shutil.rmtree(target, ignore_errors=True)  # a retry starts from a clean directory

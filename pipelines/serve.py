@@ -3,8 +3,9 @@
 ``prefect deploy`` reads the same file to register the deployments on a work pool; serving
 runs them, on their cron schedules or when triggered, without a pool or worker.
 
-Only the emdask flows can be named as entrypoints (a configuration file never makes this
-process import other code). A parameter value may name an environment variable as
+Only the emdask flows can be named as entrypoints, by module path
+(``pipelines.impute:impute_survey``) or file path (``pipelines/impute.py:impute_survey``); a
+configuration file never makes this process import other code. A parameter value may name an environment variable as
 ``"{{ $NAME }}"``, as ``prefect deploy`` allows.
 """
 
@@ -21,11 +22,15 @@ __all__ = ["DEFAULT_CONFIG", "FLOWS", "DeploymentSpec", "load_config", "serve", 
 #: The deployment file shipped with the project.
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "prefect.yaml"
 
-#: Entrypoints a configuration may name, and where their flows live.
+#: Entrypoints a configuration may name (module paths), and where their flows live.
 FLOWS = {
-    "pipelines/impute.py:impute_survey": ("pipelines.impute", "impute_survey"),
-    "pipelines/segment.py:segment_customers": ("pipelines.segment", "segment_customers"),
-    "pipelines/image.py:segment_image": ("pipelines.image", "segment_image"),
+    "pipelines.impute:impute_survey": ("pipelines.impute", "impute_survey"),
+    "pipelines.segment:segment_customers": ("pipelines.segment", "segment_customers"),
+    "pipelines.image:segment_image": ("pipelines.image", "segment_image"),
+}
+#: The same flows named by file path, as ``prefect init`` writes them.
+_FILE_ENTRYPOINTS = {
+    f"{module.replace('.', '/')}.py:{name}": key for key, (module, name) in FLOWS.items()
 }
 
 _ENV = re.compile(r"\{\{\s*\$([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
@@ -90,7 +95,7 @@ def load_config(path=None):
         where = f"{path}: deployment {name or i}"
         if not name:
             raise ConfigError(f"{where} has no name")
-        entry = d.get("entrypoint")
+        entry = _FILE_ENTRYPOINTS.get(d.get("entrypoint"), d.get("entrypoint"))
         if entry not in FLOWS:
             raise ConfigError(f"{where}: entrypoint {entry!r} is not one of {sorted(FLOWS)}")
         schedules = []
@@ -112,10 +117,13 @@ def load_config(path=None):
 def to_deployments(specs):
     """Prefect runner deployments (``flow.to_deployment``) of the specs, schedules included."""
     from prefect.schedules import Cron
+    from prefect.types.entrypoint import EntrypointType
 
+    # flows load by module path, so Dask workers find every function by its package path
     return [
         spec.flow().to_deployment(
             name=spec.name,
+            entrypoint_type=EntrypointType.MODULE_PATH,
             schedules=[Cron(cron, timezone=tz) for cron, tz in spec.schedules] or None,
             parameters=spec.parameters,
             description=spec.description,
