@@ -5,6 +5,7 @@ they are tree-reduced, and the M-step runs on the small result.
 """
 
 from .estimators import GaussianMixture
+from .estimators.imputer import EMImputer
 from .estimators.discrete import (
     BernoulliMixture,
     BinomialMixture,
@@ -15,6 +16,7 @@ from .estimators.discrete import (
 from .exceptions import ConvergenceWarning, DataWarning
 from .persistence import ModelFileError, load, register_estimator, save
 from .selection import SelectionResult, select_components
+from .pooling import PooledEstimate, pool
 
 __version__ = "0.1.0"
 
@@ -26,7 +28,9 @@ __all__ = [
     "PoissonMixture",
     "ConvergenceWarning",
     "DataWarning",
+    "EMImputer",
     "GaussianMixture",
+    "PooledEstimate",
     "ModelFileError",
     "SelectionResult",
     "load",
@@ -34,4 +38,5 @@ __all__ = [
     "save",
     "select_components",
     "__version__",
+    "pool",
 ]

@@ -12,6 +12,7 @@ index, lazily when the input was lazy.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import os
@@ -21,6 +22,8 @@ from functools import reduce
 
 import numpy as np
 import pandas as pd
+
+from threadpoolctl import threadpool_limits
 
 import dask
 import dask.array as da
@@ -183,6 +186,33 @@ def _combine_summaries(*parts):
 # --------------------------------------------------------------------------------------
 
 
+def one_blas_thread(func):
+    """Run ``func`` with BLAS held to one thread in this process.
+
+    emdask's matrix products are small (d x d factors, row chunks that fit in cache) and
+    its parallelism comes from Dask; BLAS threads on top oversubscribe the cores and make
+    such products many times slower, most of all on a busy machine.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        with threadpool_limits(limits=1, user_api="blas"):
+            return func(*args, **kwargs)
+
+    return wrapper
+
+
+def _compute(value):
+    """Compute on the current scheduler. Without a distributed cluster, dask's threads
+    already use every core, so BLAS is held to one thread for the pass: its own threads
+    would oversubscribe the cores and make the small per-chunk products many times slower.
+    (Dask workers start with one BLAS thread each already.)"""
+    if current_client() is not None:
+        return value.compute()
+    with threadpool_limits(limits=1, user_api="blas"):
+        return value.compute()
+
+
 def _combine_with(combine, *parts):
     return reduce(combine, parts)
 
@@ -248,7 +278,7 @@ class BlockData:
                     for i in range(0, len(level), split_every)
                 ]
             try:
-                result = level[0].compute()
+                result = _compute(level[0])
                 break
             except CancelledError:
                 # A worker holding blocks scattered from this process died: Dask cannot

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .data import one_blas_thread
 from .randomness import row_poisson1
 
 #: Random stream of the bootstrap weights (see :mod:`emdask.engine.randomness`).
@@ -131,6 +132,7 @@ def format_iteration(info: IterationInfo) -> str:
     )
 
 
+@one_blas_thread
 def run_em(
     data,
     models,

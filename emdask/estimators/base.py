@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 
 from ..engine import EMModel, map_rows, prepare, run_em
+from ..engine.data import one_blas_thread
 from ..exceptions import ConvergenceWarning, DataWarning
 from ..families.base import logsumexp_rows, normalize_log_rows
 
@@ -197,6 +198,7 @@ class BaseMixture:
 
     # -- fitting ----------------------------------------------------------------------------------
 
+    @one_blas_thread
     def fit(self, X, y=None, *, columns=None, callbacks=(), checkpoint=None, resume=False):
         """Estimate the model parameters with EM.
 

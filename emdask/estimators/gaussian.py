@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import warnings
 
 import numpy as np
 
@@ -16,6 +17,7 @@ from ..families.gaussian import (
     covariances_from_precisions,
     precisions_from_cholesky,
 )
+from ..exceptions import DataWarning
 from .base import BaseMixture, _check_number
 
 __all__ = ["GaussianMixture"]
@@ -209,7 +211,8 @@ class GaussianMixture(BaseMixture):
         covariances. Passes for k-means|| jobs: ``1 + 5 + 1 + n_lloyd + 1`` (``n_lloyd``: 2,
         or 10 for ``'kmeans'``) whatever the number of jobs; a job gets the same start
         alone as among others, except that k-means|| candidates are drawn for the largest
-        ``n_components`` sharing its seed.
+        ``n_components`` sharing its seed. A single component needs no seeding: it starts
+        from the column means and the covariance about them (the last pass only).
         """
         shift = data.summary.col_mean
         sizes = {}  # rows to sample per seed
@@ -227,6 +230,8 @@ class GaussianMixture(BaseMixture):
                 kind = "k-means++"
             else:
                 kind = "k-means||"
+            if k == 1 and kind in ("random_from_data", "k-means++", "k-means||"):
+                kind = "single"  # one component: every seeding gives the column means
             need = {
                 "random_from_data": k,
                 "k-means++": max(KMEANS_PLUSPLUS_SAMPLE, 10 * k),
@@ -253,6 +258,8 @@ class GaussianMixture(BaseMixture):
                 continue
             if kind == "means":
                 centers[j] = np.asarray(est.means_init, dtype=np.float64)
+            elif kind == "single":
+                centers[j] = shift[None, :]
             elif kind == "random_from_data":
                 centers[j] = samples[seed][:k]
             elif kind == "k-means++":
@@ -307,3 +314,24 @@ class GaussianMixture(BaseMixture):
             else np.asarray(self.precisions_cholesky_),
             self.covariance_type,
         )
+
+    def _finish_fit(self, best, data):
+        super()._finish_fit(best, data)
+        self._warn_small_components(data.n_rows - data.summary.n_empty_rows)
+
+    def _warn_small_components(self, n_rows):
+        """Warn when a component rests on fewer rows than it has parameters."""
+        d = self.n_features_in_
+        per_component = {"full": d + d * (d + 1) / 2, "tied": d, "diag": 2 * d, "spherical": d + 1}
+        needed = per_component[self.covariance_type]
+        rows = self.weights_ * n_rows
+        small = np.flatnonzero(rows < needed)
+        if small.size:
+            warnings.warn(
+                f"component(s) {small.tolist()} rest on fewer rows than their {needed:g} "
+                f"parameters ({', '.join(f'{r:.1f}' for r in rows[small])} rows); their "
+                "estimates are unreliable. Use a simpler covariance_type ('diag' or "
+                "'spherical'), fewer components, or a larger reg_covar.",
+                DataWarning,
+                stacklevel=4,
+            )
