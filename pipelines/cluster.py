@@ -20,19 +20,35 @@ def scheduler_address(dask_address=None):
     return address or None
 
 
+@contextlib.contextmanager
+def _environ(**values):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _local_client(n_workers=None):
     from distributed import Client, LocalCluster
 
     n_workers = n_workers or max(1, min(os.cpu_count() or 1, 8))
-    cluster = LocalCluster(
-        n_workers=n_workers,
-        threads_per_worker=1,
-        processes=True,
-        host=LOOPBACK,
-        dashboard_address=f"{LOOPBACK}:0",
-        worker_dashboard_address=f"{LOOPBACK}:0",
-        silence_logs=logging.WARNING,
-    )
+    # worker processes read their log level from the environment they start with
+    with _environ(DASK_DISTRIBUTED__LOGGING__DISTRIBUTED="warning"):
+        cluster = LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=1,
+            processes=True,
+            host=LOOPBACK,
+            dashboard_address=f"{LOOPBACK}:0",
+            worker_dashboard_address=f"{LOOPBACK}:0",
+            silence_logs=logging.WARNING,
+        )
     return Client(cluster), cluster
 
 
@@ -53,6 +69,8 @@ def dask_client(dask_address=None, n_workers=None):
     With no address (parameter or ``$DASK_SCHEDULER_ADDRESS``) a local cluster of worker
     processes bound to 127.0.0.1 is started for the run and closed after it.
     """
+    import distributed  # noqa: F401  (importing it sets its loggers' levels: quiet them after)
+
     address = scheduler_address(dask_address)
     quiet = logging.getLogger("distributed")
     level = quiet.level

@@ -33,6 +33,9 @@ def convergence_plot(path, lower_bounds, *, title="EM convergence", label=None):
     ax = fig.add_subplot()
     values = [float(v) for v in lower_bounds]
     ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=label)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("EM iteration")
     ax.set_ylabel("mean log-likelihood per row")
     ax.set_title(title)

@@ -201,5 +201,4 @@ def base_manifest(flow_name, key, parameters, source=None, started=None):
         "source": None if source is None else {"path": source.path, "format": source.format,
                                                "files": source.fingerprint()},
         "seconds": None if started is None else round(time.perf_counter() - started, 3),
-        "host": os.uname().nodename if hasattr(os, "uname") else None,
     }

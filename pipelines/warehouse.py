@@ -315,12 +315,13 @@ def profile_table(source, id_column, columns):
 
     ddf = open_table(source)
     parts = ddf[[id_column, *columns]].to_delayed()
-    counts = ddf[id_column].value_counts(split_out=max(1, ddf.npartitions // 4))
-    repeated = counts[counts > 1]
-    *results, n_repeated = dask.compute(
-        *[dask.delayed(_profile_part)(p, id_column, columns) for p in parts],
-        repeated.size.to_delayed(),
-    )
+    with dask.config.set({"dataframe.shuffle.method": "tasks"}):
+        counts = ddf[id_column].value_counts(split_out=max(1, ddf.npartitions // 4))
+        repeated = counts[counts > 1]
+        *results, n_repeated = dask.compute(
+            *[dask.delayed(_profile_part)(p, id_column, columns) for p in parts],
+            repeated.size.to_delayed(),
+        )
     rows = sum(r["rows"] for r in results)
     if rows == 0:
         raise InputError(f"source {_source_name(source)} is an empty table (0 rows); nothing to do")
