@@ -186,8 +186,9 @@ def open_table(source):
     try:
         if info.format == "csv":
             paths = list(info.files)
+            # nullable dtypes: an integer column keeps its type when a later block has gaps
             return dd.read_csv(paths if len(paths) > 1 else paths[0], blocksize="64MB",
-                               assume_missing=True)
+                               dtype_backend="numpy_nullable")
         return dd.read_parquet(info.path)
     except InputError:
         raise

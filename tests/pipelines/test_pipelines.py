@@ -214,6 +214,23 @@ def test_segment_scaled_and_mixed_features(api, dask_address, tmp_path):
     np.testing.assert_allclose(profile["weight"], reference.weights_, rtol=1e-9)
 
 
+def test_csv_source_gives_the_segments_of_the_same_parquet_table(api, dask_address, tmp_path):
+    df = customers_frame(300)
+    csv = tmp_path / "customers.csv"
+    df.to_csv(csv, index=False)
+    parquet = write_dataset(df, tmp_path / "customers", npartitions=1)
+    from_csv = segment_customers(str(csv), str(tmp_path / "a"), "cid", n_components=3,
+                                 dask_address=dask_address)
+    from_parquet = segment_customers(parquet, str(tmp_path / "b"), "cid", n_components=3,
+                                     dask_address=dask_address)
+    a = pd.read_parquet(Path(from_csv["path"]) / "segments")
+    b = pd.read_parquet(Path(from_parquet["path"]) / "segments")
+    assert a["cid"].tolist() == df["cid"].tolist()
+    assert np.array_equal(a["segment"].to_numpy(), b["segment"].to_numpy())
+    np.testing.assert_allclose(a[["p_0", "p_1", "p_2"]].to_numpy(dtype=float),
+                               b[["p_0", "p_1", "p_2"]].to_numpy(), rtol=1e-9, atol=1e-12)
+
+
 # -- segment-image -----------------------------------------------------------------------------
 
 
