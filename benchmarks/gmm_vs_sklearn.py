@@ -24,7 +24,8 @@ What is timed
   point operations per iteration (the two d x d products per row and component).
 * Memory: peak resident set size of the client process and of each worker, sampled every
   20 ms in a thread; for a worker also the rise above its resident size before the table was
-  generated, against the bytes of the table it holds.
+  generated, during the fit and including the (untimed) generation, against the bytes of
+  the table it holds.
 * With --missing-rate (default 0.2): the same model on the same table with that fraction of
   cells missing completely at random, time per iteration against the complete table.
 
@@ -105,17 +106,43 @@ def make_block(index, n_rows, partitions, d, k, missing_rate=0.0):
 # --------------------------------------------------------------------------------------
 
 
-def matmul_rate(n=2000, repeats=5):
-    """Floating-point operations per second of an n x n float64 product, all cores."""
+def matmul_rate(n=2000, repeats=5, threads=None):
+    """Floating-point operations per second of an n x n float64 product (all cores, or
+    ``threads``)."""
+    from threadpoolctl import threadpool_limits
+
     rng = np.random.default_rng(0)
     A, B = rng.random((n, n)), rng.random((n, n))
-    A @ B
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
+    with threadpool_limits(threads):
         A @ B
-        best = min(best, time.perf_counter() - t)
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            A @ B
+            best = min(best, time.perf_counter() - t)
     return 2.0 * n**3 / best
+
+
+def kernel_rate(args, repeats=5):
+    """The E-step of one partition in this process on one core (no Dask): best of
+    ``repeats``, in counted floating-point operations per second."""
+    from threadpoolctl import threadpool_limits
+
+    from emdask.families.gaussian import GaussianFamily
+
+    d, k = args.features, args.components
+    X = make_block(0, args.rows, args.partitions, d, k)
+    family = GaussianFamily(k, "full")
+    weights, means, precisions = start(d, k)
+    params = family.make_params(weights, means, np.linalg.inv(precisions))
+    with threadpool_limits(1):
+        family.partial_stats(X, params)
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            family.partial_stats(X, params)
+            best = min(best, time.perf_counter() - t)
+    return 4.0 * X.shape[0] * k * d * d / best, X.shape[0]
 
 
 class PeakRSS:
@@ -152,14 +179,27 @@ def _worker_start_sampler(dask_worker=None):
     return dask_worker._bench_rss.baseline
 
 
-def _worker_peak(keys, dask_worker=None):
-    sampler = dask_worker._bench_rss
+def _worker_held(keys, dask_worker=None):
+    """Bytes of the table this worker holds; starts the fit's own peak from here."""
     held = 0
     for key in keys:
         task = dask_worker.state.tasks.get(key)
         if task is not None and task.state == "memory":
             held += task.nbytes or 0
-    return {"peak": sampler.peak, "baseline": sampler.baseline, "held": held}
+    sampler = dask_worker._bench_rss
+    sampler.before_fit = sampler.process.memory_info().rss
+    sampler.peak_before_fit, sampler.peak = sampler.peak, sampler.before_fit
+    return held
+
+
+def _worker_peak(dask_worker=None):
+    sampler = dask_worker._bench_rss
+    return {
+        "peak": max(sampler.peak, sampler.peak_before_fit),
+        "fit_peak": sampler.peak,
+        "baseline": sampler.baseline,
+        "before_fit": sampler.before_fit,
+    }
 
 
 def _worker_warm_up(d, k):
@@ -188,13 +228,14 @@ def _mb(x):
 # --------------------------------------------------------------------------------------
 
 
-def emdask_fit(client, args, missing_rate, iterations, measure=None):
+def emdask_fit(client, args, missing_rate, iterations, measure=None, rows=None):
     import dask
     import dask.array as da
 
     from emdask import GaussianMixture
 
-    d, k, n, parts = args.features, args.components, args.rows, args.partitions
+    d, k, parts = args.features, args.components, args.partitions
+    n = rows or args.rows
     edges = bounds(n, parts)
     blocks = [
         da.from_delayed(
@@ -209,6 +250,9 @@ def emdask_fit(client, args, missing_rate, iterations, measure=None):
     from distributed import wait
 
     wait(X)
+    held = None
+    if measure is not None:
+        held = client.run(_worker_held, [b.key for b in X.to_delayed().ravel()])
     weights0, means0, precisions0 = start(d, k)
     seconds = []
     gm = GaussianMixture(
@@ -222,8 +266,9 @@ def emdask_fit(client, args, missing_rate, iterations, measure=None):
     fit_time = time.perf_counter() - t
     report = None
     if measure is not None:
-        keys = [b.key for b in X.to_delayed().ravel()]
-        report = client.run(measure, keys)
+        report = client.run(measure)
+        for address in report:
+            report[address]["held"] = held[address]
     client.cancel(X)
     del X
     return gm, np.array(seconds), fit_time, report
@@ -303,7 +348,12 @@ def main():
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
     rate = matmul_rate()
-    print(f"dense matmul (2000x2000 float64, all cores): {rate / 1e9:.1f} GFLOP/s")
+    rate1 = matmul_rate(threads=1)
+    print(f"dense matmul (2000x2000 float64): {rate / 1e9:.1f} GFLOP/s all cores, "
+          f"{rate1 / 1e9:.1f} GFLOP/s one core")
+    k_rate, k_rows = kernel_rate(args)
+    print(f"E-step kernel alone (one partition of {k_rows:,} rows, one core, no Dask): "
+          f"{k_rate / 1e9:.1f} GFLOP/s = {100 * k_rate / rate1:.0f}% of the one-core matmul rate")
 
     client_rss = PeakRSS()
     with LocalCluster(
@@ -322,15 +372,21 @@ def main():
                 client, args, args.missing_rate, args.missing_iterations
             )
             missing = (sec_c, sec_m)
+        _, sec_o, _, _ = emdask_fit(client, args, 0.0, iters, rows=100 * args.partitions)
     client_peak = client_rss.stop()
 
+    print("emdask seconds per iteration:", " ".join(f"{x:.3f}" for x in seconds))
     t_em = em_time(seconds)
     flops = 4.0 * n * k * d * d * iters
     print(f"kernel steps: {'compiled (numba)' if compiled else 'numpy'}")
     print(f"emdask  (2 workers x 1 thread): EM time {t_em:7.2f} s  "
           f"({t_em / iters:.3f} s/iteration), fit() {fit_time:7.2f} s")
     print(f"emdask  rate: {flops / t_em / 1e9:.1f} GFLOP/s = "
-          f"{100 * flops / t_em / rate:.0f}% of the dense matmul rate")
+          f"{100 * flops / t_em / rate:.0f}% of the dense matmul rate (all cores)")
+    overhead = em_time(sec_o) / len(sec_o)
+    print(f"engine overhead: {overhead:.3f} s/iteration for the same fit on "
+          f"{100 * args.partitions:,} rows in the same {args.partitions} partitions "
+          f"({100 * overhead * iters / t_em:.0f}% of the EM time above)")
 
     if not args.no_sklearn:
         sk = run_sklearn(args)
@@ -350,8 +406,11 @@ def main():
           f"table {_mb(table):.0f} MiB, never on the client)")
     for address, w in sorted(workers.items()):
         rise = w["peak"] - w["baseline"]
-        print(f"memory: worker {address}: peak RSS {_mb(w['peak']):.0f} MiB, rise "
-              f"{_mb(rise):.0f} MiB for {_mb(w['held']):.0f} MiB of table held = "
+        during = w["fit_peak"] - w["baseline"]
+        print(f"memory: worker {address}: {_mb(w['held']):.0f} MiB of table held; peak RSS "
+              f"{_mb(w['peak']):.0f} MiB; above its size before the table: "
+              f"{_mb(during):.0f} MiB during the fit = {during / max(w['held'], 1):.2f}x the "
+              f"table held, {_mb(rise):.0f} MiB including generating the table = "
               f"{rise / max(w['held'], 1):.2f}x")
     if missing is not None:
         sec_c, sec_m = missing

@@ -86,12 +86,6 @@ ILL_DEFINED = (
 # --------------------------------------------------------------------------------------
 
 
-def _log_normalize(log_prob):
-    """Responsibilities and log-normalizer of (rows, k) weighted log-probabilities."""
-    resp, log_norm = _log_normalize_kb(np.ascontiguousarray(log_prob.T))
-    return resp.T, log_norm
-
-
 def _log_normalize_kb(q):
     """Responsibilities (k, rows), in place of ``q`` (k, rows) weighted log-probabilities,
     and the per-row log-normalizer (rows,). Components along the first axis keep the inner
