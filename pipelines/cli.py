@@ -224,7 +224,8 @@ def build_parser():
                     "also be triggered from the Prefect UI or 'prefect deployment run'.",
     )
     p.add_argument("--config", metavar="PATH", default=None,
-                   help="deployment file (default: deploy/prefect.yaml of the project)")
+                   help="deployment file (default: deploy/prefect.yaml in the working "
+                        "directory, else the project's)")
     p.add_argument("--only", action="append", metavar="NAME",
                    help="serve only this deployment (repeatable)")
     p.add_argument("--limit", type=_positive_int, metavar="N",

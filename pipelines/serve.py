@@ -19,8 +19,14 @@ from pathlib import Path
 
 __all__ = ["DEFAULT_CONFIG", "FLOWS", "DeploymentSpec", "load_config", "serve", "to_deployments"]
 
-#: The deployment file shipped with the project.
+#: The deployment file shipped with the project (in a checkout, or the working directory).
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "prefect.yaml"
+
+
+def default_config():
+    """``deploy/prefect.yaml`` of the working directory if there is one, else of the project."""
+    local = Path.cwd() / "deploy" / "prefect.yaml"
+    return local if local.is_file() else DEFAULT_CONFIG
 
 #: Entrypoints a configuration may name (module paths), and where their flows live.
 FLOWS = {
@@ -79,7 +85,7 @@ def load_config(path=None):
     """
     import yaml
 
-    path = Path(path) if path is not None else DEFAULT_CONFIG
+    path = Path(path) if path is not None else default_config()
     try:
         document = yaml.safe_load(path.read_text())
     except FileNotFoundError:
