@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
-import numpy as np
 import pandas as pd
 from prefect import flow, get_run_logger
 from pydantic import Field
@@ -40,7 +39,6 @@ from .reports import format_duration
 from .tasks import (
     FitResult,
     base_manifest,
-    check_dest,
     discard,
     io_task,
     load_model,

@@ -6,7 +6,6 @@ cluster. Only input/output tasks retry, and never on bad input (:class:`InputErr
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from .warehouse import InputError
 
 __all__ = [
     "FitResult",
-    "check_dest",
+    "base_manifest",
     "discard",
     "io_task",
     "load_model",
@@ -119,12 +118,6 @@ def load_model(path, model_class=None):
         imputer.model_ = model
         model = imputer
     return model
-
-
-@io_task
-def check_dest(dest: str, source: warehouse.SourceInfo | None = None) -> str:
-    """Check the destination can receive a new version without touching the source."""
-    return str(warehouse.check_destination(dest, source))
 
 
 def up_to_date(dest, key):
