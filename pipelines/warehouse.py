@@ -28,6 +28,8 @@ A version is written under ``.staging/``, validated there, moved into ``versions
 ``os.replace``). Readers resolve ``CURRENT`` once (:func:`published_path`) and read an
 immutable directory, so they see the previous version or the new one, never a mix. A run that
 fails removes its staging directory; ``CURRENT`` and every published version stay as they were.
+A process killed outright may leave a directory under ``.staging/``: it is never read, and can
+be deleted when no run is writing to ``DEST``.
 
 A version's name is its UTC creation time and the first characters of its *run key*, a digest
 of the flow, its parameters, the emdask version and the source's files (names, sizes and
