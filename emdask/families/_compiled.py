@@ -19,67 +19,102 @@ _FASTMATH = {"reassoc", "contract", "nsz"}
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def complete_rows(y, xa, delta, const, weights, use_weights, w, nk):
-    """Responsibilities and weighted centred rows of a chunk of complete rows.
+def complete_log_prob(y, v, const, q):
+    """Weighted log-probabilities of a chunk of complete rows, less each row's maximum.
 
     Parameters
     ----------
     y : ndarray (k, d, nb)
-        ``(x - mu_j) U_j`` for every component, rows along the last axis.
-    xa : ndarray (d + 1, nb)
-        ``x - c`` (and a row of ones), rows along the last axis.
+        ``(x - c) U_j`` for every component, rows along the last axis.
+    v : ndarray (k, d)
+        ``(mu_j - c) U_j``.
+    const : ndarray (k,)
+    q : ndarray (k, nb), output
+        ``log w_j + log N(x | j)`` less the row's maximum over j (exponentiated by the
+        caller, vectorised, before :func:`complete_weigh`).
+
+    Returns
+    -------
+    top : ndarray (nb,)
+        Each row's maximum.
+    """
+    k, d, nb = y.shape
+    for j in range(k):
+        for i in range(nb):
+            q[j, i] = 0.0
+        for l in range(d):
+            vl = v[j, l]
+            for i in range(nb):
+                t = y[j, l, i] - vl
+                q[j, i] += t * t
+    top = np.full(nb, -np.inf)
+    for j in range(k):
+        cj = const[j]
+        for i in range(nb):
+            t = cj - 0.5 * q[j, i]
+            q[j, i] = t
+            top[i] = max(top[i], t)
+    for i in range(nb):
+        if top[i] == -np.inf:
+            top[i] = 0.0
+    for j in range(k):
+        for i in range(nb):
+            q[j, i] -= top[i]
+    return top
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def complete_weigh(e, top, xt, delta, weights, use_weights, w, nk, s1):
+    """Responsibilities and weighted centred rows of a chunk of complete rows.
+
+    Parameters
+    ----------
+    e : ndarray (k, nb)
+        ``exp`` of :func:`complete_log_prob`'s ``q``; overwritten with the responsibilities.
+    top : ndarray (nb,)
+    xt : ndarray (d, nb)
+        ``x - c``, rows along the last axis.
     delta : ndarray (k, d)
         ``mu_j - c``.
-    const : ndarray (k,)
-    weights : ndarray (nb,)
-        Row weights, read when ``use_weights``.
+    weights : ndarray (nb,), read when ``use_weights``
     w : ndarray (k, d, nb), output
         ``r_ij (x_i - mu_j)``.
     nk : ndarray (k,), added to
-        Summed responsibilities.
+    s1 : ndarray (k·d,), added to
+        ``Σ_i r_ij (x_i - mu_j)``.
 
     Returns
     -------
     loglik, n_rows : float
     """
-    k, d, nb = y.shape
-    q = np.zeros((k, nb))
-    for j in range(k):
-        for l in range(d):
-            for i in range(nb):
-                v = y[j, l, i]
-                q[j, i] += v * v
+    k, nb = e.shape
+    d = xt.shape[0]
     loglik = 0.0
     n_rows = 0.0
+    scale = np.empty(nb)
     for i in range(nb):
-        top = -np.inf
-        for j in range(k):
-            qj = const[j] - 0.5 * q[j, i]
-            q[j, i] = qj
-            if qj > top:
-                top = qj
-        if top == -np.inf:
-            top = 0.0
         total = 0.0
         for j in range(k):
-            e = np.exp(q[j, i] - top)
-            q[j, i] = e
-            total += e
+            total += e[j, i]
         wi = weights[i] if use_weights else 1.0
-        loglik += wi * (np.log(total) + top)
+        loglik += wi * (np.log(total) + top[i])
         n_rows += wi
-        scale = wi / total
-        for j in range(k):
-            q[j, i] *= scale
+        scale[i] = wi / total
     for j in range(k):
         s = 0.0
         for i in range(nb):
-            s += q[j, i]
+            r = e[j, i] * scale[i]
+            e[j, i] = r
+            s += r
         nk[j] += s
         for l in range(d):
             dl = delta[j, l]
+            acc = 0.0
             for i in range(nb):
-                w[j, l, i] = q[j, i] * (xa[l, i] - dl)
+                t = e[j, i] * (xt[l, i] - dl)
+                w[j, l, i] = t
+                acc += t
+            s1[j * d + l] += acc
     return loglik, n_rows
 
 
@@ -107,67 +142,77 @@ def pattern_tables(P, cols, col_off, pat_m, inv_off, inv, corr):
     size = 0
     for p in range(pat_m.size):
         size = max(size, pat_m[p])
+    A = np.zeros((size, size))
     L = np.zeros((size, size))
     Li = np.zeros((size, size))
+    rdiag = np.zeros(size)
     for p in range(pat_m.size):
         m = pat_m[p]
-        co = col_off[p]
+        c = cols[col_off[p] : col_off[p] + m]
         for j in range(k):
-            log_det = 0.0
-            prod = 1.0
             for a in range(m):
                 for b in range(a + 1):
-                    s = P[j, cols[co + a], cols[co + b]]
-                    for c in range(b):
-                        s -= L[a, c] * L[b, c]
-                    if a == b:
-                        if not s > 0.0:
-                            return False
-                        L[a, a] = np.sqrt(s)
-                        prod *= s
-                        if prod > 1e150 or prod < 1e-150:
-                            log_det += np.log(prod)
-                            prod = 1.0
-                    else:
-                        L[a, b] = s / L[b, b]
+                    A[a, b] = P[j, c[a], c[b]]
+            # Cholesky A = L Lᵀ, row by row
+            prod = 1.0
+            log_det = 0.0
             for a in range(m):
-                Li[a, a] = 1.0 / L[a, a]
-                for c in range(a):
+                for b in range(a):
+                    s = A[a, b]
+                    for t in range(b):
+                        s -= L[a, t] * L[b, t]
+                    L[a, b] = s * rdiag[b]
+                s = A[a, a]
+                for t in range(a):
+                    s -= L[a, t] * L[a, t]
+                if not s > 0.0:
+                    return False
+                prod *= s
+                if prod > 1e150 or prod < 1e-150:
+                    log_det += np.log(prod)
+                    prod = 1.0
+                lsq = np.sqrt(s)
+                L[a, a] = lsq
+                rdiag[a] = 1.0 / lsq
+            log_det += np.log(prod)
+            # Li = L⁻¹ (lower), by forward substitution
+            for a in range(m):
+                Li[a, a] = rdiag[a]
+                for b in range(a):
                     s = 0.0
-                    for t in range(c, a):
-                        s += L[a, t] * Li[t, c]
-                    Li[a, c] = -s * Li[a, a]
+                    for t in range(b, a):
+                        s += L[a, t] * Li[t, b]
+                    Li[a, b] = -s * rdiag[a]
+            # P_mm⁻¹ = Liᵀ Li (symmetric: the upper triangle, mirrored)
             base = inv_off[p] + j * m * m
             for a in range(m):
-                for b in range(m):
+                for b in range(a, m):
                     s = 0.0
-                    for t in range(max(a, b), m):
+                    for t in range(b, m):
                         s += Li[t, a] * Li[t, b]
                     inv[base + a * m + b] = s
-            log_det += np.log(prod)
+                    inv[base + b * m + a] = s
             corr[p, j] = 0.5 * m * log_2pi - 0.5 * log_det
     return True
 
 
 @njit(cache=True, nogil=True)
-def centre_rows(X, means, xc):
-    """``xc[j, i, :d] = x_i - mu_j`` with zeros in the missing cells."""
-    nb, d = X.shape
+def centre_rows(X, rows, means, xc):
+    """``xc[j, i, :d] = X[rows[i]] - mu_j`` with zeros in the missing cells."""
+    d = X.shape[1]
     k = means.shape[0]
-    for j in range(k):
-        for i in range(nb):
+    for i in range(rows.size):
+        r = rows[i]
+        for j in range(k):
             for l in range(d):
-                x = X[i, l]
+                x = X[r, l]
                 xc[j, i, l] = 0.0 if np.isnan(x) else x - means[j, l]
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def incomplete_rows(
-    yg, const, pats, pat_m, col_off, inv_off, cols, inv, corr,
-    weights, use_weights, xc, w, nk, resp_by_pattern,
-):
-    """Observed-part log-densities, responsibilities, conditional-mean filled rows and their
-    weighted copies for a chunk of rows sorted by missingness pattern.
+def incomplete_log_prob(yg, const, pats, pat_m, col_off, inv_off, cols, inv, corr, xc, q):
+    """Observed-part weighted log-probabilities of a chunk of rows sorted by missingness
+    pattern (less each row's maximum), and the conditional means of the missing cells.
 
     Parameters
     ----------
@@ -181,9 +226,68 @@ def incomplete_rows(
         Flat pattern tables: missing count, offset of the pattern's missing columns in
         ``cols`` and of its ``P_mm⁻¹`` (k, m, m) in ``inv``, and log-density corrections
         (n_patterns, k).
-    weights : ndarray (nb,), read when ``use_weights``
     xc : ndarray (k, nb, d + 1), updated
-        ``x̃₀`` on input; the missing cells get their conditional mean (centred).
+        ``x̃₀`` on input; the missing cells get their conditional mean (centred),
+        ``-P_mm⁻¹ (x̃₀ P)_m``.
+    q : ndarray (k, nb), output
+        ``log w_j + log N(x_o | j)`` less the row's maximum over j.
+
+    Returns
+    -------
+    top : ndarray (nb,)
+        Each row's maximum.
+    """
+    k, nb, d2 = yg.shape
+    d = d2 // 2
+    v = np.empty(d)
+    z = np.empty(d)
+    top = np.full(nb, -np.inf)
+    for i in range(nb):
+        p = pats[i]
+        m = pat_m[p]
+        co = col_off[p]
+        for j in range(k):
+            s = 0.0
+            for l in range(d):
+                t = yg[j, i, l]
+                s += t * t
+            for a in range(m):
+                v[a] = yg[j, i, d + cols[co + a]]
+            mat = inv_off[p] + j * m * m
+            vz = 0.0
+            for a in range(m):
+                za = 0.0
+                for c in range(m):
+                    za += inv[mat + a * m + c] * v[c]
+                z[a] = za
+                vz += v[a] * za
+            for a in range(m):
+                xc[j, i, cols[co + a]] = -z[a]
+            qj = const[j] - 0.5 * s + 0.5 * vz + corr[p, j]
+            q[j, i] = qj
+            top[i] = max(top[i], qj)
+    for i in range(nb):
+        if top[i] == -np.inf:
+            top[i] = 0.0
+    for j in range(k):
+        for i in range(nb):
+            q[j, i] -= top[i]
+    return top
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def incomplete_weigh(e, top, pats, weights, use_weights, xc, w, nk, resp_by_pattern):
+    """Responsibilities and weighted filled rows of a chunk of pattern-sorted rows.
+
+    Parameters
+    ----------
+    e : ndarray (k, nb)
+        ``exp`` of :func:`incomplete_log_prob`'s ``q``.
+    top : ndarray (nb,)
+    pats : ndarray (nb,)
+    weights : ndarray (nb,), read when ``use_weights``
+    xc : ndarray (k, nb, d + 1)
+        The filled centred rows.
     w : ndarray (k, nb, d), output
         ``r_ij`` times the filled centred row.
     nk : ndarray (k,), added to
@@ -193,59 +297,28 @@ def incomplete_rows(
     -------
     loglik, n_rows : float
     """
-    k, nb, d2 = yg.shape
-    d = d2 // 2
-    q = np.empty(k)
-    z = np.empty((k, d))
-    t = np.empty(d)
+    k, nb = e.shape
+    d = w.shape[2]
     loglik = 0.0
     n_rows = 0.0
+    scale = np.empty(nb)
     for i in range(nb):
-        p = pats[i]
-        m = pat_m[p]
-        co = col_off[p]
-        io = inv_off[p]
-        top = -np.inf
-        for j in range(k):
-            s = 0.0
-            for l in range(d):
-                v = yg[j, i, l]
-                s += v * v
-            mat = io + j * m * m
-            vz = 0.0
-            for a in range(m):
-                z[j, a] = yg[j, i, d + cols[co + a]]
-            for a in range(m):
-                za = 0.0
-                for c in range(m):
-                    za += inv[mat + a * m + c] * z[j, c]
-                vz += z[j, a] * za
-                t[a] = za
-            for a in range(m):
-                z[j, a] = t[a]
-            qj = const[j] - 0.5 * s + 0.5 * vz + corr[p, j]
-            q[j] = qj
-            if qj > top:
-                top = qj
-        if top == -np.inf:
-            top = 0.0
         total = 0.0
         for j in range(k):
-            e = np.exp(q[j] - top)
-            q[j] = e
-            total += e
+            total += e[j, i]
         wi = weights[i] if use_weights else 1.0
-        loglik += wi * (np.log(total) + top)
+        loglik += wi * (np.log(total) + top[i])
         n_rows += wi
-        scale = wi / total
-        for j in range(k):
-            r = q[j] * scale
-            nk[j] += r
-            resp_by_pattern[p, j] += r
-            for a in range(m):
-                xc[j, i, cols[co + a]] = -z[j, a]
+        scale[i] = wi / total
+    for j in range(k):
+        s = 0.0
+        for i in range(nb):
+            r = e[j, i] * scale[i]
+            s += r
+            resp_by_pattern[pats[i], j] += r
             for l in range(d):
                 w[j, i, l] = r * xc[j, i, l]
+        nk[j] += s
     return loglik, n_rows
 
 

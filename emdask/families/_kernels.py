@@ -72,7 +72,7 @@ LOG_2PI = np.log(2.0 * np.pi)
 #: 256 to 1024 rows are within a few percent, 2048 and more fall out of cache).
 COMPLETE_CHUNK = 256
 #: Rows per chunk of rows with missing cells.
-MISSING_CHUNK = 512
+MISSING_CHUNK = 256
 
 ILL_DEFINED = (
     "Fitting the mixture model failed because some components have ill-defined empirical "
@@ -148,14 +148,15 @@ def batched_cholesky_inverse(A):
     return inverse, log_det.reshape(batch)
 
 
-@dataclass(frozen=True)
 class PatternRows:
     """Rows with missing cells (at least one observed), sorted by missingness pattern.
 
     Attributes
     ----------
-    X : ndarray (n, d)
-    miss : ndarray (n, d) of bool
+    source : ndarray (n_source, d)
+        The block the rows come from.
+    rows : ndarray (n,)
+        Positions of the rows in ``source``, in pattern order.
     weights : ndarray (n,) or None
     pattern_of_row, count_of_row, local_of_row : ndarray (n,)
         Each row's pattern rank, the pattern's missing count and its position among the
@@ -164,13 +165,27 @@ class PatternRows:
         Missing columns of the patterns with m missing cells, in rank order.
     """
 
-    X: np.ndarray
-    miss: np.ndarray
-    weights: np.ndarray | None
-    pattern_of_row: np.ndarray
-    count_of_row: np.ndarray
-    local_of_row: np.ndarray
-    cols_by_count: dict
+    def __init__(self, source, rows, weights, pattern_of_row, count_of_row, local_of_row,
+                 cols_by_count):
+        self.source = source
+        self.rows = rows
+        self.weights = weights
+        self.pattern_of_row = pattern_of_row
+        self.count_of_row = count_of_row
+        self.local_of_row = local_of_row
+        self.cols_by_count = cols_by_count
+        self._X = None
+
+    @property
+    def X(self):
+        """The rows, in pattern order (a copy, made once)."""
+        if self._X is None:
+            self._X = self.source[self.rows]
+        return self._X
+
+    @property
+    def miss(self):
+        return np.isnan(self.X)
 
 
 @dataclass(frozen=True)
@@ -255,8 +270,7 @@ def row_selection(X, weights):
     incomplete = None
     if rows.size:
         incomplete = PatternRows(
-            X[rows], miss[rows], iw, pattern_of_row, count_of_row, local_of_row,
-            layout.cols_by_count,
+            X, rows, iw, pattern_of_row, count_of_row, local_of_row, layout.cols_by_count
         )
     return X[complete], cw, incomplete
 
@@ -336,22 +350,33 @@ class DenseKernel:
         stacked_t = np.ascontiguousarray(self.stacked.T)
         delta = self.delta[:, :, None]
         compiled = _compiled_kernels()
+        offsets = -self.stacked[d].reshape(k, d)
+        stacked16_t = np.ascontiguousarray(stacked_t[:, :d])
         for start in range(0, n, b):
             stop = min(start + b, n)
             nb = stop - start
             xa = xa_buf[:, :nb]
             np.subtract(X[start:stop].T, self.shift[:, None], out=xa[:d])
-            y = np.matmul(stacked_t, xa, out=y_buf[:, :nb]).reshape(k, d, nb)
+            if compiled is None:
+                y = np.matmul(stacked_t, xa, out=y_buf[:, :nb])
+            else:  # the offsets -(mu_j - c) U_j are applied in the compiled step
+                y = np.matmul(stacked16_t, xa[:d], out=y_buf[:, :nb])
+            y = y.reshape(k, d, nb)
             weights = None if row_w is None else row_w[start:stop]
             w = w_buf[:, :, :nb]
             if compiled is not None:
-                loglik, n_rows = compiled.complete_rows(
-                    y, xa, self.delta, self.const,
+                q = q_buf[:, :nb]
+                top = compiled.complete_log_prob(y, offsets, self.const, q)
+                with np.errstate(under="ignore"):
+                    np.exp(q, out=q)
+                loglik, n_rows = compiled.complete_weigh(
+                    q, top, xa[:d], self.delta,
                     np.ones(0) if weights is None else weights, weights is not None, w, nk,
+                    acc[d],
                 )
                 totals.loglik += loglik
                 totals.n_rows += n_rows
-                acc += xa @ w.reshape(kd, nb).T
+                acc[:d] += xa[:d] @ w.reshape(kd, nb).T
                 continue
             q = np.einsum("jlb,jlb->jb", y, y, out=q_buf[:, :nb])
             q *= -0.5
@@ -418,12 +443,12 @@ class DenseKernel:
         Returns the summed responsibilities (k,).
         """
         k, d = self.k, self.d
-        X, miss, row_w = rows.X, rows.miss, rows.weights
+        row_w = rows.weights
         pattern_of_row, count_of_row, local_of_row = (
             rows.pattern_of_row, rows.count_of_row, rows.local_of_row
         )
         cols_by_count = rows.cols_by_count
-        n = X.shape[0]
+        n = rows.rows.size
         nk = np.zeros(k)
         if n == 0:
             return nk
@@ -431,10 +456,11 @@ class DenseKernel:
         compiled = _compiled_kernels()
         if compiled is not None:
             self._incomplete_compiled(
-                compiled, X, row_w, pattern_of_row, cols_by_count, s1, s2, nk,
-                resp_by_pattern, totals, chunk,
+                compiled, rows.source, rows.rows, row_w, pattern_of_row, cols_by_count, s1,
+                s2, nk, resp_by_pattern, totals, chunk,
             )
             return nk
+        X, miss = rows.X, rows.miss
         tables = self._pattern_tables(cols_by_count)
         big = self.missing_stacked
         b = min(chunk, n)
@@ -488,14 +514,14 @@ class DenseKernel:
         s2 += extra.reshape(k, d, d)
 
     def _incomplete_compiled(
-        self, compiled, X, row_w, pattern_of_row, cols_by_count, s1, s2, nk,
+        self, compiled, source, rows, row_w, pattern_of_row, cols_by_count, s1, s2, nk,
         resp_by_pattern, totals, chunk,
     ):
         """The compiled variant of the chunk loop of :meth:`incomplete_stats`: rows centred
         on each component's own mean, ``x̃₀ U_j`` by one batched product, then one compiled
         pass per chunk."""
         k, d = self.k, self.d
-        n = X.shape[0]
+        n = rows.size
         counts, col_off, inv_off, cols_flat = _flat_pattern_index(cols_by_count, k)
         inv_flat = np.empty(int(inv_off[-1] + k * counts[-1] ** 2))
         corr = np.empty((counts.size, k))
@@ -509,19 +535,26 @@ class DenseKernel:
         xc_buf[:, :, d] = 1.0
         y_buf = np.empty((k, b, 2 * d))
         w_buf = np.empty((k, b, d))
+        q_buf = np.empty((k, b))
         no_weights = np.ones(0)
         for start in range(0, n, b):
             stop = min(start + b, n)
             nb = stop - start
             xc = xc_buf[:, :nb]
-            compiled.centre_rows(X[start:stop], self.means, xc)
+            compiled.centre_rows(source, rows[start:stop], self.means, xc)
             yg = np.matmul(xc[:, :, :d], chol_prec, out=y_buf[:, :nb])
             w = w_buf[:, :nb]
-            loglik, n_rows = compiled.incomplete_rows(
-                yg, self.const, pattern_of_row[start:stop], counts, col_off,
-                inv_off, cols_flat, inv_flat, corr,
-                no_weights if row_w is None else row_w[start:stop], row_w is not None,
-                xc, w, nk, resp_by_pattern,
+            pats = pattern_of_row[start:stop]
+            q = q_buf[:, :nb]
+            top = compiled.incomplete_log_prob(
+                yg, self.const, pats, counts, col_off, inv_off, cols_flat, inv_flat, corr,
+                xc, q,
+            )
+            with np.errstate(under="ignore"):
+                np.exp(q, out=q)
+            loglik, n_rows = compiled.incomplete_weigh(
+                q, top, pats, no_weights if row_w is None else row_w[start:stop],
+                row_w is not None, xc, w, nk, resp_by_pattern,
             )
             totals.loglik += loglik
             totals.n_rows += n_rows
