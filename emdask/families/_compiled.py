@@ -64,23 +64,22 @@ def complete_log_prob(y, v, const, q):
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def complete_weigh(e, top, xt, delta, weights, use_weights, w, nk, s1):
-    """Responsibilities and weighted centred rows of a chunk of complete rows.
+def complete_weigh(e, top, xr, means, weights, use_weights, c, nk, s1):
+    """Responsibilities and centred rows of a chunk of complete rows.
 
     Parameters
     ----------
     e : ndarray (k, nb)
         ``exp`` of :func:`complete_log_prob`'s ``q``; overwritten with the responsibilities.
     top : ndarray (nb,)
-    xt : ndarray (d, nb)
-        ``x - c``, rows along the last axis.
-    delta : ndarray (k, d)
-        ``mu_j - c``.
+    xr : ndarray (d, nb)
+        The rows, transposed.
+    means : ndarray (k, d)
     weights : ndarray (nb,), read when ``use_weights``
-    w : ndarray (k, d, nb), output
-        ``r_ij (x_i - mu_j)``.
+    c : ndarray (k, d, nb), output
+        ``x_i - mu_j``.
     nk : ndarray (k,), added to
-    s1 : ndarray (k·d,), added to
+    s1 : ndarray (k, d), added to
         ``Σ_i r_ij (x_i - mu_j)``.
 
     Returns
@@ -88,7 +87,7 @@ def complete_weigh(e, top, xt, delta, weights, use_weights, w, nk, s1):
     loglik, n_rows : float
     """
     k, nb = e.shape
-    d = xt.shape[0]
+    d = xr.shape[0]
     loglik = 0.0
     n_rows = 0.0
     scale = np.empty(nb)
@@ -108,14 +107,86 @@ def complete_weigh(e, top, xt, delta, weights, use_weights, w, nk, s1):
             s += r
         nk[j] += s
         for l in range(d):
-            dl = delta[j, l]
+            mu = means[j, l]
             acc = 0.0
             for i in range(nb):
-                t = e[j, i] * (xt[l, i] - dl)
-                w[j, l, i] = t
-                acc += t
-            s1[j * d + l] += acc
+                t = xr[l, i] - mu
+                c[j, l, i] = t
+                acc += e[j, i] * t
+            s1[j, l] += acc
     return loglik, n_rows
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def lower_moments(c, r, lower):
+    """``lower[j] += Σ_i r_ji c_j[:, i] c_j[:, i]ᵀ`` on and below the diagonal, by 4 x 4
+    blocks held in registers.
+
+    Parameters
+    ----------
+    c : ndarray (k, d, nb)
+        Centred rows, transposed.
+    r : ndarray (k, nb)
+        Responsibilities (times row weights).
+    lower : ndarray (k, d, d), added to
+        Only the lower triangle is meaningful (diagonal blocks are written whole).
+    """
+    k, d, nb = c.shape
+    full = d - d % 4
+    for j in range(k):
+        for lb in range(0, full, 4):
+            for mb in range(0, lb + 1, 4):
+                a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = 0.0
+                a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = 0.0
+                for i in range(nb):
+                    ri = r[j, i]
+                    c0 = c[j, lb, i]
+                    c1 = c[j, lb + 1, i]
+                    c2 = c[j, lb + 2, i]
+                    c3 = c[j, lb + 3, i]
+                    w0 = ri * c[j, mb, i]
+                    w1 = ri * c[j, mb + 1, i]
+                    w2 = ri * c[j, mb + 2, i]
+                    w3 = ri * c[j, mb + 3, i]
+                    a00 += c0 * w0
+                    a01 += c0 * w1
+                    a02 += c0 * w2
+                    a03 += c0 * w3
+                    a10 += c1 * w0
+                    a11 += c1 * w1
+                    a12 += c1 * w2
+                    a13 += c1 * w3
+                    a20 += c2 * w0
+                    a21 += c2 * w1
+                    a22 += c2 * w2
+                    a23 += c2 * w3
+                    a30 += c3 * w0
+                    a31 += c3 * w1
+                    a32 += c3 * w2
+                    a33 += c3 * w3
+                lower[j, lb, mb] += a00
+                lower[j, lb, mb + 1] += a01
+                lower[j, lb, mb + 2] += a02
+                lower[j, lb, mb + 3] += a03
+                lower[j, lb + 1, mb] += a10
+                lower[j, lb + 1, mb + 1] += a11
+                lower[j, lb + 1, mb + 2] += a12
+                lower[j, lb + 1, mb + 3] += a13
+                lower[j, lb + 2, mb] += a20
+                lower[j, lb + 2, mb + 1] += a21
+                lower[j, lb + 2, mb + 2] += a22
+                lower[j, lb + 2, mb + 3] += a23
+                lower[j, lb + 3, mb] += a30
+                lower[j, lb + 3, mb + 1] += a31
+                lower[j, lb + 3, mb + 2] += a32
+                lower[j, lb + 3, mb + 3] += a33
+        # rows past the last full block of four
+        for l in range(full, d):
+            for m in range(l + 1):
+                acc = 0.0
+                for i in range(nb):
+                    acc += r[j, i] * c[j, l, i] * c[j, m, i]
+                lower[j, l, m] += acc
 
 
 @njit(cache=True, nogil=True)
@@ -198,15 +269,22 @@ def pattern_tables(P, cols, col_off, pat_m, inv_off, inv, corr):
 
 @njit(cache=True, nogil=True)
 def centre_rows(X, rows, means, xc):
-    """``xc[j, i, :d] = X[rows[i]] - mu_j`` with zeros in the missing cells."""
+    """``xc[j, :, i] = X[rows[i]] - mu_j`` with zeros in the missing cells (rows along the
+    last axis of ``xc`` (k, d, nb))."""
     d = X.shape[1]
     k = means.shape[0]
-    for i in range(rows.size):
+    nb = rows.size
+    xt = np.empty((d, nb))
+    for i in range(nb):
         r = rows[i]
-        for j in range(k):
-            for l in range(d):
-                x = X[r, l]
-                xc[j, i, l] = 0.0 if np.isnan(x) else x - means[j, l]
+        for l in range(d):
+            xt[l, i] = X[r, l]
+    for j in range(k):
+        for l in range(d):
+            mu = means[j, l]
+            for i in range(nb):
+                x = xt[l, i]
+                xc[j, l, i] = 0.0 if np.isnan(x) else x - mu
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
@@ -226,9 +304,9 @@ def incomplete_log_prob(yg, const, pats, pat_m, col_off, inv_off, cols, inv, cor
         Flat pattern tables: missing count, offset of the pattern's missing columns in
         ``cols`` and of its ``P_mm⁻¹`` (k, m, m) in ``inv``, and log-density corrections
         (n_patterns, k).
-    xc : ndarray (k, nb, d + 1), updated
-        ``x̃₀`` on input; the missing cells get their conditional mean (centred),
-        ``-P_mm⁻¹ (x̃₀ P)_m``.
+    xc : ndarray (k, d, nb), updated
+        ``x̃₀`` (rows along the last axis) on input; the missing cells get their conditional
+        mean (centred), ``-P_mm⁻¹ (x̃₀ P)_m``.
     q : ndarray (k, nb), output
         ``log w_j + log N(x_o | j)`` less the row's maximum over j.
 
@@ -262,7 +340,7 @@ def incomplete_log_prob(yg, const, pats, pat_m, col_off, inv_off, cols, inv, cor
                 z[a] = za
                 vz += v[a] * za
             for a in range(m):
-                xc[j, i, cols[co + a]] = -z[a]
+                xc[j, cols[co + a], i] = -z[a]
             qj = const[j] - 0.5 * s + 0.5 * vz + corr[p, j]
             q[j, i] = qj
             top[i] = max(top[i], qj)
@@ -276,21 +354,21 @@ def incomplete_log_prob(yg, const, pats, pat_m, col_off, inv_off, cols, inv, cor
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def incomplete_weigh(e, top, pats, weights, use_weights, xc, w, nk, resp_by_pattern):
-    """Responsibilities and weighted filled rows of a chunk of pattern-sorted rows.
+def incomplete_weigh(e, top, pats, weights, use_weights, xc, nk, s1, resp_by_pattern):
+    """Responsibilities of a chunk of pattern-sorted rows and their first moments.
 
     Parameters
     ----------
     e : ndarray (k, nb)
-        ``exp`` of :func:`incomplete_log_prob`'s ``q``.
+        ``exp`` of :func:`incomplete_log_prob`'s ``q``; overwritten with the
+        responsibilities (times row weights).
     top : ndarray (nb,)
     pats : ndarray (nb,)
     weights : ndarray (nb,), read when ``use_weights``
-    xc : ndarray (k, nb, d + 1)
-        The filled centred rows.
-    w : ndarray (k, nb, d), output
-        ``r_ij`` times the filled centred row.
+    xc : ndarray (k, d, nb)
+        The filled centred rows, rows along the last axis.
     nk : ndarray (k,), added to
+    s1 : ndarray (k, d), added to
     resp_by_pattern : ndarray (n_patterns, k), added to
 
     Returns
@@ -298,7 +376,7 @@ def incomplete_weigh(e, top, pats, weights, use_weights, xc, w, nk, resp_by_patt
     loglik, n_rows : float
     """
     k, nb = e.shape
-    d = w.shape[2]
+    d = xc.shape[1]
     loglik = 0.0
     n_rows = 0.0
     scale = np.empty(nb)
@@ -314,11 +392,15 @@ def incomplete_weigh(e, top, pats, weights, use_weights, xc, w, nk, resp_by_patt
         s = 0.0
         for i in range(nb):
             r = e[j, i] * scale[i]
+            e[j, i] = r
             s += r
             resp_by_pattern[pats[i], j] += r
-            for l in range(d):
-                w[j, i, l] = r * xc[j, i, l]
         nk[j] += s
+        for l in range(d):
+            acc = 0.0
+            for i in range(nb):
+                acc += e[j, i] * xc[j, l, i]
+            s1[j, l] += acc
     return loglik, n_rows
 
 

@@ -329,19 +329,24 @@ class DenseKernel:
 
     # -- complete rows --------------------------------------------------------------------
 
-    def complete_stats(self, X, row_w, acc, totals, chunk=COMPLETE_CHUNK):
-        """Add the statistics of complete rows ``X`` (n, d) to ``acc`` (d + 1, k·d).
+    def complete_stats(self, X, row_w, s1, s2, totals, chunk=COMPLETE_CHUNK):
+        """Add the statistics of complete rows ``X`` (n, d) to ``s1`` (k, d) and ``s2``
+        (k, d, d), about the previous means.
 
         Chunks are held transposed (features × rows), so that every elementwise step runs
         along the rows. Returns the summed responsibilities (k,).
         """
         k, d = self.k, self.d
+        nk = np.zeros(k)
+        if X.shape[0] == 0:
+            return nk
+        compiled = _compiled_kernels()
+        if compiled is not None:
+            return self._complete_compiled(compiled, X, row_w, s1, s2, totals, chunk)
         kd = k * d
         n = X.shape[0]
-        nk = np.zeros(k)
-        if n == 0:
-            return nk
         b = min(chunk, n)
+        acc = np.zeros((d + 1, kd))
         xa_buf = np.empty((d + 1, b))
         xa_buf[d] = 1.0
         y_buf = np.empty((kd, b))
@@ -349,53 +354,67 @@ class DenseKernel:
         w_buf = np.empty((k, d, b))
         stacked_t = np.ascontiguousarray(self.stacked.T)
         delta = self.delta[:, :, None]
-        compiled = _compiled_kernels()
-        offsets = -self.stacked[d].reshape(k, d)
-        stacked16_t = np.ascontiguousarray(stacked_t[:, :d])
         for start in range(0, n, b):
             stop = min(start + b, n)
             nb = stop - start
             xa = xa_buf[:, :nb]
             np.subtract(X[start:stop].T, self.shift[:, None], out=xa[:d])
-            if compiled is None:
-                y = np.matmul(stacked_t, xa, out=y_buf[:, :nb])
-            else:  # the offsets -(mu_j - c) U_j are applied in the compiled step
-                y = np.matmul(stacked16_t, xa[:d], out=y_buf[:, :nb])
-            y = y.reshape(k, d, nb)
-            weights = None if row_w is None else row_w[start:stop]
-            w = w_buf[:, :, :nb]
-            if compiled is not None:
-                q = q_buf[:, :nb]
-                top = compiled.complete_log_prob(y, offsets, self.const, q)
-                with np.errstate(under="ignore"):
-                    np.exp(q, out=q)
-                loglik, n_rows = compiled.complete_weigh(
-                    q, top, xa[:d], self.delta,
-                    np.ones(0) if weights is None else weights, weights is not None, w, nk,
-                    acc[d],
-                )
-                totals.loglik += loglik
-                totals.n_rows += n_rows
-                acc[:d] += xa[:d] @ w.reshape(kd, nb).T
-                continue
+            y = np.matmul(stacked_t, xa, out=y_buf[:, :nb]).reshape(k, d, nb)
             q = np.einsum("jlb,jlb->jb", y, y, out=q_buf[:, :nb])
             q *= -0.5
             q += self.const[:, None]
             resp, log_norm = _log_normalize_kb(q)
-            _weigh(resp, log_norm, weights, totals)
+            _weigh(resp, log_norm, None if row_w is None else row_w[start:stop], totals)
             nk += resp.sum(axis=1)
-            np.subtract(xa[None, :d], delta, out=w)
+            w = np.subtract(xa[None, :d], delta, out=w_buf[:, :, :nb])
             w *= resp[:, None, :]
             acc += xa @ w.reshape(kd, nb).T
+        # from [x̃, 1]ᵀ [w_1 ... w_k]: s1_j = Σ w_j, s2_j = Σ x̃ w_jᵀ - δ_j s1_jᵀ
+        t1 = acc[d].reshape(k, d)
+        t2 = acc[:d].reshape(d, k, d).transpose(1, 0, 2)
+        s1 += t1
+        s2 += t2 - self.delta[:, :, None] * t1[:, None, :]
         return nk
 
-    def finish(self, acc):
-        """``s1`` (k, d) and ``s2`` (k, d, d) about the previous means, from ``acc``."""
+    def _complete_compiled(self, compiled, X, row_w, s1, s2, totals, chunk):
+        """The compiled variant of :meth:`complete_stats`: log-densities from one product
+        about the common shift; responsibilities, rows centred on each component's own mean
+        and their moments (lower triangle, register-blocked) in compiled passes."""
         k, d = self.k, self.d
-        s1 = acc[d].reshape(k, d).copy()
-        s2 = acc[:d].reshape(d, k, d).transpose(1, 0, 2).copy()
-        s2 -= self.delta[:, :, None] * s1[:, None, :]
-        return s1, s2
+        kd = k * d
+        n = X.shape[0]
+        nk = np.zeros(k)
+        b = min(chunk, n)
+        xr_buf = np.empty((d, b))
+        xt_buf = np.empty((d, b))
+        y_buf = np.empty((kd, b))
+        q_buf = np.empty((k, b))
+        c_buf = np.empty((k, d, b))
+        lower = np.zeros((k, d, d))
+        stacked_t = np.ascontiguousarray(self.stacked[:d].T)  # (k·d, d)
+        offsets = -self.stacked[d].reshape(k, d)  # (mu_j - c) U_j
+        no_weights = np.ones(0)
+        for start in range(0, n, b):
+            stop = min(start + b, n)
+            nb = stop - start
+            xr = xr_buf[:, :nb]
+            np.copyto(xr, X[start:stop].T)
+            xt = np.subtract(xr, self.shift[:, None], out=xt_buf[:, :nb])
+            y = np.matmul(stacked_t, xt, out=y_buf[:, :nb]).reshape(k, d, nb)
+            q = q_buf[:, :nb]
+            top = compiled.complete_log_prob(y, offsets, self.const, q)
+            with np.errstate(under="ignore"):
+                np.exp(q, out=q)
+            c = c_buf[:, :, :nb]
+            loglik, n_rows = compiled.complete_weigh(
+                q, top, xr, self.means, no_weights if row_w is None else row_w[start:stop],
+                row_w is not None, c, nk, s1,
+            )
+            totals.loglik += loglik
+            totals.n_rows += n_rows
+            compiled.lower_moments(c, q, lower)
+        s2 += _mirror_lower(lower)
+        return nk
 
     # -- rows with missing cells -------------------------------------------------------------
 
@@ -531,19 +550,17 @@ class DenseKernel:
             raise ValueError(ILL_DEFINED)
         chol_prec = np.concatenate([self.chol, self.precision], axis=2)  # (k, d, 2d)
         b = min(chunk, n)
-        xc_buf = np.empty((k, b, d + 1))
-        xc_buf[:, :, d] = 1.0
+        xc_buf = np.empty((k, d, b))
         y_buf = np.empty((k, b, 2 * d))
-        w_buf = np.empty((k, b, d))
         q_buf = np.empty((k, b))
+        lower = np.zeros((k, d, d))
         no_weights = np.ones(0)
         for start in range(0, n, b):
             stop = min(start + b, n)
             nb = stop - start
-            xc = xc_buf[:, :nb]
+            xc = xc_buf[:, :, :nb]  # rows along the last axis
             compiled.centre_rows(source, rows[start:stop], self.means, xc)
-            yg = np.matmul(xc[:, :, :d], chol_prec, out=y_buf[:, :nb])
-            w = w_buf[:, :nb]
+            yg = np.matmul(xc.transpose(0, 2, 1), chol_prec, out=y_buf[:, :nb])
             pats = pattern_of_row[start:stop]
             q = q_buf[:, :nb]
             top = compiled.incomplete_log_prob(
@@ -554,13 +571,12 @@ class DenseKernel:
                 np.exp(q, out=q)
             loglik, n_rows = compiled.incomplete_weigh(
                 q, top, pats, no_weights if row_w is None else row_w[start:stop],
-                row_w is not None, xc, w, nk, resp_by_pattern,
+                row_w is not None, xc, nk, s1, resp_by_pattern,
             )
             totals.loglik += loglik
             totals.n_rows += n_rows
-            moments = np.matmul(xc.transpose(0, 2, 1), w)  # (k, d + 1, d)
-            s2 += moments[:, :d]
-            s1 += moments[:, d]
+            compiled.lower_moments(xc, q, lower)
+        s2 += _mirror_lower(lower)
         compiled.add_conditional_covariance(
             s2, resp_by_pattern, counts, col_off, inv_off, cols_flat, inv_flat
         )
@@ -598,6 +614,12 @@ class DenseKernel:
         # summed responsibilities per pattern (rows of a pattern are contiguous)
         runs = np.concatenate(([0], np.flatnonzero(np.diff(pats)) + 1))
         resp_by_pattern[pats[runs]] += np.add.reduceat(resp, runs, axis=1).T
+
+
+def _mirror_lower(lower):
+    """Symmetric matrices from their lower triangles (entries above the diagonal are
+    ignored)."""
+    return np.tril(lower) + np.swapaxes(np.tril(lower, -1), -1, -2)
 
 
 def _flat_pattern_index(cols_by_count, k):

@@ -345,9 +345,9 @@ class GaussianFamily:
         complete, complete_w, incomplete = _kernels.row_selection(X, weights)
         if prep.dense:
             kernel = _kernels.DenseKernel(params.means, params.weights, prep.factor, prep.const)
-            acc = np.zeros((d + 1, k * d))
-            nk = kernel.complete_stats(complete, complete_w, acc, totals)
-            s1, s2 = kernel.finish(acc)
+            s1 = np.zeros((k, d))
+            s2 = np.zeros((k, d, d))
+            nk = kernel.complete_stats(complete, complete_w, s1, s2, totals)
             if incomplete is not None:
                 nk += kernel.incomplete_stats(incomplete, s1, s2, totals)
             s2 = 0.5 * (s2 + s2.transpose(0, 2, 1))
