@@ -98,25 +98,15 @@ def progress_callback(label=""):
 
 
 def save_model(model, path):
-    """Write a fitted estimator as a model file (JSON + .npz) at ``path``; returns the path.
-
-    An :class:`emdask.EMImputer` is stored as its fitted mixture (``model_``): that mixture
-    is the whole fitted state, and :func:`load_model` rebuilds the imputer from it.
-    """
-    target = model
-    if isinstance(model, emdask.EMImputer):
-        target = model.model_
-    return str(emdask.save(target, path))
+    """Write a fitted estimator as a model file (JSON + .npz) at ``path``; returns the path."""
+    return str(emdask.save(model, path))
 
 
 def load_model(path, model_class=None):
-    """Read a model file written by :func:`save_model` (as an imputer when it was one)."""
+    """Read a model file written by :func:`save_model`."""
     model = emdask.load(path)
-    if model_class == "EMImputer" and not isinstance(model, emdask.EMImputer):
-        names = set(emdask.EMImputer._param_names())
-        imputer = emdask.EMImputer(**{k: v for k, v in model.get_params().items() if k in names})
-        imputer.model_ = model
-        model = imputer
+    if model_class is not None and type(model).__name__ != model_class:
+        raise ValueError(f"{path} holds a {type(model).__name__}, not a {model_class}")
     return model
 
 

@@ -207,3 +207,15 @@ def test_column_with_no_observed_value_is_named():
 def test_not_fitted():
     with pytest.raises(AttributeError, match="not fitted"):
         EMImputer().transform(np.zeros((2, 2)))
+
+
+def test_imputer_round_trips_through_a_model_file(tmp_path):
+    import emdask
+
+    _, df = survey(7, n=400)
+    imp = EMImputer(2, random_state=0).fit(df)
+    imp.save(tmp_path / "imputer")
+    again = emdask.load(tmp_path / "imputer")
+    assert type(again) is EMImputer
+    assert again.get_params() == imp.get_params()
+    pd.testing.assert_frame_equal(again.transform(df), imp.transform(df))

@@ -11,6 +11,7 @@ import pandas as pd
 import dask.dataframe as dd
 
 from ..engine import EMModel, map_fill, run_em
+from ..engine.data import one_blas_thread
 from ..exceptions import ConvergenceWarning, DataWarning
 from .base import _check_number, seed_from
 from .gaussian import GaussianMixture
@@ -22,7 +23,7 @@ _BOOTSTRAP_SEEDS = 0x1A7E
 _DRAW_STREAM = 0xD4A
 
 
-class EMImputer:
+class EMImputer(GaussianMixture):
     """Impute missing cells by their conditional expectation under a Gaussian mixture.
 
     The model is fitted by EM on the incomplete rows themselves (no complete-case
@@ -31,66 +32,34 @@ class EMImputer:
     missing cells, with ``E[x_m | x_o]`` weighted by the row's posterior over components;
     observed cells come back bit for bit.
 
+    An imputer is a :class:`~emdask.GaussianMixture` (same arguments, fitted attributes and
+    methods, saved and loaded the same way) that also fills tables.
+
     Parameters
     ----------
     n_components : int, default=1
     covariance_type : {'full', 'tied', 'diag', 'spherical'}, default='full'
         ``'diag'`` and ``'spherical'`` assume the columns independent within a component,
         so they fill a cell from its component's mean only.
-    tol, reg_covar, max_iter, n_init, init_params, random_state, verbose, split_every, persist
+    **other arguments
         As for :class:`~emdask.GaussianMixture`.
 
     Attributes
     ----------
-    model_ : GaussianMixture
-        The fitted mixture (its ``weights_``, ``means_``, ``covariances_`` ... are also
-        available on the imputer).
-    n_features_in_ : int
-    feature_names_in_ : ndarray of str
-        Only when fitted on a frame.
-    n_iter_, converged_, lower_bound_ : as for the mixture
+    weights_, means_, covariances_, precisions_cholesky_, converged_, n_iter_,
+    lower_bound_, lower_bounds_, n_features_in_, feature_names_in_
+        As for :class:`~emdask.GaussianMixture`.
     """
 
-    def __init__(
-        self,
-        n_components=1,
-        *,
-        covariance_type="full",
-        tol=1e-3,
-        reg_covar=1e-6,
-        max_iter=100,
-        n_init=1,
-        init_params="k-means||",
-        random_state=None,
-        verbose=0,
-        split_every=8,
-        persist="auto",
-    ):
-        self.n_components = n_components
-        self.covariance_type = covariance_type
-        self.tol = tol
-        self.reg_covar = reg_covar
-        self.max_iter = max_iter
-        self.n_init = n_init
-        self.init_params = init_params
-        self.random_state = random_state
-        self.verbose = verbose
-        self.split_every = split_every
-        self.persist = persist
-
-    get_params = GaussianMixture.get_params
-    set_params = GaussianMixture.set_params
-    __repr__ = GaussianMixture.__repr__
-    _param_names = classmethod(GaussianMixture._param_names.__func__)
-
-    def _mixture(self, **overrides):
-        params = {k: v for k, v in self.get_params().items()}
-        params.update(overrides)
-        return GaussianMixture(**params)
+    @property
+    def model_(self):
+        """The fitted mixture behind the fills (the imputer itself)."""
+        self._check_fitted()
+        return self
 
     # -- fitting ----------------------------------------------------------------------------
 
-    def fit(self, X, y=None, *, columns=None, callbacks=()):
+    def fit(self, X, y=None, *, columns=None, callbacks=(), **kwargs):
         """Fit the mixture on the incomplete data.
 
         Parameters
@@ -99,26 +68,11 @@ class EMImputer:
         columns : list of str, optional
             Columns of a frame to model and fill (default: every numeric column). Other
             columns are passed through ``transform`` untouched.
-        callbacks : sequence of callables
-            Called after every EM iteration (see :func:`emdask.engine.run_em`).
+        callbacks, checkpoint, resume
+            As for :meth:`GaussianMixture.fit`.
         """
         _warn_unmodelled_missing(X, columns)
-        self.model_ = self._mixture().fit(X, columns=columns, callbacks=callbacks)
-        self._columns = self.model_._columns
-        self.n_features_in_ = self.model_.n_features_in_
-        if hasattr(self.model_, "feature_names_in_"):
-            self.feature_names_in_ = self.model_.feature_names_in_
-        return self
-
-    def __getattr__(self, name):
-        # fitted parameters of the mixture, read through: weights_, means_, covariances_ ...
-        if name.endswith("_") and not name.startswith("_") and "model_" in self.__dict__:
-            return getattr(self.__dict__["model_"], name)
-        raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
-
-    def _check_fitted(self):
-        if "model_" not in self.__dict__:
-            raise AttributeError(f"This {type(self).__name__} instance is not fitted yet; call fit first")
+        return super().fit(X, y, columns=columns, callbacks=callbacks, **kwargs)
 
     # -- filling ----------------------------------------------------------------------------
 
@@ -132,9 +86,8 @@ class EMImputer:
         with the same partitions.
         """
         self._check_fitted()
-        family, params = self.model_._make_family(), self.model_._fitted_params()
-        columns = self.model_._columns_of(X)
-        return map_fill(X, columns, lambda block, part: family.impute(block, params))
+        family, params = self._make_family(), self._fitted_params()
+        return map_fill(X, self._columns_of(X), lambda block, part: family.impute(block, params))
 
     def fit_transform(self, X, y=None, *, columns=None):
         """Fit, then fill ``X``."""
@@ -165,10 +118,11 @@ class EMImputer:
         _check_number("n_imputations", n_imputations, kind=numbers.Integral, low=1)
         seed = seed_from(random_state)
         params_list = self._bootstrap_params(X, n_imputations, seed)
-        family = self.model_._make_family()
-        columns = self.model_._columns_of(X)
+        family = self._make_family()
+        columns = self._columns_of(X)
         tables = []
         for b, params in enumerate(params_list):
+
             def draw(block, part, params=params, b=b):
                 rng = np.random.default_rng([seed, _DRAW_STREAM, b, part])
                 return family.sample_missing(block, params, rng)
@@ -176,11 +130,11 @@ class EMImputer:
             tables.append(map_fill(X, columns, draw))
         return tables
 
+    @one_blas_thread
     def _bootstrap_params(self, X, n_imputations, seed):
-        model = self.model_
-        data = model._prepare(X, model._columns_of(X))
-        family = model._make_family()
-        start = model._fitted_params()
+        data = self._prepare(X, self._columns_of(X))
+        family = self._make_family()
+        start = self._fitted_params()
         seeds = np.random.SeedSequence([seed, _BOOTSTRAP_SEEDS]).generate_state(n_imputations, np.uint64)
         replicates = [EMModel(family, start, bootstrap_seed=int(s)) for s in seeds]
         with warnings.catch_warnings():
