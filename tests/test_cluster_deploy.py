@@ -271,3 +271,97 @@ def test_kubernetes_manifests_parse_and_fit_together():
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[:3] == ["prefect", "worker", "start"] and option(args, "--type") == "kubernetes"
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] in accounts
+
+
+# --------------------------------------------------------------------------------------
+# Prefect deployments
+# --------------------------------------------------------------------------------------
+
+
+def test_every_deployment_entrypoint_is_a_flow_that_accepts_its_parameters(compose):
+    import importlib
+
+    from prefect import Flow
+    from prefect.client.schemas.schedules import CronSchedule
+
+    spec = load("prefect.yaml")
+    deployments = spec["deployments"]
+    assert deployments
+    pools = {d["work_pool"]["name"] for d in deployments}
+    # the compose file's Prefect worker serves the deployments' pool
+    worker = as_list(compose["services"]["prefect-worker"]["command"])
+    assert pools == {option(worker, "--pool")}
+    mounted = {v.split(":")[1] for v in compose["services"]["prefect-worker"]["volumes"]}
+    for d in deployments:
+        module, _, name = d["entrypoint"].partition(":")
+        flow = getattr(importlib.import_module(module), name)
+        assert isinstance(flow, Flow), d["entrypoint"]
+        parameters = d.get("parameters", {})
+        validated = flow.validate_parameters(parameters)  # raises on a name or a type
+        # one parameter points a flow at a cluster; the deployment leaves it to the worker's
+        # DASK_SCHEDULER_ADDRESS
+        assert "dask_address" in validated and "dask_address" not in parameters
+        with pytest.raises(Exception):
+            flow.validate_parameters({**parameters, "not_a_parameter": 1})
+        for schedule in d.get("schedules", []):
+            CronSchedule(cron=schedule["cron"], timezone=schedule.get("timezone"))
+        # paths the deployment reads and writes are on the volume workers and flows share
+        for key in ("source", "dest", "image", "out"):
+            if key in parameters:
+                assert any(parameters[key].startswith(m + "/") for m in mounted), parameters[key]
+
+
+# --------------------------------------------------------------------------------------
+# Security properties of the code
+# --------------------------------------------------------------------------------------
+
+SHELL_CALLS = {("os", "system"), ("os", "popen"), ("subprocess", "getoutput"),
+               ("subprocess", "getstatusoutput")}
+PICKLERS = {"pickle", "cloudpickle", "dill", "joblib", "shelve", "marshal"}
+
+
+def _python_files(*packages):
+    for package in packages:
+        yield from sorted((REPO_ROOT / package).rglob("*.py"))
+
+
+def test_no_shell_and_no_code_execution_from_parameters():
+    import ast
+
+    found = []
+    for path in _python_files("emdask", "pipelines"):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
+                if (func.value.id, func.attr) in SHELL_CALLS:
+                    found.append(f"{path}:{node.lineno} {func.value.id}.{func.attr}")
+            if isinstance(func, ast.Name) and func.id in ("eval", "exec"):
+                found.append(f"{path}:{node.lineno} {func.id}")
+            for kw in node.keywords:
+                if kw.arg == "shell" and not (
+                    isinstance(kw.value, ast.Constant) and kw.value.value is False
+                ):
+                    found.append(f"{path}:{node.lineno} shell=")
+    assert not found, found
+
+
+def test_model_files_are_never_unpickled():
+    import ast
+
+    found = []
+    for path in _python_files("emdask"):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module.split(".")[0]]
+            found += [f"{path}:{node.lineno} import {n}" for n in names if n in PICKLERS]
+            if isinstance(node, ast.keyword) and node.arg == "allow_pickle":
+                if not (isinstance(node.value, ast.Constant) and node.value.value is False):
+                    found.append(f"{path}:{node.value.lineno} allow_pickle")
+    assert not found, found
