@@ -4,7 +4,8 @@ Model: n x 16 (default n = 1,000,000), 8 components, full covariance, 10 EM iter
 tol=0, both started from the same weights_init / means_init / precisions_init.
 
 * emdask runs on a ``distributed.LocalCluster`` of 2 single-threaded worker processes
-  (127.0.0.1). The table is generated on the workers, partition by partition, so the client
+  (127.0.0.1). The table is generated on the workers, partition by partition (default 8
+  partitions of 16 MiB, the block size emdask cuts an in-memory table into), so the client
   never holds it; emdask persists it there once.
 * scikit-learn's GaussianMixture runs in a child process on the same machine (BLAS on all
   cores), on the same table built from the same partitions.
@@ -30,7 +31,7 @@ What is timed
   cells missing completely at random, time per iteration against the complete table.
 
 Usage:  python benchmarks/gmm_vs_sklearn.py [--rows 1000000] [--features 16] [--components 8]
-        [--iterations 10] [--partitions 16] [--missing-rate 0.2] [--missing-iterations 5]
+        [--iterations 10] [--partitions 8] [--missing-rate 0.2] [--missing-iterations 5]
         [--no-sklearn]
 """
 
@@ -334,7 +335,7 @@ def main():
     parser.add_argument("--features", type=int, default=16)
     parser.add_argument("--components", type=int, default=8)
     parser.add_argument("--iterations", type=int, default=10)
-    parser.add_argument("--partitions", type=int, default=16)
+    parser.add_argument("--partitions", type=int, default=8)
     parser.add_argument("--missing-rate", type=float, default=0.2)
     parser.add_argument("--missing-iterations", type=int, default=5)
     parser.add_argument("--no-sklearn", action="store_true")

@@ -28,17 +28,29 @@ significant digits (tests check this against the per-component kernel).
 
 Missing cells under a full covariance
 -------------------------------------
-Rows are sorted by their missingness pattern, so that the pattern's work (Cholesky factor of
-``P_mm``, its inverse and log-determinant, for every component) is done once per pattern and
-batched over the patterns with the same number of missing cells. Per row and component the
-remaining work is O(d² + d_m²): with ``x̃₀`` the centred row with zeros in its missing cells,
+Rows are sorted by their missingness pattern once per block (the order depends on the data
+alone and is kept while a persisted block is reused), so that the pattern's work (Cholesky
+factor of ``P_mm``, its inverse and log-determinant, for every component) is done once per
+pattern. Per row and component the remaining work is O(d² + d_m²): with ``x̃₀`` the centred
+row with zeros in its missing cells,
 
     q_o = x̃₀ᵀ P x̃₀ - vᵀ P_mm⁻¹ v,   v = (P x̃₀)_m,   x_m - mu_m = -P_mm⁻¹ v
 
 (the observed part's Mahalanobis distance and the conditional mean), where ``x̃₀ U`` and
-``x̃₀ P`` for all components come from one matrix product of ``[x̃₀, o]`` (``o`` the observed
-mask). The conditional covariance ``P_mm⁻¹`` enters the second moment once per pattern,
-weighted by the pattern's summed responsibilities.
+``x̃₀ P`` come from matrix products over the chunk. The conditional covariance ``P_mm⁻¹``
+enters the second moment once per pattern, weighted by the pattern's summed
+responsibilities.
+
+Compiled steps (numba, optional)
+--------------------------------
+With numba installed, the steps between the matrix products run as compiled passes over each
+chunk (:mod:`emdask.families._compiled`): log-densities less the row maximum, then one
+vectorised ``exp``, then responsibilities, rows centred on each component's own previous
+mean ``x - mu_j`` (exactly, as in the reference) and their second moments
+``Σ_i r_ij (x_i - mu_j)(x_i - mu_j)ᵀ`` by a register-blocked kernel over the lower triangle.
+Only the log-densities use the common shift (with the linear error bound above); the
+moments carry no shift error at all. Without numba the numpy steps above run; the tests
+compare both with the per-component reference.
 
 Diagonal and spherical covariance
 ---------------------------------
