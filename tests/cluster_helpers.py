@@ -137,6 +137,7 @@ def tls_environment(tls):
 
 
 def _signal_group(proc):
+    """SIGTERM a process group (a Dask process and its children), as a service manager would."""
     if proc.poll() is None:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -309,6 +310,11 @@ class ProcessCluster:
             _signal_group(proc)
         for proc in procs:
             _reap_group(proc, grace)
+
+    def leftovers(self, wait=5.0):
+        """Process groups started here with a process still running after ``wait`` seconds
+        (none once stopped)."""
+        return [group for group in self.process_groups() if group_alive(group, wait)]
 
     def __enter__(self):
         return self.start()

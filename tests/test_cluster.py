@@ -28,6 +28,7 @@ N_PARTS = 12
 def cluster(tmp_path_factory):
     with ProcessCluster(tmp_path_factory.mktemp("cluster"), n_workers=2, memory_limit="1GiB") as c:
         yield c
+    assert not c.leftovers()  # every process it started is gone
 
 
 @pytest.fixture(scope="module")

@@ -54,6 +54,7 @@ def table(tmp_path_factory):
 def cluster(tmp_path):
     with ProcessCluster(tmp_path / "cluster", n_workers=2, memory_limit="1GiB") as c:
         yield c
+    assert not c.leftovers()  # restarted workers included
 
 
 def make_model():
