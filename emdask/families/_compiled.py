@@ -213,57 +213,65 @@ def pattern_tables(P, cols, col_off, pat_m, inv_off, inv, corr):
     size = 0
     for p in range(pat_m.size):
         size = max(size, pat_m[p])
-    A = np.zeros((size, size))
-    L = np.zeros((size, size))
-    Li = np.zeros((size, size))
-    rdiag = np.zeros(size)
+    # Factors of P_mm with the missing columns taken in descending order. Patterns come
+    # ranked by count, then by their highest columns first, so a pattern's descending
+    # column list usually starts like the previous one's: the leading rows of the Cholesky
+    # factor, of its inverse and the partial log-determinants are kept and only the rows
+    # after the shared prefix are computed.
+    L = np.zeros((k, size, size))
+    Li = np.zeros((k, size, size))
+    rdiag = np.zeros((k, size))
+    log_det_upto = np.zeros((k, size + 1))
+    prev = np.full(size, -1)
+    prev_m = 0
+    c = np.empty(size, dtype=np.int64)
     for p in range(pat_m.size):
         m = pat_m[p]
-        c = cols[col_off[p] : col_off[p] + m]
+        for a in range(m):
+            c[a] = cols[col_off[p] + m - 1 - a]
+        shared = 0
+        if m == prev_m:
+            while shared < m and c[shared] == prev[shared]:
+                shared += 1
+        for a in range(m):
+            prev[a] = c[a]
+        prev_m = m
         for j in range(k):
-            for a in range(m):
-                for b in range(a + 1):
-                    A[a, b] = P[j, c[a], c[b]]
-            # Cholesky A = L Lᵀ, row by row
-            prod = 1.0
-            log_det = 0.0
-            for a in range(m):
+            for a in range(shared, m):
+                ca = c[a]
                 for b in range(a):
-                    s = A[a, b]
+                    acc = P[j, ca, c[b]]
                     for t in range(b):
-                        s -= L[a, t] * L[b, t]
-                    L[a, b] = s * rdiag[b]
-                s = A[a, a]
+                        acc -= L[j, a, t] * L[j, b, t]
+                    L[j, a, b] = acc * rdiag[j, b]
+                acc = P[j, ca, ca]
                 for t in range(a):
-                    s -= L[a, t] * L[a, t]
-                if not s > 0.0:
+                    acc -= L[j, a, t] * L[j, a, t]
+                if not acc > 0.0:
                     return False
-                prod *= s
-                if prod > 1e150 or prod < 1e-150:
-                    log_det += np.log(prod)
-                    prod = 1.0
-                lsq = np.sqrt(s)
-                L[a, a] = lsq
-                rdiag[a] = 1.0 / lsq
-            log_det += np.log(prod)
-            # Li = L⁻¹ (lower), by forward substitution
-            for a in range(m):
-                Li[a, a] = rdiag[a]
+                lsq = np.sqrt(acc)
+                L[j, a, a] = lsq
+                rdiag[j, a] = 1.0 / lsq
+                log_det_upto[j, a + 1] = log_det_upto[j, a] + np.log(acc)
+                # row a of L⁻¹ (forward substitution)
+                Li[j, a, a] = rdiag[j, a]
                 for b in range(a):
-                    s = 0.0
+                    acc = 0.0
                     for t in range(b, a):
-                        s += L[a, t] * Li[t, b]
-                    Li[a, b] = -s * rdiag[a]
-            # P_mm⁻¹ = Liᵀ Li (symmetric: the upper triangle, mirrored)
+                        acc += L[j, a, t] * Li[j, t, b]
+                    Li[j, a, b] = -acc * rdiag[j, a]
+            # P_mm⁻¹ = Liᵀ Li in descending order; stored in ascending column order
             base = inv_off[p] + j * m * m
             for a in range(m):
                 for b in range(a, m):
-                    s = 0.0
+                    acc = 0.0
                     for t in range(b, m):
-                        s += Li[t, a] * Li[t, b]
-                    inv[base + a * m + b] = s
-                    inv[base + b * m + a] = s
-            corr[p, j] = 0.5 * m * log_2pi - 0.5 * log_det
+                        acc += Li[j, t, a] * Li[j, t, b]
+                    ra = m - 1 - a
+                    rb = m - 1 - b
+                    inv[base + ra * m + rb] = acc
+                    inv[base + rb * m + ra] = acc
+            corr[p, j] = 0.5 * m * log_2pi - 0.5 * log_det_upto[j, m]
     return True
 
 
@@ -405,9 +413,11 @@ def incomplete_weigh(e, top, pats, weights, use_weights, xc, nk, s1, resp_by_pat
 
 
 @njit(cache=True, nogil=True)
-def add_conditional_covariance(s2, resp_by_pattern, pat_m, col_off, inv_off, cols, inv):
-    """``s2_j[m, m] += Σ_patterns R_pj P_mm⁻¹`` (R: the pattern's summed responsibilities)."""
-    k = s2.shape[0]
+def add_conditional_covariance(lower, resp_by_pattern, pat_m, col_off, inv_off, cols, inv):
+    """``lower_j[m, m] += Σ_patterns R_pj P_mm⁻¹`` on and below the diagonal (R: the
+    pattern's summed responsibilities; columns ascending, so entry (a, b ≤ a) of ``P_mm⁻¹``
+    falls on or below the diagonal)."""
+    k = lower.shape[0]
     for p in range(pat_m.size):
         m = pat_m[p]
         co = col_off[p]
@@ -416,5 +426,5 @@ def add_conditional_covariance(s2, resp_by_pattern, pat_m, col_off, inv_off, col
             base = inv_off[p] + j * m * m
             for a in range(m):
                 ca = cols[co + a]
-                for b in range(m):
-                    s2[j, ca, cols[co + b]] += r * inv[base + a * m + b]
+                for b in range(a + 1):
+                    lower[j, ca, cols[co + b]] += r * inv[base + a * m + b]

@@ -588,10 +588,10 @@ class DenseKernel:
             totals.loglik += loglik
             totals.n_rows += n_rows
             compiled.lower_moments(xc, q, lower)
-        s2 += _mirror_lower(lower)
         compiled.add_conditional_covariance(
-            s2, resp_by_pattern, counts, col_off, inv_off, cols_flat, inv_flat
+            lower, resp_by_pattern, counts, col_off, inv_off, cols_flat, inv_flat
         )
+        s2 += _mirror_lower(lower)
 
     def _incomplete_rows_numpy(
         self, yg, xc, w, q, tables, counts, locals_, pats, weights, nk, resp_by_pattern, totals
