@@ -60,6 +60,7 @@ left out of the product.
 
 from __future__ import annotations
 
+import os
 import weakref
 from dataclasses import dataclass
 from functools import partial
@@ -761,8 +762,9 @@ class DiagonalKernel:
 # --------------------------------------------------------------------------------------
 
 #: Whether to use the compiled per-row steps when numba is installed (the numpy steps
-#: above are the reference they are tested against).
-use_compiled = True
+#: above are the reference they are tested against). ``EMDASK_COMPILED=0`` in the
+#: environment turns them off.
+use_compiled = os.environ.get("EMDASK_COMPILED", "1") != "0"
 _COMPILED = []
 
 
