@@ -201,7 +201,7 @@ def fit_pixels(plan: ImagePlan, features: str, staged: str) -> FitResult:
     selection = []
     if len(plan.candidates) == 1:
         logger.info(f"fitting {estimator!r} on {plan.pixels:,} pixels")
-        model = estimator.fit(X, callbacks=[progress_callback()])
+        model = estimator.fit(X, callbacks=[progress_callback(tol=estimator.tol)])
         n_passes = model.n_passes_
     else:
         ks = plan.candidates

@@ -138,7 +138,7 @@ def fit_imputer(plan: ImputePlan, staged: str) -> FitResult:
     logger.info(f"fitting {model!r} on {len(plan.columns)} columns")
     started = time.perf_counter()
     model.fit(warehouse.open_table(plan.source), columns=plan.columns,
-              callbacks=[progress_callback()])
+              callbacks=[progress_callback(tol=model.tol)])
     seconds = time.perf_counter() - started
     path = save_model(model, str(Path(staged) / "model"))
     logger.info(

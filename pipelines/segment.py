@@ -184,7 +184,7 @@ def fit_segments(plan: SegmentPlan, scaling: dict, staged: str) -> FitResult:
     selection = []
     if len(plan.candidates) == 1:
         logger.info(f"fitting {estimator!r} on {len(plan.features)} features")
-        model = estimator.fit(table, columns=plan.features, callbacks=[progress_callback()])
+        model = estimator.fit(table, columns=plan.features, callbacks=[progress_callback(tol=estimator.tol)])
         n_passes = getattr(model, "n_passes_", 0)
     else:
         ks = plan.candidates

@@ -22,6 +22,7 @@ from .warehouse import InputError
 __all__ = [
     "FitResult",
     "base_manifest",
+    "convergence_bar",
     "discard",
     "io_task",
     "load_model",
@@ -86,13 +87,41 @@ class FitResult:
         return asdict(self)
 
 
-def progress_callback(label=""):
-    """A fit callback that logs one line per EM iteration (iteration, log-likelihood, change, time)."""
+def convergence_bar(first_change, change, tol, width=20):
+    """A text bar of how far EM has come toward convergence.
+
+    Progress is measured on the log scale of the change in mean log-likelihood: from the
+    first finite change (0%) down to ``tol`` (100%), as EM's changes shrink geometrically.
+    """
+    import math
+
+    if not math.isfinite(change) or first_change is None:
+        done = 0.0
+    elif abs(change) < tol:
+        done = 1.0
+    elif abs(first_change) <= tol or abs(change) >= abs(first_change):
+        done = 0.0
+    else:
+        done = math.log(abs(first_change) / abs(change)) / math.log(abs(first_change) / tol)
+    done = min(max(done, 0.0), 1.0)
+    filled = round(done * width)
+    return f"[{'#' * filled}{'-' * (width - filled)}] {done:4.0%}"
+
+
+def progress_callback(label="", tol=None):
+    """A fit callback that logs one line per EM iteration (iteration, log-likelihood, change,
+    time), led by a bar of the progress toward convergence when ``tol`` is given."""
     logger = get_run_logger()
     prefix = f"{label} " if label else ""
+    first = {}
 
     def callback(info):
-        logger.info(prefix + format_iteration(info))
+        bar = ""
+        if tol is not None:
+            if info.model not in first and abs(info.change) != float("inf"):
+                first[info.model] = info.change
+            bar = convergence_bar(first.get(info.model), info.change, tol) + " "
+        logger.info(prefix + bar + format_iteration(info))
 
     return callback
 
