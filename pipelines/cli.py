@@ -106,7 +106,7 @@ def _add_run_options(p, what="rows"):
 def _add_k_options(p, default_range="2:8"):
     g = p.add_mutually_exclusive_group()
     g.add_argument("-k", "--components", type=_positive_int, metavar="K",
-                   help=f"number of segments (default: chosen by BIC among --k-range)")
+                   help="number of segments (default: chosen by BIC among --k-range)")
     g.add_argument("--k-range", type=_k_range, default=None, metavar="K_MIN:K_MAX",
                    help=f"numbers of segments to try, all fitted in shared passes "
                         f"(default: {default_range})")

@@ -21,7 +21,6 @@ from emdask import (
     BernoulliMixture,
     BinomialMixture,
     CategoricalMixture,
-    ConvergenceWarning,
     DataWarning,
     MixedMixture,
     PoissonMixture,

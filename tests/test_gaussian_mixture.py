@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
-import emdask
 from emdask import ConvergenceWarning, DataWarning, GaussianMixture
 
 COV_TYPES = ["full", "tied", "diag", "spherical"]
@@ -116,7 +115,6 @@ def test_log_likelihood_never_decreases(cov_type, reg_covar):
 
 @pytest.mark.parametrize("cov_type", COV_TYPES)
 def test_large_offset_fitted_as_accurately_as_centred(cov_type):
-    rng = np.random.default_rng(7)
     X = blobs(7, n=600, d=3)
     offset = np.array([1e6, 0.0, -3e5])
     init = start_from_sklearn(X, 3, cov_type)

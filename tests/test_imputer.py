@@ -1,6 +1,5 @@
 """EMImputer: filling, multiple imputation and Rubin's rules."""
 
-import warnings
 
 import dask.array as da
 import dask.dataframe as dd

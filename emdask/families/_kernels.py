@@ -457,7 +457,6 @@ class DenseKernel:
 
     def _pattern_tables(self, cols_by_count):
         """Per pattern and component: ``P_mm⁻¹`` and the log-density correction."""
-        k, d = self.k, self.d
         P = self.precision
         tables = {}
         for m, cols in cols_by_count.items():
