@@ -132,13 +132,17 @@ def _make_model(plan):
 
 @step_task
 def fit_imputer(plan: ImputePlan, staged: str) -> FitResult:
-    """Fit the imputation model by EM on the incomplete table and save it to the version."""
+    """Fit the imputation model by EM on the incomplete table and save it to the version.
+
+    The fit is checkpointed after every iteration; a run started again after being killed
+    mid-fit resumes from the checkpoint."""
     logger = get_run_logger()
     model = _make_model(plan)
     logger.info(f"fitting {model!r} on {len(plan.columns)} columns")
     started = time.perf_counter()
     model.fit(warehouse.open_table(plan.source), columns=plan.columns,
-              callbacks=[progress_callback(tol=model.tol)])
+              callbacks=[progress_callback(tol=model.tol)],
+              checkpoint=warehouse.checkpoint_path(plan.dest, plan.key), resume=True)
     seconds = time.perf_counter() - started
     path = save_model(model, str(Path(staged) / "model"))
     logger.info(
@@ -290,6 +294,10 @@ def impute_survey(
         except BaseException:
             discard(staged)
             raise
+        finally:
+            # a run that ends, published or failed, leaves no checkpoint; only a process
+            # killed outright leaves one, for the next run to resume from
+            warehouse.drop_checkpoint(plan.dest, plan.key)
     summary = _summary_from_manifest(version)
     _report(summary)
     return summary

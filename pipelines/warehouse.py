@@ -22,6 +22,7 @@ Every run writes a new *version* of its destination directory ``DEST``::
           model/                  the fitted model (JSON + .npz, readable by emdask.load)
           convergence.png         mean log-likelihood per EM iteration
       .staging/                   versions being written; never read
+      .checkpoints/<run key>/     the EM state of a run still fitting (see below)
 
 A version is written under ``.staging/``, validated there, moved into ``versions/`` by one
 ``rename`` and published by atomically replacing ``CURRENT`` (write a temporary file, then
@@ -30,6 +31,12 @@ immutable directory, so they see the previous version or the new one, never a mi
 fails removes its staging directory; ``CURRENT`` and every published version stay as they were.
 A process killed outright may leave a directory under ``.staging/``: it is never read, and can
 be deleted when no run is writing to ``DEST``.
+
+While a run fits its model, the EM state is checkpointed after every iteration under
+``.checkpoints/<run key>``. A run killed mid-fit and started again with the same parameters on
+the same source resumes from there and reaches the model an uninterrupted run would have. A run
+that ends, published or failed, removes its checkpoint; only a process killed outright leaves
+one behind (like its staging directory), for the next run to resume from.
 
 A version's name is its UTC creation time and the first characters of its *run key*, a digest
 of the flow, its parameters, the emdask version and the source's files (names, sizes and
@@ -80,6 +87,7 @@ __all__ = [
 CURRENT = "CURRENT"
 VERSIONS = "versions"
 STAGING = ".staging"
+CHECKPOINTS = ".checkpoints"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "emdask-dataset-version"
 _CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2", ".csv.zip", ".csv.xz")
@@ -395,7 +403,8 @@ def check_destination(dest, source=None):
     if path.exists():
         if not path.is_dir():
             raise InputError(f"destination {dest} exists and is not a directory; choose a directory")
-        entries = [e for e in os.listdir(path)]
+        # a first run killed outright leaves only its working directories behind
+        entries = [e for e in os.listdir(path) if e not in (STAGING, CHECKPOINTS)]
         if entries and not (path / CURRENT).exists() and not (path / VERSIONS).is_dir():
             raise InputError(
                 f"destination {dest} is a non-empty directory that holds no emdask output; "
@@ -433,6 +442,21 @@ def run_key(flow_name, parameters, source_fingerprint, library_version):
 def _version_name(key):
     now = datetime.now(timezone.utc)
     return f"{now:%Y%m%dT%H%M%S%f}Z-{key[:8]}"
+
+
+def checkpoint_path(dest, key):
+    """Where a run's EM state is checkpointed while it fits: ``DEST/.checkpoints/<run key>``."""
+    return Path(dest) / CHECKPOINTS / key
+
+
+def drop_checkpoint(dest, key):
+    """Remove a run's checkpoint (once its version is published)."""
+    root = Path(dest) / CHECKPOINTS
+    shutil.rmtree(root / key, ignore_errors=True)
+    try:
+        root.rmdir()  # only when empty
+    except OSError:
+        pass
 
 
 def new_staging(dest, key):

@@ -1,11 +1,12 @@
 """Jobs that tests run in processes of their own, so that they can be killed outright.
 
     python cluster_jobs.py fit ADDRESS SOURCE CHECKPOINT OUT [--pause SECONDS]
-    python cluster_jobs.py impute ADDRESS SOURCE DEST SEED
+    python cluster_jobs.py impute ADDRESS SOURCE DEST SEED [--pause SECONDS]
 
 ``fit`` fits a GaussianMixture on a Parquet table through the cluster at ADDRESS with a
 checkpoint after every iteration (resuming from it when it exists) and saves the model to
-OUT. ``impute`` runs the imputation flow. Arguments are passed as a list, never through a
+OUT. ``impute`` runs the imputation flow (``--pause`` slows its EM iterations down, to leave
+the test a window to kill it mid-fit). Arguments are passed as a list, never through a
 shell.
 """
 
@@ -46,8 +47,23 @@ def run_fit(address, source, checkpoint, out, pause):
     print(json.dumps({"n_iter": model.n_iter_, "n_passes": model.n_passes_}))
 
 
-def run_impute(address, source, dest, seed):
+def run_impute(address, source, dest, seed, pause=0.0):
+    import pipelines.impute
     from pipelines.impute import impute_survey
+
+    if pause:
+        logged = pipelines.impute.progress_callback
+
+        def slow_progress(*args, **kwargs):
+            log = logged(*args, **kwargs)
+
+            def callback(info):
+                log(info)
+                time.sleep(pause)
+
+            return callback
+
+        pipelines.impute.progress_callback = slow_progress
 
     summary = impute_survey(
         source=source, dest=dest, id_column="id", dask_address=address, random_state=seed,
@@ -70,11 +86,12 @@ def main(argv=None):
     i.add_argument("source")
     i.add_argument("dest")
     i.add_argument("seed", type=int)
+    i.add_argument("--pause", type=float, default=0.0)
     args = p.parse_args(argv)
     if args.job == "fit":
         run_fit(args.address, args.source, args.checkpoint, args.out, args.pause)
     else:
-        run_impute(args.address, args.source, args.dest, args.seed)
+        run_impute(args.address, args.source, args.dest, args.seed, args.pause)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 * A fit with a checkpoint: killed between iterations, started again, it resumes from the last
   checkpoint (fewer passes than a fresh fit) and reaches the uninterrupted fit's model.
+* The imputation flow killed mid-fit: started again, it resumes from the checkpoint it keeps
+  under the destination and publishes the model an uninterrupted run publishes.
 * The imputation flow: killed while its output is being written, the destination still
   shows the previously published version, whole; the next run publishes a new one, with
   every id of the source exactly once.
@@ -175,3 +177,44 @@ def test_flow_killed_while_writing_leaves_the_published_version(cluster, survey,
     np.testing.assert_array_equal(published_ids(new_path), ids)  # no row lost or duplicated
     assert len(np.unique(published_ids(new_path))) == len(ids)
     np.testing.assert_array_equal(published_ids(path), ids)  # the old version is intact
+
+
+def test_flow_killed_mid_fit_resumes_from_its_checkpoint(cluster, survey, job_env, tmp_path):
+    from pipelines import warehouse
+
+    _, source = survey
+    ref_dest, dest = tmp_path / "reference", tmp_path / "dest"
+    finish(start_job(job_env, "impute", cluster.address, source, ref_dest, 0))
+    ref_path = published(ref_dest)[1]
+    reference = emdask.load(ref_path / "model")
+    ref_fit = warehouse.read_manifest(ref_path)["fit"]
+    assert reference.n_iter_ >= 2
+
+    def checkpointed():
+        for state in (dest / warehouse.CHECKPOINTS).glob("*/model.json"):
+            try:
+                return emdask.load(state.parent).n_iter_ >= 1
+            except Exception:  # being replaced
+                return None
+        return None
+
+    proc = start_job(job_env, "impute", cluster.address, source, dest, 0, "--pause", 1.0)
+    try:
+        wait_for(checkpointed, proc)
+    finally:
+        kill(proc)
+    assert proc.returncode == -signal.SIGKILL
+    assert warehouse.published_version(dest) is None  # nothing published by the killed run
+
+    finish(start_job(job_env, "impute", cluster.address, source, dest, 0))
+    path = published(dest)[1]
+    model = emdask.load(path / "model")
+    fit = warehouse.read_manifest(path)["fit"]
+    # it went on from the checkpoint: fewer passes than the uninterrupted run, same model
+    assert fit["n_passes"] < ref_fit["n_passes"]
+    assert model.n_iter_ == reference.n_iter_
+    for name in ("weights_", "means_", "covariances_"):
+        np.testing.assert_allclose(getattr(model, name), getattr(reference, name),
+                                   rtol=1e-10, atol=1e-12)
+    pd.testing.assert_frame_equal(pd.read_parquet(path / "data"), pd.read_parquet(ref_path / "data"))
+    assert not (dest / warehouse.CHECKPOINTS).exists()  # removed once published
