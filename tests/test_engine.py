@@ -81,7 +81,8 @@ def test_one_graph_per_iteration_and_counted_passes():
     df = table(4, n=1200)
     data = prepare(dd.from_pandas(df, npartitions=9), persist=False, split_every=2)
     assert data.n_passes == 1  # the summary pass
-    assert data.summary.lengths == tuple(len(p) for p in np.array_split(np.arange(1200), 9)) or sum(data.summary.lengths) == 1200
+    assert len(data.summary.lengths) == 9 and sum(data.summary.lengths) == 1200
+    assert data.row_starts == tuple(np.cumsum((0,) + data.summary.lengths[:-1]))
     gm = fit(df)
     # summary + k-means|| (1 + 5 rounds + 1 weighting + 2 Lloyd) + 1 initial assignment + 10 EM
     assert gm.n_passes_ == 1 + 9 + 1 + 10
