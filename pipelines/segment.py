@@ -175,7 +175,10 @@ def _estimator(plan):
 
 @step_task
 def fit_segments(plan: SegmentPlan, scaling: dict, staged: str) -> FitResult:
-    """Fit the mixture (every candidate k in shared passes when k is searched) and save the best."""
+    """Fit the mixture (every candidate k in shared passes when k is searched) and save the best.
+
+    A single k is checkpointed after every iteration; a run started again after being killed
+    mid-fit resumes from the checkpoint."""
     logger = get_run_logger()
     p = plan.parameters
     table = scaled_table(warehouse.open_table(plan.source), scaling)
@@ -184,7 +187,10 @@ def fit_segments(plan: SegmentPlan, scaling: dict, staged: str) -> FitResult:
     selection = []
     if len(plan.candidates) == 1:
         logger.info(f"fitting {estimator!r} on {len(plan.features)} features")
-        model = estimator.fit(table, columns=plan.features, callbacks=[progress_callback(tol=estimator.tol)])
+        model = estimator.fit(
+            table, columns=plan.features, callbacks=[progress_callback(tol=estimator.tol)],
+            checkpoint=warehouse.checkpoint_path(plan.dest, plan.key), resume=True,
+        )
         n_passes = getattr(model, "n_passes_", 0)
     else:
         ks = plan.candidates
@@ -399,6 +405,8 @@ def segment_customers(
         except BaseException:
             discard(staged)
             raise
+        finally:
+            warehouse.drop_checkpoint(plan.dest, plan.key)  # kept only by a killed run
     summary = _summary_from_manifest(version)
     _report(summary)
     return summary
