@@ -59,7 +59,8 @@ def current_client():
 # --------------------------------------------------------------------------------------
 
 
-def _is_numeric(dtype):
+def is_numeric(dtype):
+    """Whether a column of this dtype can be modelled as numbers (booleans included)."""
     return (
         pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype)
     ) and not pd.api.types.is_complex_dtype(dtype)
@@ -72,7 +73,7 @@ def select_columns(dtypes, columns=None, *, what="numeric"):
     """
     names = list(dtypes.index)
     if columns is None:
-        chosen = [c for c in names if _is_numeric(dtypes[c])]
+        chosen = [c for c in names if is_numeric(dtypes[c])]
         if not chosen:
             raise TypeError(
                 f"the table has no {what} column (columns: {names}); pass columns= or "
@@ -85,7 +86,7 @@ def select_columns(dtypes, columns=None, *, what="numeric"):
     absent = [c for c in chosen if c not in dtypes.index]
     if absent:
         raise KeyError(f"column(s) {absent} not in the table; available columns: {names}")
-    bad = [c for c in chosen if not _is_numeric(dtypes[c])]
+    bad = [c for c in chosen if not is_numeric(dtypes[c])]
     if bad:
         raise TypeError(
             f"column(s) {bad} are not numeric ({', '.join(str(dtypes[c]) for c in bad)}); "

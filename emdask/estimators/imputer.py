@@ -11,7 +11,7 @@ import pandas as pd
 import dask.dataframe as dd
 
 from ..engine import EMModel, map_fill, run_em
-from ..engine.data import one_blas_thread
+from ..engine.data import is_numeric, one_blas_thread
 from ..exceptions import ConvergenceWarning, DataWarning
 from .base import _check_number, seed_from
 from .gaussian import GaussianMixture
@@ -148,10 +148,7 @@ def _warn_unmodelled_missing(X, columns):
     if not isinstance(X, (pd.DataFrame, dd.DataFrame)) or columns is not None:
         return
     dtypes = X.dtypes
-    other = [
-        c for c in X.columns
-        if not (pd.api.types.is_numeric_dtype(dtypes[c]) or pd.api.types.is_bool_dtype(dtypes[c]))
-    ]
+    other = [c for c in X.columns if not is_numeric(dtypes[c])]
     if not other:
         return
     # a dask frame would need a pass to know; its non-numeric columns are passed through

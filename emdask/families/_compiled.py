@@ -64,6 +64,25 @@ def complete_log_prob(y, v, const, q):
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _row_normalizers(e, top, weights, use_weights):
+    """Per row: the factor turning ``e`` (exp of log-probabilities less the row maximum
+    ``top``) into weighted responsibilities; and the weighted log-likelihood and row count."""
+    k, nb = e.shape
+    loglik = 0.0
+    n_rows = 0.0
+    scale = np.empty(nb)
+    for i in range(nb):
+        total = 0.0
+        for j in range(k):
+            total += e[j, i]
+        wi = weights[i] if use_weights else 1.0
+        loglik += wi * (np.log(total) + top[i])
+        n_rows += wi
+        scale[i] = wi / total
+    return scale, loglik, n_rows
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def complete_weigh(e, top, xr, means, weights, use_weights, c, nk, s1):
     """Responsibilities and centred rows of a chunk of complete rows.
 
@@ -88,17 +107,7 @@ def complete_weigh(e, top, xr, means, weights, use_weights, c, nk, s1):
     """
     k, nb = e.shape
     d = xr.shape[0]
-    loglik = 0.0
-    n_rows = 0.0
-    scale = np.empty(nb)
-    for i in range(nb):
-        total = 0.0
-        for j in range(k):
-            total += e[j, i]
-        wi = weights[i] if use_weights else 1.0
-        loglik += wi * (np.log(total) + top[i])
-        n_rows += wi
-        scale[i] = wi / total
+    scale, loglik, n_rows = _row_normalizers(e, top, weights, use_weights)
     for j in range(k):
         s = 0.0
         for i in range(nb):
@@ -385,17 +394,7 @@ def incomplete_weigh(e, top, pats, weights, use_weights, xc, nk, s1, resp_by_pat
     """
     k, nb = e.shape
     d = xc.shape[1]
-    loglik = 0.0
-    n_rows = 0.0
-    scale = np.empty(nb)
-    for i in range(nb):
-        total = 0.0
-        for j in range(k):
-            total += e[j, i]
-        wi = weights[i] if use_weights else 1.0
-        loglik += wi * (np.log(total) + top[i])
-        n_rows += wi
-        scale[i] = wi / total
+    scale, loglik, n_rows = _row_normalizers(e, top, weights, use_weights)
     for j in range(k):
         s = 0.0
         for i in range(nb):
