@@ -75,9 +75,11 @@ def test_fast_kernel_matches_the_reference(path, cov_type, rate, weighted):
 
 
 @pytest.mark.parametrize("cov_type", ["full", "tied"])
-def test_many_missing_patterns_and_columns(path, cov_type):
-    """Every missing count from 1 to d - 1, several rows per pattern and unique ones."""
-    k, d = 3, 9
+@pytest.mark.parametrize("d", [9, 20])
+def test_many_missing_patterns_and_columns(path, cov_type, d):
+    """Every missing count from 1 to d - 1, several rows per pattern and unique ones (patterns
+    found by table lookup up to 16 columns, by sorting beyond)."""
+    k = 3
     params = random_params(cov_type, k, d, seed=5)
     X = sample(params, cov_type, 2500, seed=6)
     rng = np.random.default_rng(7)
@@ -89,8 +91,10 @@ def test_many_missing_patterns_and_columns(path, cov_type):
     assert_same_stats(family.partial_stats(X, params), reference_partial_stats(family, X, params), 1e-12)
 
 
-def test_wide_rows_sort_their_patterns_by_bytes(path):
-    k, d = 2, 60
+@pytest.mark.parametrize("d", [60, 70])
+def test_wide_rows_sort_their_patterns_by_bytes(path, d):
+    """Up to 62 columns a pattern is one integer key; wider rows take the chunked path."""
+    k = 2
     params = random_params("full", k, d, seed=8)
     X = with_missing(sample(params, "full", 300, seed=9), 0.1, seed=10)
     family = GaussianFamily(k, "full")

@@ -18,7 +18,7 @@ import operator
 import os
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
-from functools import reduce
+from functools import partial, reduce
 
 import numpy as np
 import pandas as pd
@@ -98,9 +98,13 @@ def select_columns(dtypes, columns=None, *, what="numeric"):
     return chosen
 
 
-def frame_to_float(df, columns):
-    """The chosen columns of a pandas frame as a C-contiguous float64 array."""
+def frame_to_float(df, columns, *, any_order=False):
+    """The chosen columns of a pandas frame as a float64 array: C-contiguous, or with
+    ``any_order`` in whichever contiguous layout pandas gives without a copy (a frame of
+    float64 columns hands over its column-major block as it is)."""
     out = df[columns].to_numpy(dtype=np.float64, na_value=np.nan)
+    if any_order and (out.flags.c_contiguous or out.flags.f_contiguous):
+        return out
     return np.ascontiguousarray(out)
 
 
@@ -418,7 +422,8 @@ def prepare(X, columns=None, *, allow_nan=True, persist="auto", npartitions=None
     if isinstance(X, dd.DataFrame):
         cols = select_columns(X.dtypes, columns)
         frame = X[cols]
-        blocks = [dask.delayed(frame_to_float)(p, cols) for p in frame.to_delayed()]
+        to_float = partial(frame_to_float, any_order=True)
+        blocks = [dask.delayed(to_float)(p, cols) for p in frame.to_delayed()]
         names, has_names = [str(c) for c in cols], True
     elif isinstance(X, da.Array):
         if X.ndim != 2:

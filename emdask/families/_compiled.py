@@ -427,3 +427,434 @@ def add_conditional_covariance(lower, resp_by_pattern, pat_m, col_off, inv_off, 
                 ca = cols[co + a]
                 for b in range(a + 1):
                     lower[j, ca, cols[co + b]] += r * inv[base + a * m + b]
+
+
+# --------------------------------------------------------------------------------------
+# exp in vectorisable steps
+# --------------------------------------------------------------------------------------
+
+_LOG2E = 1.4426950408889634
+_LN2_HI = 6.93147180369123816490e-01
+_LN2_LO = 1.90821492927058770002e-10
+#: Below this, exp(x) < 1e-307 is taken as 0 (only arguments <= 0 are used: log-densities
+#: less the row's maximum, where such terms cannot change a sum that holds a 1).
+_EXP_FLOOR = -708.0
+
+
+@njit(cache=True, nogil=True, fastmath={"contract"})
+def exp_nonpositive(q, bits):
+    """``q = exp(q)`` in place for ``q <= 0`` (NaN-free), in steps the compiler vectorises.
+
+    ``x = n ln 2 + r`` with ``|r| <= ln 2 / 2``; ``exp(r)`` by its Taylor polynomial of
+    degree 13 (truncation below 1e-17 relative), ``2^n`` assembled from its exponent bits
+    in ``bits`` (int64 scratch, at least ``q.size``). Agrees with ``numpy.exp`` to a few
+    units in the last place; arguments below -708 give 0.
+    """
+    flat = q.reshape(-1)
+    size = flat.size
+    for t in range(size):
+        x = flat[t]
+        if x < _EXP_FLOOR:
+            x = _EXP_FLOOR - 1.0
+        n = np.floor(x * _LOG2E + 0.5)
+        r = (x - n * _LN2_HI) - n * _LN2_LO
+        p = 1.0 / 6227020800.0
+        p = p * r + 1.0 / 479001600.0
+        p = p * r + 1.0 / 39916800.0
+        p = p * r + 1.0 / 3628800.0
+        p = p * r + 1.0 / 362880.0
+        p = p * r + 1.0 / 40320.0
+        p = p * r + 1.0 / 5040.0
+        p = p * r + 1.0 / 720.0
+        p = p * r + 1.0 / 120.0
+        p = p * r + 1.0 / 24.0
+        p = p * r + 1.0 / 6.0
+        p = p * r + 0.5
+        p = p * r + 1.0
+        p = p * r + 1.0
+        ni = np.int64(n)
+        bits[t] = (ni + 1023) << 52 if ni >= -1022 else 0
+        flat[t] = p
+    scale = bits[:size].view(np.float64)
+    for t in range(size):
+        flat[t] *= scale[t]
+
+
+# --------------------------------------------------------------------------------------
+# A whole block at once (full and tied covariances)
+# --------------------------------------------------------------------------------------
+
+#: Widest row whose missingness pattern fits in one integer key.
+MAX_KEY_FEATURES = 62
+#: Up to this many features, patterns are found through a table indexed by the key;
+#: wider rows sort their keys instead.
+_TABLE_FEATURES = 16
+
+
+@njit(cache=True, nogil=True)
+def _informative_rows(X, weights, use_weights):
+    """Rows that carry information (some cell observed, weight above zero), in order, and
+    the missing cells of each as bits (bit l: column l)."""
+    n, d = X.shape
+    rows = np.empty(n, dtype=np.int64)
+    keys = np.empty(n, dtype=np.int64)
+    at = 0
+    for i in range(n):
+        if use_weights and not weights[i] > 0.0:
+            continue
+        key = 0
+        count = 0
+        for l in range(d):
+            x = X[i, l]
+            if x != x:
+                key |= 1 << l
+                count += 1
+        if count < d:
+            rows[at] = i
+            keys[at] = key
+            at += 1
+    return rows[:at], keys[:at]
+
+
+@njit(cache=True, nogil=True)
+def _patterns(keys, d):
+    """Missingness patterns of the rows with bit keys ``keys``.
+
+    Patterns are ranked by missing count, then by key (highest missing column first, the
+    order :func:`pattern_tables` shares work in); the complete pattern, if present, is
+    rank 0.
+
+    Returns
+    -------
+    pats : ndarray
+        Each row's pattern rank.
+    pat_m, col_off, cols : ndarray
+        Per pattern: missing count, offset of its missing columns (ascending) in ``cols``.
+    """
+    n = keys.size
+    local = np.empty(n, dtype=np.int64)  # pattern id by first appearance
+    found = np.empty(max(n, 1), dtype=np.int64)
+    n_pat = 0
+    if d <= _TABLE_FEATURES:
+        table = np.full(1 << d, -1, dtype=np.int64)
+        for a in range(n):
+            key = keys[a]
+            p = table[key]
+            if p < 0:
+                p = n_pat
+                table[key] = p
+                found[p] = key
+                n_pat += 1
+            local[a] = p
+    else:
+        order = np.argsort(keys, kind="mergesort")
+        last = 0
+        for b in range(n):
+            a = order[b]
+            key = keys[a]
+            if b == 0 or key != last:
+                found[n_pat] = key
+                n_pat += 1
+                last = key
+            local[a] = n_pat - 1
+    found = found[:n_pat]
+    count = np.zeros(n_pat, dtype=np.int64)
+    for p in range(n_pat):
+        for l in range(d):
+            if (found[p] >> l) & 1:
+                count[p] += 1
+    by_key = np.argsort(found, kind="mergesort")
+    by_count = np.argsort(count[by_key], kind="mergesort")
+    rank = np.empty(n_pat, dtype=np.int64)
+    for r in range(n_pat):
+        rank[by_key[by_count[r]]] = r
+    pat_m = np.empty(n_pat, dtype=np.int64)
+    for p in range(n_pat):
+        pat_m[rank[p]] = count[p]
+    col_off = np.empty(n_pat, dtype=np.int64)
+    at = 0
+    for r in range(n_pat):
+        col_off[r] = at
+        at += pat_m[r]
+    cols = np.empty(at, dtype=np.int64)
+    for p in range(n_pat):
+        r = rank[p]
+        c = col_off[r]
+        for l in range(d):
+            if (found[p] >> l) & 1:
+                cols[c] = l
+                c += 1
+    pats = np.empty(n, dtype=np.int64)
+    for a in range(n):
+        pats[a] = rank[local[a]]
+    return pats, pat_m, col_off, cols
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _pattern_offsets(delta, chol, pat_m, col_off, cols):
+    """``(mu_j - c) U_j`` with the pattern's missing cells of ``mu_j - c`` set to zero, for
+    every pattern and component: (n_patterns, k, d)."""
+    k, d = delta.shape
+    n_pat = pat_m.size
+    off = np.zeros((n_pat, k, d))
+    observed = np.empty(d)
+    for p in range(n_pat):
+        for l in range(d):
+            observed[l] = 1.0
+        for a in range(pat_m[p]):
+            observed[cols[col_off[p] + a]] = 0.0
+        for j in range(k):
+            for i in range(d):
+                t = delta[j, i] * observed[i]
+                if t != 0.0:
+                    for l in range(d):
+                        off[p, j, l] += t * chol[j, i, l]
+    return off
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _chunk_products(chol, xz, off, pats, complete, const, y, q):
+    """``y[j] = x̃₀ U_j - off[p, j]`` and ``q[j] = const_j - |y[j]|² / 2`` for a chunk of
+    rows ``xz`` (d, nb) of patterns ``pats``, ``U_j`` upper triangular (only its upper
+    triangle is read), rows along the last axis. ``complete``: every row is of pattern 0."""
+    k, d, nb = y.shape
+    for j in range(k):
+        for i in range(nb):
+            q[j, i] = 0.0
+        for l in range(d):
+            if complete:
+                o = off[0, j, l]
+                for i in range(nb):
+                    y[j, l, i] = -o
+            else:
+                for i in range(nb):
+                    y[j, l, i] = -off[pats[i], j, l]
+            for m in range(l + 1):
+                u = chol[j, m, l]
+                for i in range(nb):
+                    y[j, l, i] += u * xz[m, i]
+            for i in range(nb):
+                t = y[j, l, i]
+                q[j, i] += t * t
+        cj = const[j]
+        for i in range(nb):
+            q[j, i] = cj - 0.5 * q[j, i]
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _chunk_log_prob(y, const, incomplete, pats, pat_m, col_off, cols, inv_off, inv,
+                    corr, chol, c, q, v, z):
+    """Observed-part weighted log-probabilities of a chunk (less each row's maximum) and,
+    for rows with missing cells, the conditional means of those cells.
+
+    On entry ``y`` and ``q`` are as :func:`_chunk_products` leaves them.
+
+    ``y`` (k, d, nb) is the row centred on ``mu_j``, with zeros in its missing cells,
+    times ``U_j``. For a row with missing cells m, with ``v = (x̃₀ P_j)_m`` (from ``y``
+    and the rows m of ``U_j``) the
+    conditional mean of the missing cells, centred on ``mu_j``, is ``-P_mm⁻¹ v`` (written
+    into ``c`` (k, d, nb)) and the Mahalanobis term of the observed cells is
+    ``|y|² - vᵀ P_mm⁻¹ v``. ``incomplete``: positions in the chunk of rows with missing
+    cells.
+    """
+    k, d, nb = y.shape
+    for i in incomplete:
+        p = pats[i]
+        m = pat_m[p]
+        co = col_off[p]
+        for j in range(k):
+            for a in range(m):
+                ca = cols[co + a]
+                acc = 0.0
+                for l in range(ca, d):
+                    acc += chol[j, ca, l] * y[j, l, i]
+                v[a] = acc
+            base = inv_off[p] + j * m * m
+            vz = 0.0
+            for a in range(m):
+                za = 0.0
+                for b in range(m):
+                    za += inv[base + a * m + b] * v[b]
+                z[a] = za
+                vz += v[a] * za
+            for a in range(m):
+                c[j, cols[co + a], i] = -z[a]
+            q[j, i] += 0.5 * vz + corr[p, j]
+    top = np.full(nb, -np.inf)
+    for j in range(k):
+        for i in range(nb):
+            top[i] = max(top[i], q[j, i])
+    for i in range(nb):
+        if top[i] == -np.inf:
+            top[i] = 0.0
+    for j in range(k):
+        for i in range(nb):
+            q[j, i] -= top[i]
+    return top
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _chunk_weigh(e, top, weights, use_weights, rows, incomplete, pats, c, nk, s1,
+                 resp_by_pattern):
+    """Responsibilities of a chunk (``e``: exp of the log-probabilities less the row
+    maximum, overwritten), summed per pattern for the rows with missing cells, and the
+    first moments of the centred rows ``c`` (k, d, nb)."""
+    k, nb = e.shape
+    d = c.shape[1]
+    total = np.zeros(nb)
+    for j in range(k):
+        for i in range(nb):
+            total[i] += e[j, i]
+    scale = np.empty(nb)
+    loglik = 0.0
+    n_rows = 0.0
+    if use_weights:
+        for i in range(nb):
+            wi = weights[rows[i]]
+            scale[i] = wi / total[i]
+            loglik += wi * (np.log(total[i]) + top[i])
+            n_rows += wi
+    else:
+        # each total lies in [1, k]: one log per product of 32 of them
+        for i in range(nb):
+            scale[i] = 1.0 / total[i]
+            loglik += top[i]
+        for a in range(0, nb, 32):
+            prod = 1.0
+            for i in range(a, min(a + 32, nb)):
+                prod *= total[i]
+            loglik += np.log(prod)
+        n_rows = float(nb)
+    for j in range(k):
+        s = 0.0
+        for i in range(nb):
+            r = e[j, i] * scale[i]
+            e[j, i] = r
+            s += r
+        nk[j] += s
+        for l in range(d):
+            acc = 0.0
+            for i in range(nb):
+                acc += e[j, i] * c[j, l, i]
+            s1[j, l] += acc
+    for i in incomplete:
+        p = pats[i]
+        for j in range(k):
+            resp_by_pattern[p, j] += e[j, i]
+    return loglik, n_rows
+
+
+@njit(cache=True, nogil=True)
+def dense_block_stats(X, weights, use_weights, means, shift, stacked_t, chol, P, const,
+                      chunk, nk, s1, lower):
+    """E-step statistics of a whole block under full (or tied) covariances, in one call.
+
+    Complete rows and rows with missing cells go through the same chunks, in block order:
+    one product ``x̃₀ U_j`` about the common shift for every component (missing cells
+    zero), the observed-part log-densities with per-pattern corrections, responsibilities,
+    rows centred on each component's mean with missing cells at their conditional mean,
+    and their moments. Rows with every cell missing or with weight zero are left out.
+
+    Parameters
+    ----------
+    X : ndarray (n, d), NaN for a missing cell; ``d <= MAX_KEY_FEATURES``
+    weights : ndarray (n,), read when ``use_weights``
+    means : ndarray (k, d)
+    shift : ndarray (d,)
+        The common shift ``c``.
+    stacked_t : ndarray (k d, d)
+        ``stacked_t @ (x - c)`` is ``(x - c) U_j`` for every j.
+    chol : ndarray (k, d, d)
+        Upper-triangular ``U_j`` with precision ``P_j = U_j U_jᵀ``.
+    P : ndarray (k, d, d)
+    const : ndarray (k,)
+        ``log w_j + log det U_j - d/2 log 2π``.
+    chunk : int
+        Rows per chunk.
+    nk, s1, lower : ndarray (k,), (k, d), (k, d, d), added to
+        Summed responsibilities, first moments and the lower triangles of the second
+        moments about each component's mean.
+
+    Returns
+    -------
+    loglik, n_rows : float
+    ok : bool
+        False if the precision of the missing cells of some pattern is not positive
+        definite (nothing is then added).
+    """
+    d = X.shape[1]
+    k = chol.shape[0]
+    rows, keys = _informative_rows(X, weights, use_weights)
+    n_in = rows.size
+    loglik = 0.0
+    n_rows = 0.0
+    if n_in == 0:
+        return loglik, n_rows, True
+    pats, pat_m, col_off, cols = _patterns(keys, d)
+    n_pat = pat_m.size
+    inv_off = np.empty(n_pat, dtype=np.int64)
+    size = 0
+    max_m = 1
+    for p in range(n_pat):
+        inv_off[p] = size
+        size += k * pat_m[p] * pat_m[p]
+        max_m = max(max_m, pat_m[p])
+    inv = np.empty(size)
+    corr = np.empty((n_pat, k))
+    if not pattern_tables(P, cols, col_off, pat_m, inv_off, inv, corr):
+        return loglik, n_rows, False
+    delta = np.empty((k, d))
+    for j in range(k):
+        for l in range(d):
+            delta[j, l] = means[j, l] - shift[l]
+    off = _pattern_offsets(delta, chol, pat_m, col_off, cols)
+    resp_by_pattern = np.zeros((n_pat, k))
+    v = np.empty(max_m)
+    z = np.empty(max_m)
+    b = min(chunk, n_in)
+    xt = np.empty((d, b))
+    xz = np.empty((d, b))
+    q_full = np.empty((k, b))
+    c_full = np.empty((k, d, b))
+    y_full = np.empty((k, d, b))
+    bits = np.empty(k * b, dtype=np.int64)
+    inc = np.empty(b, dtype=np.int64)
+    for start in range(0, n_in, b):
+        nb = min(b, n_in - start)
+        if nb == b:
+            q, c = q_full, c_full
+        else:
+            q, c = np.empty((k, nb)), np.empty((k, d, nb))
+        sel = rows[start : start + nb]
+        pc = pats[start : start + nb]
+        n_inc = 0
+        for i in range(nb):
+            r = sel[i]
+            for l in range(d):
+                xt[l, i] = X[r, l]
+            if pat_m[pc[i]] > 0:
+                inc[n_inc] = i
+                n_inc += 1
+        for l in range(d):
+            sl = shift[l]
+            for i in range(nb):
+                x = xt[l, i]
+                xz[l, i] = x - sl if x == x else 0.0
+        for j in range(k):
+            for l in range(d):
+                mu = means[j, l]
+                for i in range(nb):
+                    c[j, l, i] = xt[l, i] - mu  # NaN in missing cells, filled below
+        y = y_full if nb == b else np.empty((k, d, nb))
+        _chunk_products(chol, xz, off, pc, n_inc == 0 and pat_m[0] == 0, const, y, q)
+        incomplete = inc[:n_inc]
+        top = _chunk_log_prob(y, const, incomplete, pc, pat_m, col_off, cols, inv_off,
+                              inv, corr, chol, c, q, v, z)
+        exp_nonpositive(q, bits)
+        ll, nr = _chunk_weigh(q, top, weights, use_weights, sel, incomplete, pc, c, nk, s1,
+                              resp_by_pattern)
+        loglik += ll
+        n_rows += nr
+        lower_moments(c, q, lower)
+    add_conditional_covariance(lower, resp_by_pattern, pat_m, col_off, inv_off, cols, inv)
+    return loglik, n_rows, True

@@ -288,6 +288,37 @@ def row_selection(X, weights):
     return X[complete], cw, incomplete
 
 
+def dense_block_stats(X, weights, means, mix_weights, chol, const, chunk=COMPLETE_CHUNK):
+    """E-step statistics of a whole block under full or tied covariances in one compiled
+    call (complete rows and rows with missing cells alike), or ``None`` where that path
+    does not apply (numba missing or turned off, more than
+    :data:`~emdask.families._compiled.MAX_KEY_FEATURES` columns): the caller then runs
+    :class:`DenseKernel` chunk by chunk.
+
+    Returns ``(n_rows, loglik, nk, s1, s2)`` with the moments about each component's mean.
+    """
+    compiled = _compiled_kernels()
+    k, d = means.shape
+    if compiled is None or d > compiled.MAX_KEY_FEATURES or X.shape[0] == 0:
+        return None
+    kernel = DenseKernel(means, mix_weights, chol, const)
+    if not (X.flags.c_contiguous or X.flags.f_contiguous):
+        X = np.ascontiguousarray(X)
+    use_weights = weights is not None
+    w = np.ascontiguousarray(weights, dtype=np.float64) if use_weights else np.ones(0)
+    nk = np.zeros(k)
+    s1 = np.zeros((k, d))
+    lower = np.zeros((k, d, d))
+    loglik, n_rows, ok = compiled.dense_block_stats(
+        X, w, use_weights, np.ascontiguousarray(means, dtype=np.float64), kernel.shift,
+        np.ascontiguousarray(kernel.stacked[:d].T), kernel.chol, kernel.precision,
+        np.asarray(const, dtype=np.float64), int(chunk), nk, s1, lower,
+    )
+    if not ok:
+        raise ValueError(ILL_DEFINED)
+    return n_rows, loglik, nk, s1, _mirror_lower(lower)
+
+
 @dataclass
 class Totals:
     n_rows: float = 0.0

@@ -342,6 +342,12 @@ class GaussianFamily:
         k, d = params.means.shape
         prep = _prepare(params)
         totals = _kernels.Totals()
+        if prep.dense:
+            block = _kernels.dense_block_stats(X, weights, params.means, params.weights,
+                                               prep.factor, prep.const)
+            if block is not None:
+                n_rows, loglik, nk, s1, s2 = block
+                return Stats(n_rows, loglik, {"nk": nk, "s1": s1, "s2": s2})
         complete, complete_w, incomplete = _kernels.row_selection(X, weights)
         if prep.dense:
             kernel = _kernels.DenseKernel(params.means, params.weights, prep.factor, prep.const)
