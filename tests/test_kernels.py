@@ -182,3 +182,41 @@ def test_compiled_path_is_optional():
         assert not _kernels.compiled_available()
     else:
         assert _kernels.compiled_available()
+
+
+@pytest.mark.skipif(not _kernels.compiled_available(), reason="needs numba (the fast extra)")
+@pytest.mark.parametrize("max_missing", [0.0, 100.0])
+@pytest.mark.parametrize("cov_type", ["full", "tied"])
+def test_whole_block_and_pattern_sorted_paths_agree(monkeypatch, max_missing, cov_type):
+    """Rows with many missing cells each go to the pattern-sorted chunks, the others to the
+    whole-block kernel; forced one way or the other, both match the reference."""
+    monkeypatch.setattr(_kernels, "BLOCK_MAX_MISSING", max_missing)
+    k, d = 3, 9
+    params = random_params(cov_type, k, d, seed=21)
+    X = with_missing(sample(params, cov_type, 2000, seed=22), 0.3, seed=23)
+    weights = np.random.default_rng(24).poisson(1.0, len(X)).astype(float)
+    family = GaussianFamily(k, cov_type)
+    for w in (None, weights):
+        assert_same_stats(
+            family.partial_stats(X, params, w), reference_partial_stats(family, X, params, w),
+            1e-12,
+        )
+
+
+@pytest.mark.skipif(not _kernels.compiled_available(), reason="needs numba (the fast extra)")
+def test_vectorised_exp_matches_numpy():
+    from emdask.families._compiled import exp_nonpositive
+
+    x = np.concatenate([
+        -np.logspace(-17, np.log10(708.0), 20_001), np.linspace(-708.0, 0.0, 20_001),
+        [0.0, -0.0, -np.inf, -708.5, -745.2, -1e300],
+    ])
+    q = x.copy().reshape(2, -1)
+    exp_nonpositive(q, np.empty(q.size, dtype=np.int64))
+    got = q.ravel()
+    normal = x >= -708.0
+    np.testing.assert_allclose(got[normal], np.exp(x[normal]), rtol=1e-15, atol=0)
+    assert got[x == 0.0].tolist() == [1.0, 1.0]  # exactly: a row's largest term is 1
+    # below e^-708 (about 1e-308) the result is 0: such terms cannot change a row's sum,
+    # which holds exp(0) = 1
+    assert np.all(got[~normal] == 0.0)

@@ -591,48 +591,21 @@ def _patterns(keys, d):
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def _pattern_offsets(delta, chol, pat_m, col_off, cols):
-    """``(mu_j - c) U_j`` with the pattern's missing cells of ``mu_j - c`` set to zero, for
-    every pattern and component: (n_patterns, k, d)."""
-    k, d = delta.shape
-    n_pat = pat_m.size
-    off = np.zeros((n_pat, k, d))
-    observed = np.empty(d)
-    for p in range(n_pat):
-        for l in range(d):
-            observed[l] = 1.0
-        for a in range(pat_m[p]):
-            observed[cols[col_off[p] + a]] = 0.0
-        for j in range(k):
-            for i in range(d):
-                t = delta[j, i] * observed[i]
-                if t != 0.0:
-                    for l in range(d):
-                        off[p, j, l] += t * chol[j, i, l]
-    return off
-
-
-@njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def _chunk_products(chol, xz, off, pats, complete, const, y, q):
-    """``y[j] = x̃₀ U_j - off[p, j]`` and ``q[j] = const_j - |y[j]|² / 2`` for a chunk of
-    rows ``xz`` (d, nb) of patterns ``pats``, ``U_j`` upper triangular (only its upper
-    triangle is read), rows along the last axis. ``complete``: every row is of pattern 0."""
+def _chunk_products(chol, c, const, y, q):
+    """``y[j] = c_j U_j`` and ``q[j] = const_j - |y[j]|² / 2`` for a chunk of rows centred
+    on each component's mean, ``c`` (k, d, nb) with zeros in missing cells; ``U_j`` upper
+    triangular (only its upper triangle is read), rows along the last axis."""
     k, d, nb = y.shape
     for j in range(k):
         for i in range(nb):
             q[j, i] = 0.0
         for l in range(d):
-            if complete:
-                o = off[0, j, l]
-                for i in range(nb):
-                    y[j, l, i] = -o
-            else:
-                for i in range(nb):
-                    y[j, l, i] = -off[pats[i], j, l]
+            for i in range(nb):
+                y[j, l, i] = 0.0
             for m in range(l + 1):
                 u = chol[j, m, l]
                 for i in range(nb):
-                    y[j, l, i] += u * xz[m, i]
+                    y[j, l, i] += u * c[j, m, i]
             for i in range(nb):
                 t = y[j, l, i]
                 q[j, i] += t * t
@@ -642,22 +615,36 @@ def _chunk_products(chol, xz, off, pats, complete, const, y, q):
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def _chunk_log_prob(y, const, incomplete, pats, pat_m, col_off, cols, inv_off, inv,
-                    corr, chol, c, q, v, z):
+def _chunk_log_prob(y, const, incomplete, pats, pat_m, col_off, cols, inv_off, inv, corr,
+                    chol, c, q, v, z):
     """Observed-part weighted log-probabilities of a chunk (less each row's maximum) and,
     for rows with missing cells, the conditional means of those cells.
 
-    On entry ``y`` and ``q`` are as :func:`_chunk_products` leaves them.
-
-    ``y`` (k, d, nb) is the row centred on ``mu_j``, with zeros in its missing cells,
-    times ``U_j``. For a row with missing cells m, with ``v = (x̃₀ P_j)_m`` (from ``y``
-    and the rows m of ``U_j``) the
-    conditional mean of the missing cells, centred on ``mu_j``, is ``-P_mm⁻¹ v`` (written
-    into ``c`` (k, d, nb)) and the Mahalanobis term of the observed cells is
-    ``|y|² - vᵀ P_mm⁻¹ v``. ``incomplete``: positions in the chunk of rows with missing
-    cells.
+    On entry ``y`` and ``q`` are as :func:`_chunk_products` leaves them: ``y`` (k, d, nb)
+    is the row centred on ``mu_j`` with zeros in its missing cells (``x̃₀``), times
+    ``U_j``. For a row with missing cells m, with ``v = (x̃₀ P_j)_m`` (from ``y`` and the
+    rows m of ``U_j``), the conditional mean of the missing cells, centred on ``mu_j``, is
+    ``-P_mm⁻¹ v`` (written into ``c`` (k, d, nb)) and the Mahalanobis term of the observed
+    cells is ``|y|² - vᵀ P_mm⁻¹ v``. ``incomplete``: positions in the chunk of rows with
+    missing cells.
     """
     k, d, nb = y.shape
+    # v row by row costs Σ (d - column) per missing cell; for many such cells the whole
+    # chunk's y U_jᵀ at once (vectorised along the rows) is cheaper
+    work = 0
+    for i in incomplete:
+        p = pats[i]
+        for a in range(pat_m[p]):
+            work += d - cols[col_off[p] + a]
+    whole = 8 * work > nb * d * (d + 1) // 2
+    if whole:
+        g = np.zeros((k, d, nb))
+        for j in range(k):
+            for a in range(d):
+                for l in range(a, d):
+                    u = chol[j, a, l]
+                    for i in range(nb):
+                        g[j, a, i] += u * y[j, l, i]
     for i in incomplete:
         p = pats[i]
         m = pat_m[p]
@@ -665,10 +652,13 @@ def _chunk_log_prob(y, const, incomplete, pats, pat_m, col_off, cols, inv_off, i
         for j in range(k):
             for a in range(m):
                 ca = cols[co + a]
-                acc = 0.0
-                for l in range(ca, d):
-                    acc += chol[j, ca, l] * y[j, l, i]
-                v[a] = acc
+                if whole:
+                    v[a] = g[j, ca, i]
+                else:
+                    acc = 0.0
+                    for l in range(ca, d):
+                        acc += chol[j, ca, l] * y[j, l, i]
+                    v[a] = acc
             base = inv_off[p] + j * m * m
             vz = 0.0
             for a in range(m):
@@ -745,25 +735,21 @@ def _chunk_weigh(e, top, weights, use_weights, rows, incomplete, pats, c, nk, s1
 
 
 @njit(cache=True, nogil=True)
-def dense_block_stats(X, weights, use_weights, means, shift, stacked_t, chol, P, const,
-                      chunk, nk, s1, lower):
+def dense_block_stats(X, weights, use_weights, means, chol, P, const, chunk, max_missing,
+                      nk, s1, lower):
     """E-step statistics of a whole block under full (or tied) covariances, in one call.
 
     Complete rows and rows with missing cells go through the same chunks, in block order:
-    one product ``x̃₀ U_j`` about the common shift for every component (missing cells
-    zero), the observed-part log-densities with per-pattern corrections, responsibilities,
-    rows centred on each component's mean with missing cells at their conditional mean,
-    and their moments. Rows with every cell missing or with weight zero are left out.
+    rows centred on each component's mean (missing cells zero) times ``U_j``, by
+    triangular products vectorised along the rows; the observed-part log-densities with
+    per-pattern corrections; responsibilities; missing cells at their conditional mean;
+    the moments. Rows with every cell missing or with weight zero are left out.
 
     Parameters
     ----------
     X : ndarray (n, d), NaN for a missing cell; ``d <= MAX_KEY_FEATURES``
     weights : ndarray (n,), read when ``use_weights``
     means : ndarray (k, d)
-    shift : ndarray (d,)
-        The common shift ``c``.
-    stacked_t : ndarray (k d, d)
-        ``stacked_t @ (x - c)`` is ``(x - c) U_j`` for every j.
     chol : ndarray (k, d, d)
         Upper-triangular ``U_j`` with precision ``P_j = U_j U_jᵀ``.
     P : ndarray (k, d, d)
@@ -771,6 +757,8 @@ def dense_block_stats(X, weights, use_weights, means, shift, stacked_t, chol, P,
         ``log w_j + log det U_j - d/2 log 2π``.
     chunk : int
         Rows per chunk.
+    max_missing : float
+        Largest mean number of missing cells per incomplete row this path takes on.
     nk, s1, lower : ndarray (k,), (k, d), (k, d, d), added to
         Summed responsibilities, first moments and the lower triangles of the second
         moments about each component's mean.
@@ -778,9 +766,10 @@ def dense_block_stats(X, weights, use_weights, means, shift, stacked_t, chol, P,
     Returns
     -------
     loglik, n_rows : float
-    ok : bool
-        False if the precision of the missing cells of some pattern is not positive
-        definite (nothing is then added).
+    status : int
+        0: done; 1: the precision of the missing cells of some pattern is not positive
+        definite; 2: declined, the incomplete rows miss more than ``max_missing`` cells
+        on average. Nothing is added unless 0.
     """
     d = X.shape[1]
     k = chol.shape[0]
@@ -789,9 +778,17 @@ def dense_block_stats(X, weights, use_weights, means, shift, stacked_t, chol, P,
     loglik = 0.0
     n_rows = 0.0
     if n_in == 0:
-        return loglik, n_rows, True
+        return loglik, n_rows, 0
     pats, pat_m, col_off, cols = _patterns(keys, d)
     n_pat = pat_m.size
+    n_missing = 0
+    n_incomplete = 0
+    for a in range(n_in):
+        m = pat_m[pats[a]]
+        n_missing += m
+        n_incomplete += m > 0
+    if n_missing > max_missing * n_incomplete:
+        return loglik, n_rows, 2
     inv_off = np.empty(n_pat, dtype=np.int64)
     size = 0
     max_m = 1
@@ -802,29 +799,23 @@ def dense_block_stats(X, weights, use_weights, means, shift, stacked_t, chol, P,
     inv = np.empty(size)
     corr = np.empty((n_pat, k))
     if not pattern_tables(P, cols, col_off, pat_m, inv_off, inv, corr):
-        return loglik, n_rows, False
-    delta = np.empty((k, d))
-    for j in range(k):
-        for l in range(d):
-            delta[j, l] = means[j, l] - shift[l]
-    off = _pattern_offsets(delta, chol, pat_m, col_off, cols)
+        return loglik, n_rows, 1
     resp_by_pattern = np.zeros((n_pat, k))
     v = np.empty(max_m)
     z = np.empty(max_m)
     b = min(chunk, n_in)
-    xt = np.empty((d, b))
-    xz = np.empty((d, b))
     q_full = np.empty((k, b))
     c_full = np.empty((k, d, b))
     y_full = np.empty((k, d, b))
     bits = np.empty(k * b, dtype=np.int64)
     inc = np.empty(b, dtype=np.int64)
+    xt = np.empty((d, b))
     for start in range(0, n_in, b):
         nb = min(b, n_in - start)
         if nb == b:
-            q, c = q_full, c_full
+            q, c, y = q_full, c_full, y_full
         else:
-            q, c = np.empty((k, nb)), np.empty((k, d, nb))
+            q, c, y = np.empty((k, nb)), np.empty((k, d, nb)), np.empty((k, d, nb))
         sel = rows[start : start + nb]
         pc = pats[start : start + nb]
         n_inc = 0
@@ -835,21 +826,16 @@ def dense_block_stats(X, weights, use_weights, means, shift, stacked_t, chol, P,
             if pat_m[pc[i]] > 0:
                 inc[n_inc] = i
                 n_inc += 1
-        for l in range(d):
-            sl = shift[l]
-            for i in range(nb):
-                x = xt[l, i]
-                xz[l, i] = x - sl if x == x else 0.0
         for j in range(k):
             for l in range(d):
                 mu = means[j, l]
                 for i in range(nb):
-                    c[j, l, i] = xt[l, i] - mu  # NaN in missing cells, filled below
-        y = y_full if nb == b else np.empty((k, d, nb))
-        _chunk_products(chol, xz, off, pc, n_inc == 0 and pat_m[0] == 0, const, y, q)
+                    x = xt[l, i]
+                    c[j, l, i] = x - mu if x == x else 0.0
+        _chunk_products(chol, c, const, y, q)
         incomplete = inc[:n_inc]
-        top = _chunk_log_prob(y, const, incomplete, pc, pat_m, col_off, cols, inv_off,
-                              inv, corr, chol, c, q, v, z)
+        top = _chunk_log_prob(y, const, incomplete, pc, pat_m, col_off, cols, inv_off, inv,
+                              corr, chol, c, q, v, z)
         exp_nonpositive(q, bits)
         ll, nr = _chunk_weigh(q, top, weights, use_weights, sel, incomplete, pc, c, nk, s1,
                               resp_by_pattern)
@@ -857,4 +843,4 @@ def dense_block_stats(X, weights, use_weights, means, shift, stacked_t, chol, P,
         n_rows += nr
         lower_moments(c, q, lower)
     add_conditional_covariance(lower, resp_by_pattern, pat_m, col_off, inv_off, cols, inv)
-    return loglik, n_rows, True
+    return loglik, n_rows, 0

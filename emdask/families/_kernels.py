@@ -288,11 +288,18 @@ def row_selection(X, weights):
     return X[complete], cw, incomplete
 
 
+#: The whole-block path handles a row's missing cells one row at a time; where incomplete
+#: rows miss more cells than this on average, the pattern-sorted chunks of
+#: :class:`DenseKernel` (their conditional terms from batched products) are faster.
+BLOCK_MAX_MISSING = 2.0
+
+
 def dense_block_stats(X, weights, means, mix_weights, chol, const, chunk=COMPLETE_CHUNK):
     """E-step statistics of a whole block under full or tied covariances in one compiled
     call (complete rows and rows with missing cells alike), or ``None`` where that path
     does not apply (numba missing or turned off, more than
-    :data:`~emdask.families._compiled.MAX_KEY_FEATURES` columns): the caller then runs
+    :data:`~emdask.families._compiled.MAX_KEY_FEATURES` columns, incomplete rows missing
+    more than :data:`BLOCK_MAX_MISSING` cells on average): the caller then runs
     :class:`DenseKernel` chunk by chunk.
 
     Returns ``(n_rows, loglik, nk, s1, s2)`` with the moments about each component's mean.
@@ -309,13 +316,15 @@ def dense_block_stats(X, weights, means, mix_weights, chol, const, chunk=COMPLET
     nk = np.zeros(k)
     s1 = np.zeros((k, d))
     lower = np.zeros((k, d, d))
-    loglik, n_rows, ok = compiled.dense_block_stats(
-        X, w, use_weights, np.ascontiguousarray(means, dtype=np.float64), kernel.shift,
-        np.ascontiguousarray(kernel.stacked[:d].T), kernel.chol, kernel.precision,
-        np.asarray(const, dtype=np.float64), int(chunk), nk, s1, lower,
+    loglik, n_rows, status = compiled.dense_block_stats(
+        X, w, use_weights, np.ascontiguousarray(means, dtype=np.float64), kernel.chol,
+        kernel.precision, np.asarray(const, dtype=np.float64), int(chunk), BLOCK_MAX_MISSING,
+        nk, s1, lower,
     )
-    if not ok:
+    if status == 1:
         raise ValueError(ILL_DEFINED)
+    if status == 2:
+        return None
     return n_rows, loglik, nk, s1, _mirror_lower(lower)
 
 
