@@ -231,7 +231,9 @@ def test_categorical_m_step_matches_hand_computation():
 
 def test_categorical_sparse_and_dense_indicators_agree(monkeypatch):
     import emdask.families.discrete as discrete
+    from emdask.families import _kernels
 
+    monkeypatch.setattr(_kernels, "use_compiled", False)  # the numpy steps, both ways
     rng = np.random.default_rng(4)
     C = rng.integers(0, 5, (300, 4)).astype(float)
     C[rng.random(C.shape) < 0.1] = np.nan
@@ -242,6 +244,52 @@ def test_categorical_sparse_and_dense_indicators_agree(monkeypatch):
     sparse_ = fam.partial_stats(C, params)
     np.testing.assert_allclose(sparse_.terms["categorical.counts"], dense.terms["categorical.counts"], rtol=1e-12)
     np.testing.assert_allclose(sparse_.loglik, dense.loglik, rtol=1e-12)
+
+
+@pytest.mark.parametrize("missing", ["marginalize", "expected"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_compiled_categorical_kernel_matches_the_numpy_steps(monkeypatch, missing, weighted):
+    from emdask.families import _kernels
+
+    if not _kernels.compiled_available():
+        pytest.skip("needs numba (the fast extra)")
+    rng = np.random.default_rng(41)
+    n_levels = (4, 2, 7)
+    X = np.column_stack([rng.normal(size=3000)] + [
+        rng.integers(0, L, 3000).astype(float) for L in n_levels
+    ])  # a first column the family does not use
+    X[:, 1:][rng.random((3000, 3)) < 0.2] = np.nan
+    X[5, 1:] = np.nan  # a row with nothing observed
+    X = np.asfortranarray(X)  # as Parquet partitions arrive
+    fam = CategoricalFamily(3, n_levels, alpha=0.3, missing=missing)
+    fam.parts[0].cols = np.array([1, 2, 3])
+    T = np.zeros((3, 3, 7))
+    for c in range(3):
+        for j, L in enumerate(n_levels):
+            T[c, j, :L] = rng.dirichlet(np.ones(L))
+    params = fam.make_params([0.2, 0.5, 0.3], T)
+    weights = rng.poisson(1.0, 3000).astype(float) if weighted else None
+    fast = fam.partial_stats(X, params, weights)
+    monkeypatch.setattr(_kernels, "use_compiled", False)
+    ref = fam.partial_stats(X, params, weights)
+    assert fast.n_rows == pytest.approx(ref.n_rows, rel=1e-14)
+    assert fast.loglik == pytest.approx(ref.loglik, rel=1e-12)
+    for key in ("nk", "categorical.counts"):
+        np.testing.assert_allclose(fast.terms[key], ref.terms[key], rtol=1e-12, atol=1e-12)
+
+
+def test_compiled_categorical_kernel_refuses_a_cell_that_is_not_a_code():
+    from emdask.families import _kernels
+
+    if not _kernels.compiled_available():
+        pytest.skip("needs numba (the fast extra)")
+    fam = CategoricalFamily(2, (3, 3))
+    params = fam.make_params([0.5, 0.5], np.full((2, 2, 3), 1 / 3))
+    for bad in (3.0, -1.0, 1.5):
+        X = np.zeros((600, 2))
+        X[517, 1] = bad
+        with pytest.raises(ValueError, match="row 517 .*level codes 0 .. n_levels - 1"):
+            fam.partial_stats(X, params)
 
 
 def test_poisson_m_step_matches_hand_computation():

@@ -816,6 +816,20 @@ def _compiled_kernels():
     return _load_compiled() if use_compiled else None
 
 
+def compiled_discrete():
+    """The compiled categorical kernel, or ``None`` (numba missing or turned off)."""
+    if _compiled_kernels() is None:
+        return None
+    if not _COMPILED_DISCRETE:
+        from . import _compiled_discrete
+
+        _COMPILED_DISCRETE.append(_compiled_discrete)
+    return _COMPILED_DISCRETE[0]
+
+
+_COMPILED_DISCRETE = []
+
+
 def _load_compiled():
     if not _COMPILED:
         try:

@@ -40,6 +40,7 @@ import numpy as np
 from scipy import sparse
 from scipy.special import gammaln
 
+from . import _kernels
 from .base import ROW_CHUNK, Stats, normalize_log_rows
 
 __all__ = [
@@ -487,6 +488,9 @@ class ProductMixtureFamily:
             part's statistics (see the module docstring). Rows with no observed cell count
             only with ``missing='expected'``; they never count in ``n_rows`` or ``loglik``.
         """
+        fast = self._compiled_stats(X, params, weights)
+        if fast is not None:
+            return fast
         k = self.n_components
         terms = {"nk": np.zeros(k)}
         for p in self.parts:
@@ -515,6 +519,37 @@ class ProductMixtureFamily:
             for part, c, t in zip(self.parts, chunks, part_terms):
                 part.accumulate(c, resp, t)
         return Stats(n_rows, loglik, terms)
+
+    def _compiled_stats(self, X, params, weights):
+        """:meth:`partial_stats` of a family of categorical columns alone, in one compiled
+        call per block (``None`` where that does not apply: other parts, or no numba)."""
+        if len(self.parts) != 1 or not isinstance(self.parts[0], CategoricalPart):
+            return None
+        compiled = _kernels.compiled_discrete()
+        if compiled is None:
+            return None
+        part = self.parts[0]
+        k = self.n_components
+        table = np.ascontiguousarray(part.prepare(self._thetas(params)[0]).table)
+        if not (X.flags.c_contiguous or X.flags.f_contiguous):
+            X = np.ascontiguousarray(X)
+        use_weights = weights is not None
+        w = np.ascontiguousarray(weights, dtype=np.float64) if use_weights else np.ones(0)
+        counts = np.zeros((part.n_slots, k))
+        nk = np.zeros(k)
+        loglik, n_rows, bad = compiled.categorical_block_stats(
+            X, part.cols.astype(np.int64), part.offsets.astype(np.int64),
+            part.n_levels.astype(np.int64), table, safe_log(params.weights), w, use_weights,
+            self.missing == "expected", counts, nk,
+        )
+        if bad >= 0:
+            row = X[bad, part.cols]
+            raise ValueError(
+                f"row {bad} of a block holds {row.tolist()}: categorical columns must hold "
+                f"the level codes 0 .. n_levels - 1 (n_levels={part.n_levels.tolist()}) or "
+                "NaN; encode the table with the estimator (pass it as it is) instead"
+            )
+        return Stats(n_rows, loglik, {"nk": nk, "categorical.counts": counts})
 
     # -- M-step -------------------------------------------------------------------------------
 
