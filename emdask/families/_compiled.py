@@ -66,19 +66,34 @@ def complete_log_prob(y, v, const, q):
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def _row_normalizers(e, top, weights, use_weights):
     """Per row: the factor turning ``e`` (exp of log-probabilities less the row maximum
-    ``top``) into weighted responsibilities; and the weighted log-likelihood and row count."""
+    ``top``) into weighted responsibilities; and the weighted log-likelihood and row count.
+
+    Each row's total lies in [1, k] (its largest term is exp(0) = 1), so without weights one
+    log of a product of 32 totals replaces 32 logs."""
     k, nb = e.shape
+    total = np.zeros(nb)
+    for j in range(k):
+        for i in range(nb):
+            total[i] += e[j, i]
+    scale = np.empty(nb)
     loglik = 0.0
     n_rows = 0.0
-    scale = np.empty(nb)
-    for i in range(nb):
-        total = 0.0
-        for j in range(k):
-            total += e[j, i]
-        wi = weights[i] if use_weights else 1.0
-        loglik += wi * (np.log(total) + top[i])
-        n_rows += wi
-        scale[i] = wi / total
+    if use_weights:
+        for i in range(nb):
+            wi = weights[i]
+            scale[i] = wi / total[i]
+            loglik += wi * (np.log(total[i]) + top[i])
+            n_rows += wi
+    else:
+        for i in range(nb):
+            scale[i] = 1.0 / total[i]
+            loglik += top[i]
+        for a in range(0, nb, 32):
+            prod = 1.0
+            for i in range(a, min(a + 32, nb)):
+                prod *= total[i]
+            loglik += np.log(prod)
+        n_rows = float(nb)
     return scale, loglik, n_rows
 
 
@@ -691,30 +706,10 @@ def _chunk_weigh(e, top, weights, use_weights, rows, incomplete, pats, c, nk, s1
     first moments of the centred rows ``c`` (k, d, nb)."""
     k, nb = e.shape
     d = c.shape[1]
-    total = np.zeros(nb)
-    for j in range(k):
-        for i in range(nb):
-            total[i] += e[j, i]
-    scale = np.empty(nb)
-    loglik = 0.0
-    n_rows = 0.0
-    if use_weights:
-        for i in range(nb):
-            wi = weights[rows[i]]
-            scale[i] = wi / total[i]
-            loglik += wi * (np.log(total[i]) + top[i])
-            n_rows += wi
-    else:
-        # each total lies in [1, k]: one log per product of 32 of them
-        for i in range(nb):
-            scale[i] = 1.0 / total[i]
-            loglik += top[i]
-        for a in range(0, nb, 32):
-            prod = 1.0
-            for i in range(a, min(a + 32, nb)):
-                prod *= total[i]
-            loglik += np.log(prod)
-        n_rows = float(nb)
+    w = np.empty(nb if use_weights else 0)
+    for i in range(w.size):
+        w[i] = weights[rows[i]]
+    scale, loglik, n_rows = _row_normalizers(e, top, w, use_weights)
     for j in range(k):
         s = 0.0
         for i in range(nb):
