@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.emdask-installed
 
-.PHONY: install test demo bench clean
+.PHONY: install warm test demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,13 +14,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+# Compile the kernels in this process (or find them in numba's cache) so that no Dask
+# worker has to compile them on its first pass.
+warm: $(STAMP)
+	$(PY) -m emdask.warm
+
+test: warm
 	$(PY) -m pytest -q tests
 
-demo: $(STAMP)
+demo: warm
 	$(PY) -m pipelines.cli demo
 
-bench: $(STAMP)
+bench: warm
 	$(PY) benchmarks/gmm_vs_sklearn.py
 
 clean:

@@ -13,7 +13,7 @@ from .estimators.discrete import (
     MixedMixture,
     PoissonMixture,
 )
-from .exceptions import ConvergenceWarning, DataWarning
+from .exceptions import ConvergenceWarning, DataWarning, WorkersPaused
 from .persistence import ModelFileError, load, register_estimator, save
 from .selection import SelectionResult, select_components
 from .pooling import PooledEstimate, pool
@@ -37,6 +37,7 @@ __all__ = [
     "register_estimator",
     "save",
     "select_components",
+    "WorkersPaused",
     "__version__",
     "pool",
 ]

@@ -8,3 +8,9 @@ class ConvergenceWarning(UserWarning):
 class DataWarning(UserWarning):
     """The data can be fitted, but something about it deserves a look (a constant column,
     a component with fewer rows than parameters, ...)."""
+
+
+class WorkersPaused(MemoryError):
+    """Every Dask worker stayed paused at its memory limit while a pass waited on it: the
+    pass cannot go on until a worker frees memory, so it is stopped instead of waiting for
+    ever."""

@@ -88,7 +88,7 @@ def test_clients_without_the_cluster_certificates_are_refused(tls_cluster, tmp_p
 
 def test_local_cluster_with_temporary_certificates():
     security = Security.temporary()
-    with connect(None, n_workers=1, threads_per_worker=1, memory_limit="512MiB",
+    with connect(None, n_workers=1, threads_per_worker=1, memory_limit="1GiB",
                  security=security) as client:
         assert client.scheduler.address.startswith("tls://127.0.0.1:")
         X = mixture_table(3000, n_features=4, k=2, seed=2)[COLUMNS]

@@ -16,6 +16,7 @@ import functools
 import math
 import operator
 import os
+import time
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from functools import partial, reduce
@@ -29,6 +30,8 @@ import dask
 import dask.array as da
 import dask.dataframe as dd
 
+from ..exceptions import WorkersPaused
+
 __all__ = ["BlockData", "DataSummary", "prepare", "map_rows", "select_columns", "current_client"]
 
 #: In-memory inputs are cut into blocks of about this many bytes.
@@ -37,6 +40,12 @@ TARGET_BLOCK_BYTES = 16 * 2**20
 PERSIST_FRACTION = 0.5
 #: Times a pass is redone after losing in-memory blocks with a worker (they are sent again).
 MAX_RESENDS = 3
+#: Seconds a pass may wait while every worker is paused at its memory limit before it is
+#: stopped with :class:`~emdask.exceptions.WorkersPaused` (Dask setting
+#: ``emdask.paused-timeout``, environment variable ``DASK_EMDASK__PAUSED_TIMEOUT``).
+PAUSED_TIMEOUT = 120.0
+#: How often a waiting pass looks at the workers' state.
+_WATCH_INTERVAL = 2.0
 
 
 def current_client():
@@ -212,10 +221,66 @@ def _compute(value):
     already use every core, so BLAS is held to one thread for the pass: its own threads
     would oversubscribe the cores and make the small per-chunk products many times slower.
     (Dask workers start with one BLAS thread each already.)"""
-    if current_client() is not None:
-        return value.compute()
+    client = current_client()
+    if client is not None:
+        return _compute_watched(client, value)
     with threadpool_limits(limits=1, user_api="blas"):
         return value.compute()
+
+
+def _compute_watched(client, value):
+    """``value.compute()`` on a cluster, stopped with a clear error if every worker stays
+    paused (process memory above Dask's pause threshold) for ``emdask.paused-timeout``
+    seconds: Dask would otherwise wait for ever for a worker to free memory."""
+    from distributed import TimeoutError as DaskTimeoutError
+
+    limit = float(dask.config.get("emdask.paused-timeout", PAUSED_TIMEOUT))
+    future = client.compute(value)
+    paused_since = None
+    try:
+        while True:
+            try:
+                return future.result(timeout=_WATCH_INTERVAL)
+            except (DaskTimeoutError, TimeoutError):
+                pass
+            paused = _paused_workers(client)
+            if paused is None:
+                paused_since = None
+                continue
+            now = time.monotonic()
+            paused_since = paused_since or now
+            if now - paused_since >= limit:
+                raise WorkersPaused(
+                    f"every Dask worker has been paused for {now - paused_since:.0f} s at its "
+                    f"memory limit ({paused}), so the pass cannot go on: give the workers more "
+                    "memory (memory_limit=, or fewer threads per worker), use more "
+                    "partitions, or raise distributed.worker.memory.pause if the memory is "
+                    "not the data's"
+                )
+    finally:
+        if not future.done():
+            future.cancel()
+
+
+def _paused_workers(client):
+    """``"addr: used of limit, ..."`` when every worker is paused, else ``None``."""
+    try:
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+    except TypeError:  # older distributed: no n_workers argument
+        workers = client.scheduler_info()["workers"]
+    except Exception:  # the scheduler is unreachable: the pass itself will say so
+        return None
+    if not workers or any(w.get("status") != "paused" for w in workers.values()):
+        return None
+    return ", ".join(
+        f"{address}: {_mib(w.get('metrics', {}).get('memory', 0))} of "
+        f"{_mib(w.get('memory_limit', 0))}"
+        for address, w in sorted(workers.items())
+    )
+
+
+def _mib(n):
+    return f"{int(n) >> 20} MiB"
 
 
 def _combine_with(combine, *parts):
