@@ -106,7 +106,7 @@ def _listening(pids):
 def test_a_local_cluster_from_connect_listens_on_loopback_only():
     me = os.getpid()
     before = _listening([me])
-    with connect(None, n_workers=1, threads_per_worker=1, memory_limit="512MiB") as client:
+    with connect(None, n_workers=1, threads_per_worker=1, memory_limit="1GiB") as client:
         worker_pids = list(client.run(os.getpid).values())
         opened = (_listening([me]) - before) | _listening(worker_pids)
         assert client.scheduler.address.startswith("tcp://127.0.0.1:")

@@ -31,7 +31,8 @@ def test_workers_load_every_kernel_from_the_cache(tmp_path):
     parquet = write_parquet_parts(holey, tmp_path / "t", 3)
     codes = pd.DataFrame(rng.integers(0, 4, size=(3000, 3)), columns=["a", "b", "c"])
 
-    with connect(None, n_workers=1, threads_per_worker=1, memory_limit="512MiB") as client:
+    # 1 GiB: what a worker should have (deploy/README.md); a compile would show in the counts
+    with connect(None, n_workers=1, threads_per_worker=1, memory_limit="1GiB") as client:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             for covariance_type in ("full", "tied"):
