@@ -16,6 +16,7 @@ import functools
 import math
 import operator
 import os
+import pickle
 import time
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
@@ -283,6 +284,24 @@ def _mib(n):
     return f"{int(n) >> 20} MiB"
 
 
+#: Arguments of a pass up to this size (pickled) travel inside each block's task; larger
+#: ones become one task of their own that the block tasks depend on.
+INLINE_ARGS_BYTES = 256 * 1024
+
+
+def _block_task(chunk, args):
+    """``task(block, index)`` -> the delayed ``chunk(block, index, *args)``.
+
+    Small arguments (the parameters of a pass) are bound into each task: a separate task
+    holding them would cost a pass one more scheduler round trip and a transfer between
+    workers before any block starts. Large ones are held once, by a task of their own."""
+    call = dask.delayed(chunk, pure=False)
+    if len(pickle.dumps(args, protocol=pickle.HIGHEST_PROTOCOL)) <= INLINE_ARGS_BYTES:
+        return lambda block, index: call(block, index, *args)
+    shared = [dask.delayed(a, traverse=False) for a in args]
+    return lambda block, index: call(block, index, *shared)
+
+
 def _combine_with(combine, *parts):
     return reduce(combine, parts)
 
@@ -339,9 +358,9 @@ class BlockData:
         split_every = split_every or self.split_every
         if split_every < 2:
             raise ValueError(f"split_every must be at least 2, got {split_every}")
-        shared = [dask.delayed(a, traverse=False) for a in args]
+        task = _block_task(chunk, args)
         for attempt in range(MAX_RESENDS + 1):
-            level = [dask.delayed(chunk)(b, i, *shared) for i, b in enumerate(self.blocks)]
+            level = [task(b, i) for i, b in enumerate(self.blocks)]
             while len(level) > 1:
                 level = [
                     dask.delayed(_combine_with)(combine, *level[i : i + split_every])
