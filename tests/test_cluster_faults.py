@@ -39,8 +39,8 @@ COLUMNS = [f"x{j}" for j in range(6)]
 N_PARTS = 32
 KILL_AFTER = 2  # iterations completed before the kill is armed
 MAX_ITER = 5
-E_STEP = "_em_chunk"  # tasks of one EM pass: E-step statistics of one block ...
-REDUCE = "_combine_with"  # ... and one node of the tree reduction
+E_STEP = "_em_chunk"  # tasks of one EM pass: E-step statistics of the blocks a worker holds
+REDUCE = "_tree_reduce"  # ... and the reduction of their statistics
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def test_worker_process_dies_during_the_reduction(cluster, table, reference):
             dd.read_parquet(path),
             callbacks=[_arm_after(KILL_AFTER, arm)],
         )
-        # exactly one worker process died, at the start of a combine task
+        # exactly one worker process died, at the start of the reduction task
         with open(token) as f:
             killed_pid, key = f.read().split(" ", 1)
         assert key.startswith(REDUCE)

@@ -118,3 +118,30 @@ def test_statistics_add_associatively_with_zero_for_an_empty_block():
         assert s.loglik == pytest.approx(whole.loglik, rel=1e-13)
         for key in whole.terms:
             np.testing.assert_allclose(s.terms[key], whole.terms[key], rtol=1e-12, atol=1e-9)
+
+
+def test_persisted_pass_runs_a_task_per_worker_thread_with_the_same_result(
+    cluster_client, tmp_path, monkeypatch
+):
+    """Over persisted blocks a pass runs one E-step task per worker thread (over the blocks
+    its worker holds) and reduces by the same tree as a task per block: the same bits."""
+    from distributed import get_task_stream
+
+    import emdask.engine.data as engine_data
+
+    df = table(4)
+    path = tmp_path / "t.parquet"
+    dd.from_pandas(df, npartitions=7).to_parquet(path)
+    with get_task_stream(cluster_client) as stream:
+        grouped = fit(dd.read_parquet(path), persist=True)
+    e_steps = [r for r in stream.data if str(r["key"]).startswith("_em_chunk")]
+    threads = sum(cluster_client.nthreads().values())
+    assert len(e_steps) == threads * grouped.n_iter_  # not 7 per pass
+    monkeypatch.setattr(engine_data, "GROUP_MAX_BLOCKS", 0)
+    with get_task_stream(cluster_client) as stream:
+        per_block = fit(dd.read_parquet(path), persist=True)
+    e_steps = [r for r in stream.data if str(r["key"]).startswith("_em_chunk")]
+    assert len(e_steps) == 7 * per_block.n_iter_
+    np.testing.assert_array_equal(grouped.means_, per_block.means_)
+    np.testing.assert_array_equal(grouped.covariances_, per_block.covariances_)
+    np.testing.assert_array_equal(grouped.lower_bounds_, per_block.lower_bounds_)

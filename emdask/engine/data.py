@@ -18,6 +18,7 @@ import operator
 import os
 import pickle
 import time
+import uuid
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from functools import partial, reduce
@@ -47,6 +48,12 @@ MAX_RESENDS = 3
 PAUSED_TIMEOUT = 120.0
 #: How often a waiting pass looks at the workers' state.
 _WATCH_INTERVAL = 2.0
+#: Passes over persisted blocks between two looks at which worker holds which block.
+PLACEMENT_PASSES = 10
+#: Up to this many persisted blocks, a pass runs a task per worker thread (over the blocks
+#: its worker holds) and one reduction task that receives every block's statistics; more
+#: blocks keep a task each and a tree of reduction tasks.
+GROUP_MAX_BLOCKS = 512
 
 
 def current_client():
@@ -237,6 +244,10 @@ def _compute_watched(client, value):
 
     limit = float(dask.config.get("emdask.paused-timeout", PAUSED_TIMEOUT))
     future = client.compute(value)
+    # The previous pass's result is released only now, after this pass was submitted: the
+    # client batches its messages to the scheduler, and a release sent just before would
+    # hold this pass's submission back until the batch interval (10 ms) has passed.
+    _LAST_RESULT[:] = [future]
     paused_since = None
     try:
         while True:
@@ -261,6 +272,9 @@ def _compute_watched(client, value):
     finally:
         if not future.done():
             future.cancel()
+
+
+_LAST_RESULT = []
 
 
 def _paused_workers(client):
@@ -302,6 +316,41 @@ def _block_task(chunk, args):
     return lambda block, index: call(block, index, *shared)
 
 
+def _group_task(chunk, args):
+    """``task(indices, blocks)`` -> the delayed tuple of ``chunk(block, index, *args)``
+    over the blocks, in one task."""
+    small = len(pickle.dumps(args, protocol=pickle.HIGHEST_PROTOCOL)) <= INLINE_ARGS_BYTES
+    shared = tuple(args) if small else tuple(dask.delayed(a, traverse=False) for a in args)
+    call = dask.delayed(_chunk_group, pure=False)
+    name = getattr(chunk, "__name__", "chunk")  # keys read like a task per block's
+
+    def task(indices, blocks):
+        return call(chunk, tuple(indices), blocks, shared,
+                    dask_key_name=f"{name}-{uuid.uuid4().hex}")
+
+    return task
+
+
+def _chunk_group(chunk, indices, blocks, args):
+    return tuple(chunk(block, index, *args) for index, block in zip(indices, blocks))
+
+
+def _tree_reduce(combine, split_every, groups, *parts):
+    """The per-block results of every group, reduced by the same tree of ``combine`` calls
+    (fan-in ``split_every``, in block order) as a graph with a task per block: the result
+    is the same to the last bit whichever worker held which block."""
+    level = [None] * sum(len(g) for g in groups)
+    for indices, results in zip(groups, parts):
+        for index, result in zip(indices, results):
+            level[index] = result
+    while len(level) > 1:
+        level = [
+            reduce(combine, level[i : i + split_every])
+            for i in range(0, len(level), split_every)
+        ]
+    return level[0]
+
+
 def _combine_with(combine, *parts):
     return reduce(combine, parts)
 
@@ -330,6 +379,7 @@ class BlockData:
         self.persisted = False
         self.n_passes = 0
         self._scattered_from = None  # in-memory arrays sent to the workers, kept to resend
+        self._placement = None  # (client, valid until pass, groups of blocks by holder)
 
     @property
     def n_features(self):
@@ -353,18 +403,33 @@ class BlockData:
 
         One Dask graph: a task per block, a tree of ``combine`` tasks with fan-in
         ``split_every``, and one small result brought back to the client. ``args`` travel
-        inside the graph once (they should be small: parameters, not data).
+        inside the graph (they should be small: parameters, not data).
+
+        Over blocks persisted on a cluster (up to :data:`GROUP_MAX_BLOCKS`), the graph has
+        a task per worker thread instead, each over the blocks its worker holds, and one
+        task that reduces their results by the same tree: fewer scheduler round trips per
+        pass, and the same result to the last bit.
         """
         split_every = split_every or self.split_every
         if split_every < 2:
             raise ValueError(f"split_every must be at least 2, got {split_every}")
         task = _block_task(chunk, args)
         for attempt in range(MAX_RESENDS + 1):
-            level = [task(b, i) for i, b in enumerate(self.blocks)]
-            while len(level) > 1:
+            groups = self._groups_by_holder()
+            if groups is None:
+                level = [task(b, i) for i, b in enumerate(self.blocks)]
+                while len(level) > 1:
+                    level = [
+                        dask.delayed(_combine_with)(combine, *level[i : i + split_every])
+                        for i in range(0, len(level), split_every)
+                    ]
+            else:
+                group_task = _group_task(chunk, args)
+                parts = [group_task(g, [self.blocks[i] for i in g]) for g in groups]
                 level = [
-                    dask.delayed(_combine_with)(combine, *level[i : i + split_every])
-                    for i in range(0, len(level), split_every)
+                    dask.delayed(_tree_reduce, pure=False)(
+                        combine, split_every, tuple(map(tuple, groups)), *parts
+                    )
                 ]
             try:
                 result = _compute(level[0])
@@ -376,6 +441,47 @@ class BlockData:
                     raise
         self.n_passes += 1
         return result
+
+    def _groups_by_holder(self):
+        """Block indices grouped by the worker thread that holds them in memory, or
+        ``None`` to give every block a task of its own.
+
+        A pass over persisted blocks then runs one task per worker thread, each over the
+        blocks its worker holds, instead of one task per block: the scheduler places each
+        group where its blocks are (it moves no data), and a pass costs a handful of task
+        round trips instead of one per block. Blocks read from their source at each pass
+        keep a task each (Dask balances those across workers as they finish)."""
+        client = current_client()
+        if not self.persisted or client is None or len(self.blocks) <= 1:
+            return None
+        # placement changes only when workers come and go: asked again every few passes
+        # (and after blocks were sent again), not at every pass
+        cached = self._placement
+        if cached is not None and cached[0] is client and self.n_passes < cached[1]:
+            return cached[2]
+        groups = self._find_groups(client)
+        self._placement = (client, self.n_passes + PLACEMENT_PASSES, groups)
+        return groups
+
+    def _find_groups(self, client):
+        try:
+            holders = client.who_has(self.blocks)
+            threads = client.nthreads()
+        except Exception:  # placement is an optimisation: without it, one task per block
+            return None
+        by_worker = {}
+        for i, b in enumerate(self.blocks):
+            where = [w for w in holders.get(b.key, ()) if w in threads]
+            if not where:
+                return None  # a block is not in memory: let Dask recompute or resend it
+            by_worker.setdefault(where[0], []).append(i)
+        groups = []
+        for worker, indices in by_worker.items():
+            n = max(1, min(int(threads[worker]), len(indices)))
+            groups += [indices[j::n] for j in range(n)]
+        if len(groups) >= len(self.blocks) or len(self.blocks) > GROUP_MAX_BLOCKS:
+            return None
+        return sorted(groups)
 
     def _resend_lost_blocks(self):
         """Scatter again the in-memory blocks whose only copy was lost; whether any was."""
@@ -391,6 +497,7 @@ class BlockData:
             lost = [i for i, b in enumerate(self.blocks) if not holders.get(b.key)]
         if not lost:
             return False
+        self._placement = None
         again = client.scatter([self._scattered_from[i] for i in lost], hash=False)
         for i, future in zip(lost, again):
             self.blocks[i] = future
@@ -414,6 +521,7 @@ class BlockData:
     def persist(self):
         """Keep the converted blocks in the cluster's (or this process's) memory."""
         client = current_client()
+        self._placement = None
         if client is not None:
             if all(dask.is_dask_collection(b) for b in self.blocks):
                 self.blocks = client.persist(self.blocks)

@@ -397,7 +397,10 @@ class TableEncoder:
 
     def transform_frame(self, part):
         """A pandas partition as a float64 frame with the model's columns (same index)."""
-        return pd.DataFrame(self.transform_block(part), index=part.index, columns=self.columns)
+        # copy=False: the frame wraps the row-major block (the categorical kernel reads rows)
+        return pd.DataFrame(
+            self.transform_block(part), index=part.index, columns=self.columns, copy=False
+        )
 
     def transform(self, X):
         """``X`` with the model's columns encoded as float64, of the same kind as ``X``
