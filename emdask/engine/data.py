@@ -459,29 +459,33 @@ class BlockData:
         cached = self._placement
         if cached is not None and cached[0] is client and self.n_passes < cached[1]:
             return cached[2]
-        groups = self._find_groups(client)
-        self._placement = (client, self.n_passes + PLACEMENT_PASSES, groups)
+        groups, settled = self._find_groups(client)
+        if settled:  # else ask again at the next pass (blocks still being computed)
+            self._placement = (client, self.n_passes + PLACEMENT_PASSES, groups)
         return groups
 
     def _find_groups(self, client):
+        """``(groups or None, whether the answer holds for the next passes)``."""
+        if len(self.blocks) > GROUP_MAX_BLOCKS:
+            return None, True
         try:
             holders = client.who_has(self.blocks)
             threads = client.nthreads()
         except Exception:  # placement is an optimisation: without it, one task per block
-            return None
+            return None, False
         by_worker = {}
         for i, b in enumerate(self.blocks):
             where = [w for w in holders.get(b.key, ()) if w in threads]
-            if not where:
-                return None  # a block is not in memory: let Dask recompute or resend it
+            if not where:  # not in memory (yet): Dask computes, recomputes or resends it
+                return None, False
             by_worker.setdefault(where[0], []).append(i)
         groups = []
         for worker, indices in by_worker.items():
             n = max(1, min(int(threads[worker]), len(indices)))
             groups += [indices[j::n] for j in range(n)]
-        if len(groups) >= len(self.blocks) or len(self.blocks) > GROUP_MAX_BLOCKS:
-            return None
-        return sorted(groups)
+        if len(groups) >= len(self.blocks):
+            return None, True
+        return sorted(groups), True
 
     def _resend_lost_blocks(self):
         """Scatter again the in-memory blocks whose only copy was lost; whether any was."""
