@@ -40,7 +40,7 @@ N_PARTS = 32
 KILL_AFTER = 2  # iterations completed before the kill is armed
 MAX_ITER = 5
 E_STEP = "_em_chunk"  # tasks of one EM pass: E-step statistics of the blocks a worker holds
-REDUCE = "_tree_reduce"  # ... and the reduction of their statistics
+REDUCE = "_combine_with"  # ... and one node of the tree reduction of a pass that re-reads
 
 
 @pytest.fixture(scope="module")
@@ -140,12 +140,14 @@ def test_worker_process_dies_during_the_reduction(cluster, table, reference):
         def arm():
             client.run(_arm, REDUCE, token)
 
+        # re-read at every pass: a task per block and a tree of reduction tasks (over
+        # persisted blocks the few per-worker results are reduced in the client)
         model = fit(
-            make_model().set_params(persist=True),
+            make_model().set_params(persist=False),
             dd.read_parquet(path),
             callbacks=[_arm_after(KILL_AFTER, arm)],
         )
-        # exactly one worker process died, at the start of the reduction task
+        # exactly one worker process died, at the start of a combine task
         with open(token) as f:
             killed_pid, key = f.read().split(" ", 1)
         assert key.startswith(REDUCE)

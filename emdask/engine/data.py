@@ -51,8 +51,8 @@ _WATCH_INTERVAL = 2.0
 #: Passes over persisted blocks between two looks at which worker holds which block.
 PLACEMENT_PASSES = 10
 #: Up to this many persisted blocks, a pass runs a task per worker thread (over the blocks
-#: its worker holds) and one reduction task that receives every block's statistics; more
-#: blocks keep a task each and a tree of reduction tasks.
+#: its worker holds) and every block's statistics come back to be reduced in this process;
+#: more blocks keep a task each and a tree of reduction tasks.
 GROUP_MAX_BLOCKS = 512
 
 
@@ -241,20 +241,25 @@ def _compute_watched(client, value):
     paused (process memory above Dask's pause threshold) for ``emdask.paused-timeout``
     seconds: Dask would otherwise wait for ever for a worker to free memory."""
     from distributed import TimeoutError as DaskTimeoutError
+    from distributed import wait
 
     limit = float(dask.config.get("emdask.paused-timeout", PAUSED_TIMEOUT))
-    future = client.compute(value)
-    # The previous pass's result is released only now, after this pass was submitted: the
-    # client batches its messages to the scheduler, and a release sent just before would
-    # hold this pass's submission back until the batch interval (10 ms) has passed.
-    _LAST_RESULT[:] = [future]
+    many = isinstance(value, list)
+    futures = client.compute(value) if many else [client.compute(value)]
+    # The previous pass's results are released only now, after this pass was submitted:
+    # the client batches its messages to the scheduler, and a release sent just before
+    # would hold this pass's submission back until the batch interval (10 ms) has passed.
+    _LAST_RESULT[:] = futures
     paused_since = None
     try:
         while True:
             try:
-                return future.result(timeout=_WATCH_INTERVAL)
+                wait(futures, timeout=_WATCH_INTERVAL)
             except (DaskTimeoutError, TimeoutError):
                 pass
+            else:
+                results = client.gather(futures)
+                return results if many else results[0]
             paused = _paused_workers(client)
             if paused is None:
                 paused_since = None
@@ -270,8 +275,9 @@ def _compute_watched(client, value):
                     "not the data's"
                 )
     finally:
-        if not future.done():
-            future.cancel()
+        pending = [f for f in futures if not f.done()]
+        if pending:
+            client.cancel(pending)
 
 
 _LAST_RESULT = []
@@ -406,9 +412,9 @@ class BlockData:
         inside the graph (they should be small: parameters, not data).
 
         Over blocks persisted on a cluster (up to :data:`GROUP_MAX_BLOCKS`), the graph has
-        a task per worker thread instead, each over the blocks its worker holds, and one
-        task that reduces their results by the same tree: fewer scheduler round trips per
-        pass, and the same result to the last bit.
+        a task per worker thread instead, each over the blocks its worker holds; their
+        per-block results come back here and are reduced by the same tree: fewer scheduler
+        round trips per pass, and the same result to the last bit.
         """
         split_every = split_every or self.split_every
         if split_every < 2:
@@ -425,14 +431,12 @@ class BlockData:
                     ]
             else:
                 group_task = _group_task(chunk, args)
-                parts = [group_task(g, [self.blocks[i] for i in g]) for g in groups]
-                level = [
-                    dask.delayed(_tree_reduce, pure=False)(
-                        combine, split_every, tuple(map(tuple, groups)), *parts
-                    )
-                ]
+                level = [group_task(g, [self.blocks[i] for i in g]) for g in groups]
             try:
-                result = _compute(level[0])
+                if groups is None:
+                    result = _compute(level[0])
+                else:  # a few small results: reduced here, without one more task hop
+                    result = _tree_reduce(combine, split_every, groups, *_compute(level))
                 break
             except CancelledError:
                 # A worker holding blocks scattered from this process died: Dask cannot
