@@ -224,19 +224,20 @@ def one_blas_thread(func):
     return wrapper
 
 
-def _compute(value):
-    """Compute on the current scheduler. Without a distributed cluster, dask's threads
+def _compute(value, keep=None):
+    """Compute on the current scheduler (``keep``: a list that holds the cluster's futures
+    of the result until the next call, see :func:`_compute_watched`). Without a distributed cluster, dask's threads
     already use every core, so BLAS is held to one thread for the pass: its own threads
     would oversubscribe the cores and make the small per-chunk products many times slower.
     (Dask workers start with one BLAS thread each already.)"""
     client = current_client()
     if client is not None:
-        return _compute_watched(client, value)
+        return _compute_watched(client, value, keep)
     with threadpool_limits(limits=1, user_api="blas"):
         return value.compute()
 
 
-def _compute_watched(client, value):
+def _compute_watched(client, value, keep=None):
     """``value.compute()`` on a cluster, stopped with a clear error if every worker stays
     paused (process memory above Dask's pause threshold) for ``emdask.paused-timeout``
     seconds: Dask would otherwise wait for ever for a worker to free memory."""
@@ -249,7 +250,8 @@ def _compute_watched(client, value):
     # The previous pass's results are released only now, after this pass was submitted:
     # the client batches its messages to the scheduler, and a release sent just before
     # would hold this pass's submission back until the batch interval (10 ms) has passed.
-    _LAST_RESULT[:] = futures
+    if keep is not None:
+        keep[:] = futures
     paused_since = None
     try:
         while True:
@@ -278,9 +280,6 @@ def _compute_watched(client, value):
         pending = [f for f in futures if not f.done()]
         if pending:
             client.cancel(pending)
-
-
-_LAST_RESULT = []
 
 
 def _paused_workers(client):
@@ -386,6 +385,7 @@ class BlockData:
         self.n_passes = 0
         self._scattered_from = None  # in-memory arrays sent to the workers, kept to resend
         self._placement = None  # (client, valid until pass, groups of blocks by holder)
+        self._last_results = []  # futures of the last pass, released after the next starts
 
     @property
     def n_features(self):
@@ -434,9 +434,10 @@ class BlockData:
                 level = [group_task(g, [self.blocks[i] for i in g]) for g in groups]
             try:
                 if groups is None:
-                    result = _compute(level[0])
+                    result = _compute(level[0], self._last_results)
                 else:  # a few small results: reduced here, without one more task hop
-                    result = _tree_reduce(combine, split_every, groups, *_compute(level))
+                    parts = _compute(level, self._last_results)
+                    result = _tree_reduce(combine, split_every, groups, *parts)
                 break
             except CancelledError:
                 # A worker holding blocks scattered from this process died: Dask cannot
