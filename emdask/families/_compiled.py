@@ -673,6 +673,55 @@ def _chunk_products(chol, c, const, y, q):
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _upper_times(chol, y, g):
+    """``g[j] += U_j y[j]`` (``U_j`` upper triangular, rows along the last axis), four
+    outputs from four inputs per pass over the rows."""
+    k, d, nb = y.shape
+    full = d - d % 4
+    for j in range(k):
+        for ab in range(0, full, 4):
+            for lb in range(ab, full, 4):
+                diagonal = lb == ab  # u[a, l] = 0 for l < a
+                u00 = chol[j, ab, lb]
+                u01 = chol[j, ab, lb + 1]
+                u02 = chol[j, ab, lb + 2]
+                u03 = chol[j, ab, lb + 3]
+                u10 = 0.0 if diagonal else chol[j, ab + 1, lb]
+                u11 = chol[j, ab + 1, lb + 1]
+                u12 = chol[j, ab + 1, lb + 2]
+                u13 = chol[j, ab + 1, lb + 3]
+                u20 = 0.0 if diagonal else chol[j, ab + 2, lb]
+                u21 = 0.0 if diagonal else chol[j, ab + 2, lb + 1]
+                u22 = chol[j, ab + 2, lb + 2]
+                u23 = chol[j, ab + 2, lb + 3]
+                u30 = 0.0 if diagonal else chol[j, ab + 3, lb]
+                u31 = 0.0 if diagonal else chol[j, ab + 3, lb + 1]
+                u32 = 0.0 if diagonal else chol[j, ab + 3, lb + 2]
+                u33 = chol[j, ab + 3, lb + 3]
+                for i in range(nb):
+                    y0 = y[j, lb, i]
+                    y1 = y[j, lb + 1, i]
+                    y2 = y[j, lb + 2, i]
+                    y3 = y[j, lb + 3, i]
+                    g[j, ab, i] += u00 * y0 + u01 * y1 + u02 * y2 + u03 * y3
+                    g[j, ab + 1, i] += u10 * y0 + u11 * y1 + u12 * y2 + u13 * y3
+                    g[j, ab + 2, i] += u20 * y0 + u21 * y1 + u22 * y2 + u23 * y3
+                    g[j, ab + 3, i] += u30 * y0 + u31 * y1 + u32 * y2 + u33 * y3
+            # inputs past the last full block of four
+            for l in range(full, d):
+                for a in range(ab, ab + 4):
+                    u = chol[j, a, l]
+                    for i in range(nb):
+                        g[j, a, i] += u * y[j, l, i]
+        # outputs past the last full block of four
+        for a in range(full, d):
+            for l in range(a, d):
+                u = chol[j, a, l]
+                for i in range(nb):
+                    g[j, a, i] += u * y[j, l, i]
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def _chunk_log_prob(y, const, incomplete, pats, pat_m, col_off, cols, inv_off, inv, corr,
                     chol, c, q, v, z):
     """Observed-part weighted log-probabilities of a chunk (less each row's maximum) and,
@@ -697,12 +746,7 @@ def _chunk_log_prob(y, const, incomplete, pats, pat_m, col_off, cols, inv_off, i
     whole = 8 * work > nb * d * (d + 1) // 2
     if whole:
         g = np.zeros((k, d, nb))
-        for j in range(k):
-            for a in range(d):
-                for l in range(a, d):
-                    u = chol[j, a, l]
-                    for i in range(nb):
-                        g[j, a, i] += u * y[j, l, i]
+        _upper_times(chol, y, g)
     for i in incomplete:
         p = pats[i]
         m = pat_m[p]
