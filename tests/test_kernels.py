@@ -204,6 +204,35 @@ def test_whole_block_and_pattern_sorted_paths_agree(monkeypatch, max_missing, co
 
 
 @pytest.mark.skipif(not _kernels.compiled_available(), reason="needs numba (the fast extra)")
+def test_scratch_space_kept_between_blocks_changes_nothing():
+    """The whole-block kernel reuses its scratch space from block to block: a small block
+    after a large one with many more patterns (and the other way) gives the same bits as
+    in a fresh thread."""
+    import threading
+
+    k, d = 3, 9
+    params = random_params("full", k, d, seed=31)
+    small = with_missing(sample(params, "full", 300, seed=32), 0.05, seed=33)
+    large = with_missing(sample(params, "full", 5000, seed=34), 0.15, seed=35)
+    family = GaussianFamily(k, "full")
+
+    def fresh(X):
+        out = []
+        t = threading.Thread(target=lambda: out.append(family.partial_stats(X, params)))
+        t.start()
+        t.join()
+        return out[0]
+
+    expected_small, expected_large = fresh(small), fresh(large)
+    for X, expected in ((large, expected_large), (small, expected_small),
+                        (large, expected_large), (small, expected_small)):
+        got = family.partial_stats(X, params)
+        assert (got.n_rows, got.loglik) == (expected.n_rows, expected.loglik)
+        for key in ("nk", "s1", "s2"):
+            np.testing.assert_array_equal(got.terms[key], expected.terms[key])
+
+
+@pytest.mark.skipif(not _kernels.compiled_available(), reason="needs numba (the fast extra)")
 def test_vectorised_exp_matches_numpy():
     from emdask.families._compiled import exp_nonpositive
 

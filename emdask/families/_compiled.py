@@ -507,12 +507,11 @@ _TABLE_FEATURES = 16
 
 
 @njit(cache=True, nogil=True)
-def _informative_rows(X, weights, use_weights):
+def _informative_rows(X, weights, use_weights, rows, keys):
     """Rows that carry information (some cell observed, weight above zero), in order, and
-    the missing cells of each as bits (bit l: column l)."""
+    the missing cells of each as bits (bit l: column l), written into ``rows`` and
+    ``keys`` (n,); returns them cut to the rows found."""
     n, d = X.shape
-    rows = np.empty(n, dtype=np.int64)
-    keys = np.empty(n, dtype=np.int64)
     at = 0
     for i in range(n):
         if use_weights and not weights[i] > 0.0:
@@ -532,8 +531,9 @@ def _informative_rows(X, weights, use_weights):
 
 
 @njit(cache=True, nogil=True)
-def _patterns(keys, d):
-    """Missingness patterns of the rows with bit keys ``keys``.
+def _patterns(keys, d, local, found, pats, table):
+    """Missingness patterns of the rows with bit keys ``keys``. ``local``, ``found``,
+    ``pats`` (n,) and ``table`` (2^d when ``d <= 16``) are scratch space.
 
     Patterns are ranked by missing count, then by key (highest missing column first, the
     order :func:`pattern_tables` shares work in); the complete pattern, if present, is
@@ -547,11 +547,11 @@ def _patterns(keys, d):
         Per pattern: missing count, offset of its missing columns (ascending) in ``cols``.
     """
     n = keys.size
-    local = np.empty(n, dtype=np.int64)  # pattern id by first appearance
-    found = np.empty(max(n, 1), dtype=np.int64)
+    local = local[:n]  # pattern id by first appearance
     n_pat = 0
     if d <= _TABLE_FEATURES:
-        table = np.full(1 << d, -1, dtype=np.int64)
+        table = table[: 1 << d]
+        table[:] = -1
         for a in range(n):
             key = keys[a]
             p = table[key]
@@ -599,7 +599,7 @@ def _patterns(keys, d):
             if (found[p] >> l) & 1:
                 cols[c] = l
                 c += 1
-    pats = np.empty(n, dtype=np.int64)
+    pats = pats[:n]
     for a in range(n):
         pats[a] = rank[local[a]]
     return pats, pat_m, col_off, cols
@@ -723,7 +723,7 @@ def _upper_times(chol, y, g):
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def _chunk_log_prob(y, const, incomplete, pats, pat_m, col_off, cols, inv_off, inv, corr,
-                    chol, c, q, v, z):
+                    chol, c, q, v, z, g_flat):
     """Observed-part weighted log-probabilities of a chunk (less each row's maximum) and,
     for rows with missing cells, the conditional means of those cells.
 
@@ -744,8 +744,11 @@ def _chunk_log_prob(y, const, incomplete, pats, pat_m, col_off, cols, inv_off, i
         for a in range(pat_m[p]):
             work += d - cols[col_off[p] + a]
     whole = 8 * work > nb * d * (d + 1) // 2
+    # g: products from a flat buffer of the block's (allocating per chunk is slow in Dask
+    # workers, whose allocator returns large blocks to the system at once)
+    g = g_flat[: k * d * nb].reshape((k, d, nb))
     if whole:
-        g = np.zeros((k, d, nb))
+        g[:] = 0.0
         _upper_times(chol, y, g)
     for i in incomplete:
         p = pats[i]
@@ -818,7 +821,7 @@ def _chunk_weigh(e, top, weights, use_weights, rows, incomplete, pats, c, nk, s1
 
 @njit(cache=True, nogil=True)
 def dense_block_stats(X, weights, use_weights, means, chol, P, const, chunk, max_missing,
-                      nk, s1, lower):
+                      nk, s1, lower, iwork, fwork):
     """E-step statistics of a whole block under full (or tied) covariances, in one call.
 
     Complete rows and rows with missing cells go through the same chunks, in block order:
@@ -844,6 +847,11 @@ def dense_block_stats(X, weights, use_weights, means, chol, P, const, chunk, max
     nk, s1, lower : ndarray (k,), (k, d), (k, d, d), added to
         Summed responsibilities, first moments and the lower triangles of the second
         moments about each component's mean.
+    iwork, fwork : ndarray, int64 and float64
+        Scratch space kept by the caller between blocks (fresh allocations of this size
+        cost page faults at every block in Dask workers, whose allocator hands large
+        blocks back to the system): used when at least ``5 n + 2^d`` (``5 n + 1`` above
+        16 columns) and the returned ``needed`` long, else allocated here.
 
     Returns
     -------
@@ -852,16 +860,25 @@ def dense_block_stats(X, weights, use_weights, means, chol, P, const, chunk, max
         0: done; 1: the precision of the missing cells of some pattern is not positive
         definite; 2: declined, the incomplete rows miss more than ``max_missing`` cells
         on average. Nothing is added unless 0.
+    needed : int
+        Length of ``fwork`` this block used (or would have).
     """
     d = X.shape[1]
     k = chol.shape[0]
-    rows, keys = _informative_rows(X, weights, use_weights)
+    n = X.shape[0]
+    table_size = (1 << d) if d <= _TABLE_FEATURES else 1
+    if iwork.size < 5 * n + table_size:
+        iwork = np.empty(5 * n + table_size, dtype=np.int64)
+    rows, keys = _informative_rows(X, weights, use_weights, iwork[:n], iwork[n : 2 * n])
     n_in = rows.size
     loglik = 0.0
     n_rows = 0.0
     if n_in == 0:
-        return loglik, n_rows, 0
-    pats, pat_m, col_off, cols = _patterns(keys, d)
+        return loglik, n_rows, 0, 0
+    pats, pat_m, col_off, cols = _patterns(
+        keys, d, iwork[2 * n : 3 * n], iwork[3 * n : 4 * n], iwork[4 * n : 5 * n],
+        iwork[5 * n :],
+    )
     n_pat = pat_m.size
     n_missing = 0
     n_incomplete = 0
@@ -870,7 +887,7 @@ def dense_block_stats(X, weights, use_weights, means, chol, P, const, chunk, max
         n_missing += m
         n_incomplete += m > 0
     if n_missing > max_missing * n_incomplete:
-        return loglik, n_rows, 2
+        return loglik, n_rows, 2, 0
     inv_off = np.empty(n_pat, dtype=np.int64)
     size = 0
     max_m = 1
@@ -878,14 +895,19 @@ def dense_block_stats(X, weights, use_weights, means, chol, P, const, chunk, max
         inv_off[p] = size
         size += k * pat_m[p] * pat_m[p]
         max_m = max(max_m, pat_m[p])
-    inv = np.empty(size)
-    corr = np.empty((n_pat, k))
+    b = min(chunk, n_in)
+    needed = size + 2 * n_pat * k + k * d * b
+    if fwork.size < needed:
+        fwork = np.empty(needed)
+    inv = fwork[:size]
+    corr = fwork[size : size + n_pat * k].reshape((n_pat, k))
     if not pattern_tables(P, cols, col_off, pat_m, inv_off, inv, corr):
-        return loglik, n_rows, 1
-    resp_by_pattern = np.zeros((n_pat, k))
+        return loglik, n_rows, 1, needed
+    resp_by_pattern = fwork[size + n_pat * k : size + 2 * n_pat * k].reshape((n_pat, k))
+    resp_by_pattern[:] = 0.0
+    g_flat = fwork[size + 2 * n_pat * k : needed]
     v = np.empty(max_m)
     z = np.empty(max_m)
-    b = min(chunk, n_in)
     q_full = np.empty((k, b))
     c_full = np.empty((k, d, b))
     y_full = np.empty((k, d, b))
@@ -917,7 +939,7 @@ def dense_block_stats(X, weights, use_weights, means, chol, P, const, chunk, max
         _chunk_products(chol, c, const, y, q)
         incomplete = inc[:n_inc]
         top = _chunk_log_prob(y, const, incomplete, pc, pat_m, col_off, cols, inv_off, inv,
-                              corr, chol, c, q, v, z)
+                              corr, chol, c, q, v, z, g_flat)
         exp_nonpositive(q, bits)
         ll, nr = _chunk_weigh(q, top, weights, use_weights, sel, incomplete, pc, c, nk, s1,
                               resp_by_pattern)
@@ -925,4 +947,4 @@ def dense_block_stats(X, weights, use_weights, means, chol, P, const, chunk, max
         n_rows += nr
         lower_moments(c, q, lower)
     add_conditional_covariance(lower, resp_by_pattern, pat_m, col_off, inv_off, cols, inv)
-    return loglik, n_rows, 0
+    return loglik, n_rows, 0, needed

@@ -61,6 +61,7 @@ left out of the product.
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 from dataclasses import dataclass
 from functools import partial
@@ -318,16 +319,47 @@ def dense_block_stats(X, weights, means, mix_weights, chol, const, chunk=COMPLET
     nk = np.zeros(k)
     s1 = np.zeros((k, d))
     lower = np.zeros((k, d, d))
-    loglik, n_rows, status = compiled.dense_block_stats(
+    iwork, fwork = _workspace(X.shape[0], d, compiled._TABLE_FEATURES)
+    loglik, n_rows, status, needed = compiled.dense_block_stats(
         X, w, use_weights, np.ascontiguousarray(means, dtype=np.float64), kernel.chol,
         kernel.precision, np.asarray(const, dtype=np.float64), int(chunk), BLOCK_MAX_MISSING,
-        nk, s1, lower,
+        nk, s1, lower, iwork, fwork,
     )
+    _grow_float_workspace(needed)
     if status == 1:
         raise ValueError(ILL_DEFINED)
     if status == 2:
         return None
     return n_rows, loglik, nk, s1, _mirror_lower(lower)
+
+
+#: Scratch space of the whole-block kernel, one per thread, kept between blocks up to this
+#: many bytes each (int and float): a Dask worker's allocator returns large blocks to the
+#: system when they are freed, so fresh ones cost page faults at every block.
+WORKSPACE_MAX_BYTES = 256 * 2**20
+_WORKSPACE = threading.local()
+
+
+def _workspace(n, d, table_features):
+    """This thread's ``(iwork, fwork)`` for a block of ``n`` rows and ``d`` columns
+    (patterns found by a table of 2^d entries up to ``table_features`` columns)."""
+    need = 5 * n + ((1 << d) if d <= table_features else 1)
+    iwork = getattr(_WORKSPACE, "iwork", None)
+    if iwork is None or iwork.size < need:
+        iwork = np.empty(need, dtype=np.int64)
+        if iwork.nbytes <= WORKSPACE_MAX_BYTES:
+            _WORKSPACE.iwork = iwork
+    fwork = getattr(_WORKSPACE, "fwork", None)
+    if fwork is None:
+        fwork = _WORKSPACE.fwork = np.empty(0)
+    return iwork, fwork
+
+
+def _grow_float_workspace(needed):
+    """Keep a float workspace as long as the last block needed, for the next one."""
+    fwork = getattr(_WORKSPACE, "fwork", None)
+    if (fwork is None or fwork.size < needed) and needed * 8 <= WORKSPACE_MAX_BYTES:
+        _WORKSPACE.fwork = np.empty(needed)
 
 
 @dataclass
