@@ -208,8 +208,6 @@ def test_scratch_space_kept_between_blocks_changes_nothing():
     """The whole-block kernel reuses its scratch space from block to block: a small block
     after a large one with many more patterns (and the other way) gives the same bits as
     in a fresh thread."""
-    import threading
-
     k, d = 3, 9
     params = random_params("full", k, d, seed=31)
     small = with_missing(sample(params, "full", 300, seed=32), 0.05, seed=33)
@@ -217,19 +215,33 @@ def test_scratch_space_kept_between_blocks_changes_nothing():
     family = GaussianFamily(k, "full")
 
     def fresh(X):
-        out = []
-        t = threading.Thread(target=lambda: out.append(family.partial_stats(X, params)))
-        t.start()
-        t.join()
-        return out[0]
+        return fresh_with(family, X, params)
+
+    def check(got, expected):
+        assert (got.n_rows, got.loglik) == (expected.n_rows, expected.loglik)
+        for key in ("nk", "s1", "s2"):
+            np.testing.assert_array_equal(got.terms[key], expected.terms[key])
 
     expected_small, expected_large = fresh(small), fresh(large)
     for X, expected in ((large, expected_large), (small, expected_small),
                         (large, expected_large), (small, expected_small)):
-        got = family.partial_stats(X, params)
-        assert (got.n_rows, got.loglik) == (expected.n_rows, expected.loglik)
-        for key in ("nk", "s1", "s2"):
-            np.testing.assert_array_equal(got.terms[key], expected.terms[key])
+        check(family.partial_stats(X, params), expected)
+    # the pattern tables kept from block to block belong to one set of precisions: other
+    # parameters (the next EM iteration) do not reuse them
+    other = random_params("full", k, d, seed=36)
+    check(family.partial_stats(large, other), fresh_with(family, large, other))
+    check(family.partial_stats(large, params), expected_large)
+
+
+def fresh_with(family, X, params):
+    """``family.partial_stats(X, params)`` in a new thread (with scratch space of its own)."""
+    import threading
+
+    out = []
+    t = threading.Thread(target=lambda: out.append(family.partial_stats(X, params)))
+    t.start()
+    t.join()
+    return out[0]
 
 
 @pytest.mark.skipif(not _kernels.compiled_available(), reason="needs numba (the fast extra)")

@@ -215,7 +215,15 @@ def lower_moments(c, r, lower):
 
 @njit(cache=True, nogil=True)
 def pattern_tables(P, cols, col_off, pat_m, inv_off, inv, corr):
-    """``P_mm⁻¹`` and ``0.5 m log 2π - 0.5 log det P_mm`` for every pattern and component.
+    """:func:`some_pattern_tables` for every pattern."""
+    return some_pattern_tables(P, cols, col_off, pat_m, inv_off, inv, corr,
+                               np.ones(pat_m.size, dtype=np.bool_))
+
+
+@njit(cache=True, nogil=True)
+def some_pattern_tables(P, cols, col_off, pat_m, inv_off, inv, corr, compute):
+    """``P_mm⁻¹`` and ``0.5 m log 2π - 0.5 log det P_mm`` for every pattern p with
+    ``compute[p]`` and every component.
 
     Parameters
     ----------
@@ -250,6 +258,8 @@ def pattern_tables(P, cols, col_off, pat_m, inv_off, inv, corr):
     prev_m = 0
     c = np.empty(size, dtype=np.int64)
     for p in range(pat_m.size):
+        if not compute[p]:
+            continue
         m = pat_m[p]
         for a in range(m):
             c[a] = cols[col_off[p] + m - 1 - a]
@@ -845,8 +855,16 @@ def _chunk_weigh(e, top, weights, use_weights, rows, incomplete, pats, c, nk, s1
 
 
 @njit(cache=True, nogil=True)
+def _pattern_key(cols, off, m):
+    key = 0
+    for a in range(m):
+        key |= 1 << cols[off + a]
+    return key
+
+
+@njit(cache=True, nogil=True)
 def dense_block_stats(X, weights, use_weights, means, chol, P, const, chunk, max_missing,
-                      nk, s1, lower, iwork, fwork):
+                      nk, s1, lower, iwork, fwork, stamp, slot, slot_stamp, store, used):
     """E-step statistics of a whole block under full (or tied) covariances, in one call.
 
     Complete rows and rows with missing cells go through the same chunks, in block order:
@@ -878,15 +896,23 @@ def dense_block_stats(X, weights, use_weights, means, chol, P, const, chunk, max
         blocks back to the system): used when at least ``5 n + 2^d`` (``5 n + 1`` above
         16 columns) and the returned ``needed`` long, else allocated here.
 
+    stamp, slot, slot_stamp, store, used
+        This thread's cache of pattern tables: ``stamp`` the version of ``P`` (-1: no
+        cache), ``slot`` and ``slot_stamp`` (2^d) where each pattern's tables are in
+        ``store`` and for which version, ``used`` the length of ``store`` in use.
+
     Returns
     -------
     loglik, n_rows : float
     status : int
         0: done; 1: the precision of the missing cells of some pattern is not positive
         definite; 2: declined, the incomplete rows miss more than ``max_missing`` cells
-        on average. Nothing is added unless 0.
+        on average; 3: ``store`` is shorter than ``needed``: grow it and call again.
+        Nothing is added unless 0.
     needed : int
-        Length of ``fwork`` this block used (or would have).
+        Length of ``fwork`` this block used (or would have); with status 3, of ``store``.
+    used : int
+        Length of ``store`` in use afterwards.
     """
     d = X.shape[1]
     k = chol.shape[0]
@@ -899,7 +925,7 @@ def dense_block_stats(X, weights, use_weights, means, chol, P, const, chunk, max
     loglik = 0.0
     n_rows = 0.0
     if n_in == 0:
-        return loglik, n_rows, 0, 0
+        return loglik, n_rows, 0, 0, used
     pats, pat_m, col_off, cols = _patterns(
         keys, d, iwork[2 * n : 3 * n], iwork[3 * n : 4 * n], iwork[4 * n : 5 * n],
         iwork[5 * n :],
@@ -912,25 +938,60 @@ def dense_block_stats(X, weights, use_weights, means, chol, P, const, chunk, max
         n_missing += m
         n_incomplete += m > 0
     if n_missing > max_missing * n_incomplete:
-        return loglik, n_rows, 2, 0
+        return loglik, n_rows, 2, 0, used
     inv_off = np.empty(n_pat, dtype=np.int64)
-    size = 0
+    compute = np.ones(n_pat, dtype=np.bool_)
     max_m = 1
     for p in range(n_pat):
-        inv_off[p] = size
-        size += k * pat_m[p] * pat_m[p]
         max_m = max(max_m, pat_m[p])
+    # Pattern tables depend on the precisions only: with ``stamp >= 0`` (the caller's
+    # version of ``P``), those of patterns met in earlier blocks of this thread under the
+    # same precisions are taken from ``store`` (at ``slot[key]`` when ``slot_stamp[key]``
+    # is ``stamp``: k corrections, then the k inverses), the others computed and added.
+    caching = stamp >= 0 and d <= _TABLE_FEATURES
+    size = 0
+    if caching:
+        for p in range(n_pat):
+            key = _pattern_key(cols, col_off[p], pat_m[p])
+            if slot_stamp[key] == stamp:
+                compute[p] = False
+                inv_off[p] = slot[key] + k
+            else:
+                inv_off[p] = used + size + k
+                size += k + k * pat_m[p] * pat_m[p]
+        if used + size > store.size:
+            return loglik, n_rows, 3, used + size, used  # the caller grows the store
+        inv = store
+    else:
+        for p in range(n_pat):
+            inv_off[p] = size
+            size += k * pat_m[p] * pat_m[p]
     b = min(chunk, n_in)
-    needed = size + 2 * n_pat * k + k * d * b
+    local = 0 if caching else size
+    needed = local + 2 * n_pat * k + k * d * b
     if fwork.size < needed:
         fwork = np.empty(needed)
-    inv = fwork[:size]
-    corr = fwork[size : size + n_pat * k].reshape((n_pat, k))
-    if not pattern_tables(P, cols, col_off, pat_m, inv_off, inv, corr):
-        return loglik, n_rows, 1, needed
-    resp_by_pattern = fwork[size + n_pat * k : size + 2 * n_pat * k].reshape((n_pat, k))
+    if not caching:
+        inv = fwork[:size]
+    corr = fwork[local : local + n_pat * k].reshape((n_pat, k))
+    if not some_pattern_tables(P, cols, col_off, pat_m, inv_off, inv, corr, compute):
+        return loglik, n_rows, 1, needed, used
+    if caching:
+        for p in range(n_pat):
+            off = inv_off[p] - k
+            if compute[p]:
+                key = _pattern_key(cols, col_off[p], pat_m[p])
+                for j in range(k):
+                    store[off + j] = corr[p, j]
+                slot[key] = off
+                slot_stamp[key] = stamp
+            else:
+                for j in range(k):
+                    corr[p, j] = store[off + j]
+        used += size
+    resp_by_pattern = fwork[local + n_pat * k : local + 2 * n_pat * k].reshape((n_pat, k))
     resp_by_pattern[:] = 0.0
-    g_flat = fwork[size + 2 * n_pat * k : needed]
+    g_flat = fwork[local + 2 * n_pat * k : needed]
     v = np.empty(max_m)
     z = np.empty(max_m)
     q_full = np.empty((k, b))
@@ -972,4 +1033,4 @@ def dense_block_stats(X, weights, use_weights, means, chol, P, const, chunk, max
         n_rows += nr
         lower_moments(c, q, lower)
     add_conditional_covariance(lower, resp_by_pattern, pat_m, col_off, inv_off, cols, inv)
-    return loglik, n_rows, 0, needed
+    return loglik, n_rows, 0, needed, used

@@ -320,12 +320,20 @@ def dense_block_stats(X, weights, means, mix_weights, chol, const, chunk=COMPLET
     s1 = np.zeros((k, d))
     lower = np.zeros((k, d, d))
     iwork, fwork = _workspace(X.shape[0], d, compiled._TABLE_FEATURES)
-    loglik, n_rows, status, needed = compiled.dense_block_stats(
-        X, w, use_weights, np.ascontiguousarray(means, dtype=np.float64), kernel.chol,
-        kernel.precision, np.asarray(const, dtype=np.float64), int(chunk), BLOCK_MAX_MISSING,
-        nk, s1, lower, iwork, fwork,
-    )
-    _grow_float_workspace(needed)
+    cache = _pattern_cache(kernel.precision, d, compiled._TABLE_FEATURES)
+    while True:
+        loglik, n_rows, status, needed, used = compiled.dense_block_stats(
+            X, w, use_weights, np.ascontiguousarray(means, dtype=np.float64), kernel.chol,
+            kernel.precision, np.asarray(const, dtype=np.float64), int(chunk),
+            BLOCK_MAX_MISSING, nk, s1, lower, iwork, fwork, cache.stamp, cache.slot,
+            cache.slot_stamp, cache.store, cache.used,
+        )
+        if status != 3:
+            break
+        cache.grow(needed)  # and again, with room for this block's new patterns
+    cache.used = used
+    if status != 3:
+        _grow_float_workspace(needed)
     if status == 1:
         raise ValueError(ILL_DEFINED)
     if status == 2:
@@ -353,6 +361,52 @@ def _workspace(n, d, table_features):
     if fwork is None:
         fwork = _WORKSPACE.fwork = np.empty(0)
     return iwork, fwork
+
+
+class _PatternCache:
+    """This thread's pattern tables (``P_mm⁻¹`` and log-determinant terms) under the
+    precisions of the last block: a pass computes each pattern's once per thread instead
+    of once per block. See :func:`emdask.families._compiled.dense_block_stats`."""
+
+    def __init__(self, size):
+        self.precision = None
+        self.stamp = -1
+        self.slot = np.zeros(size, dtype=np.int64)
+        self.slot_stamp = np.full(size, -1, dtype=np.int64)
+        self.store = np.empty(0)
+        self.used = 0
+
+    def use(self, precision):
+        p = self.precision
+        if p is None or p.shape != precision.shape or not np.array_equal(p, precision):
+            self.precision = precision.copy()
+            self.stamp += 1
+            self.used = 0
+
+    def grow(self, needed):
+        if needed * 8 > WORKSPACE_MAX_BYTES:  # too large to keep: no cache for this block
+            self.stamp, self.precision, self.used = -1, None, 0
+            self.slot_stamp[:] = -1
+            return
+        store = np.empty(max(needed, 2 * self.store.size))
+        store[: self.used] = self.store[: self.used]
+        self.store = store
+
+
+class _NoCache:
+    stamp, used = -1, 0
+    slot = slot_stamp = np.zeros(1, dtype=np.int64)
+    store = np.empty(0)
+
+
+def _pattern_cache(precision, d, table_features):
+    if d > table_features:
+        return _NoCache()
+    cache = getattr(_WORKSPACE, "patterns", None)
+    if cache is None:
+        cache = _WORKSPACE.patterns = _PatternCache(1 << table_features)
+    cache.use(precision)
+    return cache
 
 
 def _grow_float_workspace(needed):
