@@ -523,6 +523,24 @@ def _informative_rows(X, weights, use_weights, rows, keys):
     ``keys`` (n,); returns them cut to the rows found."""
     n, d = X.shape
     at = 0
+    if n > 0 and d > 1 and X.strides[0] == X.itemsize:
+        # column-major: the bits a column at a time, contiguous and branch-free
+        for i in range(n):
+            keys[i] = 0
+        for l in range(d):
+            bit = np.int64(1) << l
+            for i in range(n):
+                x = X[i, l]
+                keys[i] |= bit if x != x else 0
+        every = (np.int64(1) << d) - 1
+        for i in range(n):
+            key = keys[i]
+            if key == every or (use_weights and not weights[i] > 0.0):
+                continue
+            rows[at] = i
+            keys[at] = key
+            at += 1
+        return rows[:at], keys[:at]
     for i in range(n):
         if use_weights and not weights[i] > 0.0:
             continue
