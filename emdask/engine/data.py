@@ -434,7 +434,12 @@ class BlockData:
                 level = [group_task(g, [self.blocks[i] for i in g]) for g in groups]
             try:
                 if groups is None:
-                    result = _compute(level[0], self._last_results)
+                    # blocks read at each pass: reading, conversion and statistics of a
+                    # block fused into one task (a chain of three tasks per block otherwise)
+                    fuse = {"optimization.fuse.delayed": not self.persisted,
+                            "optimization.fuse.rename-keys": False}
+                    with dask.config.set(fuse):
+                        result = _compute(level[0], self._last_results)
                 else:  # a few small results: reduced here, without one more task hop
                     parts = _compute(level, self._last_results)
                     result = _tree_reduce(combine, split_every, groups, *parts)
