@@ -16,7 +16,6 @@ import functools
 import math
 import operator
 import os
-import pickle
 import time
 import uuid
 from concurrent.futures import CancelledError
@@ -303,9 +302,29 @@ def _mib(n):
     return f"{int(n) >> 20} MiB"
 
 
-#: Arguments of a pass up to this size (pickled) travel inside each block's task; larger
+#: Arguments of a pass up to this size (their arrays) travel inside each block's task; larger
 #: ones become one task of their own that the block tasks depend on.
 INLINE_ARGS_BYTES = 256 * 1024
+
+
+def _nbytes(obj, depth=0):
+    """Bytes of the arrays in ``obj`` (containers and objects' attributes, a few levels
+    deep), about what it costs to send."""
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if depth > 6:
+        return 0
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return sum(_nbytes(x, depth + 1) for x in obj)
+    if isinstance(obj, dict):
+        return sum(_nbytes(x, depth + 1) for x in obj.values())
+    attributes = getattr(obj, "__dict__", None)
+    if attributes is not None and not callable(obj):
+        return sum(_nbytes(x, depth + 1) for x in attributes.values())
+    slots = getattr(type(obj), "__slots__", ())
+    if slots and not callable(obj):
+        return sum(_nbytes(getattr(obj, name, None), depth + 1) for name in slots)
+    return 0
 
 
 def _block_task(chunk, args):
@@ -315,7 +334,7 @@ def _block_task(chunk, args):
     holding them would cost a pass one more scheduler round trip and a transfer between
     workers before any block starts. Large ones are held once, by a task of their own."""
     call = dask.delayed(chunk, pure=False)
-    if len(pickle.dumps(args, protocol=pickle.HIGHEST_PROTOCOL)) <= INLINE_ARGS_BYTES:
+    if _nbytes(args) <= INLINE_ARGS_BYTES:
         return lambda block, index: call(block, index, *args)
     shared = [dask.delayed(a, traverse=False) for a in args]
     return lambda block, index: call(block, index, *shared)
@@ -324,7 +343,7 @@ def _block_task(chunk, args):
 def _group_task(chunk, args):
     """``task(indices, blocks)`` -> the delayed tuple of ``chunk(block, index, *args)``
     over the blocks, in one task."""
-    small = len(pickle.dumps(args, protocol=pickle.HIGHEST_PROTOCOL)) <= INLINE_ARGS_BYTES
+    small = _nbytes(args) <= INLINE_ARGS_BYTES
     shared = tuple(args) if small else tuple(dask.delayed(a, traverse=False) for a in args)
     call = dask.delayed(_chunk_group, pure=False)
     name = getattr(chunk, "__name__", "chunk")  # keys read like a task per block's
