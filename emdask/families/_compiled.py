@@ -793,7 +793,7 @@ def _chunk_log_prob(y, const, incomplete, pats, pat_m, col_off, cols, inv_off, i
                         acc += chol[j, ca, l] * y[j, l, i]
                     v[a] = acc
             base = inv_off[p] + j * m * m
-            # one to three missing cells (most rows that miss any): written out, so that
+            # one to four missing cells (most rows that miss any): written out, so that
             # the products are independent of each other instead of a chain of loops
             if m == 1:
                 z0 = inv[base] * v[0]
@@ -817,6 +817,22 @@ def _chunk_log_prob(y, const, incomplete, pats, pat_m, col_off, cols, inv_off, i
                 c[j, cols[co + 1], i] = -z1
                 c[j, cols[co + 2], i] = -z2
                 q[j, i] += 0.5 * (v0 * z0 + v1 * z1 + v2 * z2) + corr[p, j]
+                continue
+            if m == 4:
+                v0, v1, v2, v3 = v[0], v[1], v[2], v[3]
+                z0 = (inv[base] * v0 + inv[base + 1] * v1 + inv[base + 2] * v2
+                      + inv[base + 3] * v3)
+                z1 = (inv[base + 4] * v0 + inv[base + 5] * v1 + inv[base + 6] * v2
+                      + inv[base + 7] * v3)
+                z2 = (inv[base + 8] * v0 + inv[base + 9] * v1 + inv[base + 10] * v2
+                      + inv[base + 11] * v3)
+                z3 = (inv[base + 12] * v0 + inv[base + 13] * v1 + inv[base + 14] * v2
+                      + inv[base + 15] * v3)
+                c[j, cols[co], i] = -z0
+                c[j, cols[co + 1], i] = -z1
+                c[j, cols[co + 2], i] = -z2
+                c[j, cols[co + 3], i] = -z3
+                q[j, i] += 0.5 * (v0 * z0 + v1 * z1 + v2 * z2 + v3 * z3) + corr[p, j]
                 continue
             vz = 0.0
             for a in range(m):
