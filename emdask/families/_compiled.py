@@ -633,6 +633,45 @@ def _patterns(keys, d, local, found, pats, table):
     return pats, pat_m, col_off, cols
 
 
+@njit(inline="always")
+def _upper_block4(chol, j, r0, c0):
+    """``U_j[r0 : r0 + 4, c0 : c0 + 4]`` (``r0 <= c0``) row by row, zero below the
+    diagonal of ``U_j``."""
+    below = r0 == c0  # the diagonal block: its lower triangle is not U's
+    return (
+        chol[j, r0, c0], chol[j, r0, c0 + 1], chol[j, r0, c0 + 2], chol[j, r0, c0 + 3],
+        0.0 if below else chol[j, r0 + 1, c0], chol[j, r0 + 1, c0 + 1],
+        chol[j, r0 + 1, c0 + 2], chol[j, r0 + 1, c0 + 3],
+        0.0 if below else chol[j, r0 + 2, c0], 0.0 if below else chol[j, r0 + 2, c0 + 1],
+        chol[j, r0 + 2, c0 + 2], chol[j, r0 + 2, c0 + 3],
+        0.0 if below else chol[j, r0 + 3, c0], 0.0 if below else chol[j, r0 + 3, c0 + 1],
+        0.0 if below else chol[j, r0 + 3, c0 + 2], chol[j, r0 + 3, c0 + 3],
+    )
+
+
+@njit(inline="always")
+def _transpose4(w):
+    return (w[0], w[4], w[8], w[12], w[1], w[5], w[9], w[13],
+            w[2], w[6], w[10], w[14], w[3], w[7], w[11], w[15])
+
+
+@njit(inline="always")
+def _add_products4(src, dst, j, s0, d0, w, nb):
+    """``dst[j, d0 + o] += Σ_i w[4 i + o] src[j, s0 + i]`` for o, i in 0..3, along the rows:
+    four outputs from four inputs per pass (8 loads and 4 stores per 16 multiply-adds
+    instead of 2 loads and a store per multiply-add)."""
+    w00, w01, w02, w03, w10, w11, w12, w13, w20, w21, w22, w23, w30, w31, w32, w33 = w
+    for i in range(nb):
+        x0 = src[j, s0, i]
+        x1 = src[j, s0 + 1, i]
+        x2 = src[j, s0 + 2, i]
+        x3 = src[j, s0 + 3, i]
+        dst[j, d0, i] += w00 * x0 + w10 * x1 + w20 * x2 + w30 * x3
+        dst[j, d0 + 1, i] += w01 * x0 + w11 * x1 + w21 * x2 + w31 * x3
+        dst[j, d0 + 2, i] += w02 * x0 + w12 * x1 + w22 * x2 + w32 * x3
+        dst[j, d0 + 3, i] += w03 * x0 + w13 * x1 + w23 * x2 + w33 * x3
+
+
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def _chunk_products(chol, c, const, y, q):
     """``y[j] = c_j U_j`` and ``q[j] = const_j - |y[j]|² / 2`` for a chunk of rows centred
@@ -643,41 +682,14 @@ def _chunk_products(chol, c, const, y, q):
     for j in range(k):
         for i in range(nb):
             q[j, i] = 0.0
-        # four outputs from four inputs per pass over the rows: 8 loads and 4 stores per
-        # 16 multiply-adds instead of 2 loads and a store per multiply-add
         for lb in range(0, full, 4):
             for i in range(nb):
                 y[j, lb, i] = 0.0
                 y[j, lb + 1, i] = 0.0
                 y[j, lb + 2, i] = 0.0
                 y[j, lb + 3, i] = 0.0
-            for mb in range(0, lb + 4, 4):
-                diagonal = mb == lb  # U is upper triangular: u[m, l] = 0 for m > l
-                u00 = chol[j, mb, lb]
-                u01 = chol[j, mb, lb + 1]
-                u02 = chol[j, mb, lb + 2]
-                u03 = chol[j, mb, lb + 3]
-                u10 = 0.0 if diagonal else chol[j, mb + 1, lb]
-                u11 = chol[j, mb + 1, lb + 1]
-                u12 = chol[j, mb + 1, lb + 2]
-                u13 = chol[j, mb + 1, lb + 3]
-                u20 = 0.0 if diagonal else chol[j, mb + 2, lb]
-                u21 = 0.0 if diagonal else chol[j, mb + 2, lb + 1]
-                u22 = chol[j, mb + 2, lb + 2]
-                u23 = chol[j, mb + 2, lb + 3]
-                u30 = 0.0 if diagonal else chol[j, mb + 3, lb]
-                u31 = 0.0 if diagonal else chol[j, mb + 3, lb + 1]
-                u32 = 0.0 if diagonal else chol[j, mb + 3, lb + 2]
-                u33 = chol[j, mb + 3, lb + 3]
-                for i in range(nb):
-                    c0 = c[j, mb, i]
-                    c1 = c[j, mb + 1, i]
-                    c2 = c[j, mb + 2, i]
-                    c3 = c[j, mb + 3, i]
-                    y[j, lb, i] += u00 * c0 + u10 * c1 + u20 * c2 + u30 * c3
-                    y[j, lb + 1, i] += u01 * c0 + u11 * c1 + u21 * c2 + u31 * c3
-                    y[j, lb + 2, i] += u02 * c0 + u12 * c1 + u22 * c2 + u32 * c3
-                    y[j, lb + 3, i] += u03 * c0 + u13 * c1 + u23 * c2 + u33 * c3
+            for mb in range(0, lb + 4, 4):  # U is upper triangular: u[m, l] = 0 for m > l
+                _add_products4(c, y, j, mb, lb, _upper_block4(chol, j, mb, lb), nb)
             for i in range(nb):
                 t0 = y[j, lb, i]
                 t1 = y[j, lb + 1, i]
@@ -708,33 +720,9 @@ def _upper_times(chol, y, g):
     full = d - d % 4
     for j in range(k):
         for ab in range(0, full, 4):
-            for lb in range(ab, full, 4):
-                diagonal = lb == ab  # u[a, l] = 0 for l < a
-                u00 = chol[j, ab, lb]
-                u01 = chol[j, ab, lb + 1]
-                u02 = chol[j, ab, lb + 2]
-                u03 = chol[j, ab, lb + 3]
-                u10 = 0.0 if diagonal else chol[j, ab + 1, lb]
-                u11 = chol[j, ab + 1, lb + 1]
-                u12 = chol[j, ab + 1, lb + 2]
-                u13 = chol[j, ab + 1, lb + 3]
-                u20 = 0.0 if diagonal else chol[j, ab + 2, lb]
-                u21 = 0.0 if diagonal else chol[j, ab + 2, lb + 1]
-                u22 = chol[j, ab + 2, lb + 2]
-                u23 = chol[j, ab + 2, lb + 3]
-                u30 = 0.0 if diagonal else chol[j, ab + 3, lb]
-                u31 = 0.0 if diagonal else chol[j, ab + 3, lb + 1]
-                u32 = 0.0 if diagonal else chol[j, ab + 3, lb + 2]
-                u33 = chol[j, ab + 3, lb + 3]
-                for i in range(nb):
-                    y0 = y[j, lb, i]
-                    y1 = y[j, lb + 1, i]
-                    y2 = y[j, lb + 2, i]
-                    y3 = y[j, lb + 3, i]
-                    g[j, ab, i] += u00 * y0 + u01 * y1 + u02 * y2 + u03 * y3
-                    g[j, ab + 1, i] += u10 * y0 + u11 * y1 + u12 * y2 + u13 * y3
-                    g[j, ab + 2, i] += u20 * y0 + u21 * y1 + u22 * y2 + u23 * y3
-                    g[j, ab + 3, i] += u30 * y0 + u31 * y1 + u32 * y2 + u33 * y3
+            for lb in range(ab, full, 4):  # u[a, l] = 0 for l < a
+                block = _transpose4(_upper_block4(chol, j, ab, lb))
+                _add_products4(y, g, j, lb, ab, block, nb)
             # inputs past the last full block of four
             for l in range(full, d):
                 for a in range(ab, ab + 4):
