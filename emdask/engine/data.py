@@ -225,10 +225,10 @@ def one_blas_thread(func):
 
 def _compute(value, keep=None):
     """Compute on the current scheduler (``keep``: a list that holds the cluster's futures
-    of the result until the next call, see :func:`_compute_watched`). Without a distributed cluster, dask's threads
-    already use every core, so BLAS is held to one thread for the pass: its own threads
-    would oversubscribe the cores and make the small per-chunk products many times slower.
-    (Dask workers start with one BLAS thread each already.)"""
+    of the result until the next call, see :func:`_compute_watched`). Without a distributed
+    cluster, dask's threads already use every core, so BLAS is held to one thread for the
+    pass: its own threads would oversubscribe the cores and make the small per-chunk
+    products many times slower. (Dask workers start with one BLAS thread each already.)"""
     client = current_client()
     if client is not None:
         return _compute_watched(client, value, keep)
@@ -327,24 +327,19 @@ def _nbytes(obj, depth=0):
     return 0
 
 
-def _block_task(chunk, args):
-    """``task(block, index)`` -> the delayed ``chunk(block, index, *args)``.
-
-    Small arguments (the parameters of a pass) are bound into each task: a separate task
-    holding them would cost a pass one more scheduler round trip and a transfer between
-    workers before any block starts. Large ones are held once, by a task of their own."""
-    call = dask.delayed(chunk, pure=False)
+def _pass_args(args):
+    """A pass's arguments as its block tasks take them. Small ones (the parameters) are
+    bound into each task: a task of their own would cost a pass one more scheduler round
+    trip and a transfer between workers before any block starts. Large ones are held once,
+    by a task of their own that the block tasks depend on."""
     if _nbytes(args) <= INLINE_ARGS_BYTES:
-        return lambda block, index: call(block, index, *args)
-    shared = [dask.delayed(a, traverse=False) for a in args]
-    return lambda block, index: call(block, index, *shared)
+        return tuple(args)
+    return tuple(dask.delayed(a, traverse=False) for a in args)
 
 
-def _group_task(chunk, args):
-    """``task(indices, blocks)`` -> the delayed tuple of ``chunk(block, index, *args)``
-    over the blocks, in one task."""
-    small = _nbytes(args) <= INLINE_ARGS_BYTES
-    shared = tuple(args) if small else tuple(dask.delayed(a, traverse=False) for a in args)
+def _group_task(chunk, shared):
+    """``task(indices, blocks)`` -> the delayed tuple of ``chunk(block, index, *shared)``
+    over the blocks, in one task (``shared``: from :func:`_pass_args`)."""
     call = dask.delayed(_chunk_group, pure=False)
     name = getattr(chunk, "__name__", "chunk")  # keys read like a task per block's
 
@@ -367,11 +362,14 @@ def _tree_reduce(combine, split_every, groups, *parts):
     for indices, results in zip(groups, parts):
         for index, result in zip(indices, results):
             level[index] = result
+    return _reduce_tree(level, split_every, lambda *node: reduce(combine, node))
+
+
+def _reduce_tree(level, split_every, node):
+    """``level`` reduced by a tree of ``node(*parts)`` calls with fan-in ``split_every``, in
+    order: the same tree whether the nodes are Dask tasks or run here."""
     while len(level) > 1:
-        level = [
-            reduce(combine, level[i : i + split_every])
-            for i in range(0, len(level), split_every)
-        ]
+        level = [node(*level[i : i + split_every]) for i in range(0, len(level), split_every)]
     return level[0]
 
 
@@ -438,29 +436,23 @@ class BlockData:
         split_every = split_every or self.split_every
         if split_every < 2:
             raise ValueError(f"split_every must be at least 2, got {split_every}")
-        task = _block_task(chunk, args)
+        call = dask.delayed(chunk, pure=False)
+        shared = _pass_args(args)
+        combine_task = partial(dask.delayed(_combine_with), combine)
         for attempt in range(MAX_RESENDS + 1):
             groups = self._groups_by_holder()
-            if groups is None:
-                level = [task(b, i) for i, b in enumerate(self.blocks)]
-                while len(level) > 1:
-                    level = [
-                        dask.delayed(_combine_with)(combine, *level[i : i + split_every])
-                        for i in range(0, len(level), split_every)
-                    ]
-            else:
-                group_task = _group_task(chunk, args)
-                level = [group_task(g, [self.blocks[i] for i in g]) for g in groups]
             try:
                 if groups is None:
+                    blocks = [call(b, i, *shared) for i, b in enumerate(self.blocks)]
+                    root = _reduce_tree(blocks, split_every, combine_task)
                     # blocks read at each pass: reading, conversion and statistics of a
                     # block fused into one task (a chain of three tasks per block otherwise)
-                    fuse = {"optimization.fuse.delayed": not self.persisted,
-                            "optimization.fuse.rename-keys": False}
-                    with dask.config.set(fuse):
-                        result = _compute(level[0], self._last_results)
+                    with dask.config.set({"optimization.fuse.delayed": not self.persisted}):
+                        result = _compute(root, self._last_results)
                 else:  # a few small results: reduced here, without one more task hop
-                    parts = _compute(level, self._last_results)
+                    group_task = _group_task(chunk, shared)
+                    tasks = [group_task(g, [self.blocks[i] for i in g]) for g in groups]
+                    parts = _compute(tasks, self._last_results)
                     result = _tree_reduce(combine, split_every, groups, *parts)
                 break
             except CancelledError:
