@@ -101,6 +101,21 @@ def test_tree_reduction_adds_every_block_once(split_every):
     assert total.loglik == X.sum()
 
 
+@pytest.mark.timeout(120)
+def test_the_same_array_prepared_again_right_after_gets_blocks_of_its_own(cluster_client):
+    """Blocks shipped from memory get keys of their own: keys made from their content would be
+    shared with the same table prepared just before, whose release can reach the scheduler
+    after the new blocks and leave the pass waiting for ever for blocks that are gone."""
+    X = np.arange(1000.0).reshape(500, 2)
+    keys = set()
+    for _ in range(4):
+        data = prepare(X, npartitions=17)
+        assert data.persisted and not keys & {b.key for b in data.blocks}
+        keys |= {b.key for b in data.blocks}
+        assert data.map_reduce(_count_chunk).loglik == X.sum()
+        del data
+
+
 def test_statistics_add_associatively_with_zero_for_an_empty_block():
     from emdask.families.gaussian import GaussianFamily
 

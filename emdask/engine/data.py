@@ -551,8 +551,11 @@ class BlockData:
             if all(dask.is_dask_collection(b) for b in self.blocks):
                 self.blocks = client.persist(self.blocks)
             else:  # in-memory arrays: ship them to the workers once
+                # hash=False: keys of their own. Content-hashed keys would be shared with a
+                # table of the same values fitted just before, whose release may reach the
+                # scheduler after this scatter and take the blocks away from under it.
                 self._scattered_from = list(self.blocks)
-                self.blocks = client.scatter(self.blocks)
+                self.blocks = client.scatter(self.blocks, hash=False)
         else:
             self.blocks = list(dask.persist(*self.blocks))
         self.persisted = True
