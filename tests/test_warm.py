@@ -67,3 +67,34 @@ def test_a_pass_stops_when_every_worker_stays_paused():
         with dask.config.set({"emdask.paused-timeout": 3}):
             with pytest.raises(WorkersPaused, match=r"paused .* MiB of 1024 MiB.*more memory"):
                 GaussianMixture(2, max_iter=3, random_state=0).fit(X)
+
+
+def _features_after_import(tmp_path, env, first=""):
+    """``NUMBA_CPU_FEATURES`` as a fresh interpreter sees it after importing the kernels
+    (``first``: a statement run before)."""
+    import os
+    import subprocess
+    import sys
+
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("NUMBA_CPU_FEATURES", "NUMBA_CPU_NAME", "EMDASK_WIDE_VECTORS")}
+    script = (f"{first}\nimport os\nimport emdask.families._compiled_discrete\n"
+              "print(os.environ.get('NUMBA_CPU_FEATURES', ''))")
+    out = subprocess.run([sys.executable, "-c", script], env={**clean, **env}, cwd=tmp_path,
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def test_kernels_ask_for_full_width_vectors_only_on_cpus_that_have_them(tmp_path):
+    import llvmlite.binding as ll
+
+    host = ll.get_host_cpu_features()
+    asked = _features_after_import(tmp_path, {})
+    if host.get("avx512f"):
+        assert asked == host.flatten() + ",-prefer-256-bit"
+    else:
+        assert asked == ""
+    # the user's choice stands; after numba's own import it is too late to ask
+    assert _features_after_import(tmp_path, {"EMDASK_WIDE_VECTORS": "0"}) == ""
+    assert _features_after_import(tmp_path, {"NUMBA_CPU_FEATURES": "+avx2"}) == "+avx2"
+    assert _features_after_import(tmp_path, {}, first="import numba") == ""

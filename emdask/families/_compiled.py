@@ -11,7 +11,12 @@ Importing this module raises ImportError when numba is not installed.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+
+from ._codegen import prefer_wide_vectors
+
+prefer_wide_vectors()  # before numba's first import
+
+from numba import njit  # noqa: E402
 
 #: Reassociation and fused multiply-add only; no assumption about NaN, infinities or
 #: approximate exp/log.

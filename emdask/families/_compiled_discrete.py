@@ -11,9 +11,14 @@ compare this with. Importing this module raises ImportError when numba is not in
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
-from ._compiled import _FASTMATH, exp_nonpositive
+from ._codegen import prefer_wide_vectors
+
+prefer_wide_vectors()  # before numba's first import
+
+from numba import njit  # noqa: E402
+
+from ._compiled import _FASTMATH, exp_nonpositive  # noqa: E402
 
 _CHUNK = 256
 
