@@ -147,9 +147,9 @@ def complete_weigh(e, top, xr, means, weights, use_weights, c, nk, s1):
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def lower_moments(c, r, lower):
+def lower_moments(c, r, lower, s1):
     """``lower[j] += Σ_i r_ji c_j[:, i] c_j[:, i]ᵀ`` on and below the diagonal, by 4 x 4
-    blocks held in registers.
+    blocks held in registers, and ``s1[j] += Σ_i r_ji c_j[:, i]`` on the way.
 
     Parameters
     ----------
@@ -159,12 +159,57 @@ def lower_moments(c, r, lower):
         Responsibilities (times row weights).
     lower : ndarray (k, d, d), added to
         Only the lower triangle is meaningful (diagonal blocks are written whole).
+    s1 : ndarray (k, d), added to; or of size 0 to leave the first moments out
     """
     k, d, nb = c.shape
     full = d - d % 4
+    first = s1.size > 0
     for j in range(k):
         for lb in range(0, full, 4):
-            for mb in range(0, lb + 1, 4):
+            if first:  # the diagonal block's pass also sums the weighted rows
+                mb = lb
+                a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = 0.0
+                a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = 0.0
+                b0 = b1 = b2 = b3 = 0.0
+                for i in range(nb):
+                    ri = r[j, i]
+                    c0 = c[j, lb, i]
+                    c1 = c[j, lb + 1, i]
+                    c2 = c[j, lb + 2, i]
+                    c3 = c[j, lb + 3, i]
+                    w0 = ri * c0
+                    w1 = ri * c1
+                    w2 = ri * c2
+                    w3 = ri * c3
+                    b0 += w0
+                    b1 += w1
+                    b2 += w2
+                    b3 += w3
+                    a00 += c0 * w0
+                    a10 += c1 * w0
+                    a11 += c1 * w1
+                    a20 += c2 * w0
+                    a21 += c2 * w1
+                    a22 += c2 * w2
+                    a30 += c3 * w0
+                    a31 += c3 * w1
+                    a32 += c3 * w2
+                    a33 += c3 * w3
+                s1[j, lb] += b0
+                s1[j, lb + 1] += b1
+                s1[j, lb + 2] += b2
+                s1[j, lb + 3] += b3
+                lower[j, lb, mb] += a00
+                lower[j, lb + 1, mb] += a10
+                lower[j, lb + 1, mb + 1] += a11
+                lower[j, lb + 2, mb] += a20
+                lower[j, lb + 2, mb + 1] += a21
+                lower[j, lb + 2, mb + 2] += a22
+                lower[j, lb + 3, mb] += a30
+                lower[j, lb + 3, mb + 1] += a31
+                lower[j, lb + 3, mb + 2] += a32
+                lower[j, lb + 3, mb + 3] += a33
+            for mb in range(0, lb if first else lb + 1, 4):
                 a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = 0.0
                 a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = 0.0
                 for i in range(nb):
@@ -216,6 +261,12 @@ def lower_moments(c, r, lower):
                 for i in range(nb):
                     acc += r[j, i] * c[j, l, i] * c[j, m, i]
                 lower[j, l, m] += acc
+        if first:
+            for l in range(full, d):
+                acc = 0.0
+                for i in range(nb):
+                    acc += r[j, i] * c[j, l, i]
+                s1[j, l] += acc
 
 
 @njit(cache=True, nogil=True)
@@ -851,13 +902,11 @@ def _chunk_log_prob(y, const, incomplete, pats, pat_m, col_off, cols, inv_off, i
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def _chunk_weigh(e, top, weights, use_weights, rows, incomplete, pats, c, nk, s1,
-                 resp_by_pattern):
+def _chunk_weigh(e, top, weights, use_weights, rows, incomplete, pats, nk, resp_by_pattern):
     """Responsibilities of a chunk (``e``: exp of the log-probabilities less the row
-    maximum, overwritten), summed per pattern for the rows with missing cells, and the
-    first moments of the centred rows ``c`` (k, d, nb)."""
+    maximum, overwritten), their sums, and their sums per pattern for the rows with missing
+    cells."""
     k, nb = e.shape
-    d = c.shape[1]
     w = np.empty(nb if use_weights else 0)
     for i in range(w.size):
         w[i] = weights[rows[i]]
@@ -869,16 +918,44 @@ def _chunk_weigh(e, top, weights, use_weights, rows, incomplete, pats, c, nk, s1
             e[j, i] = r
             s += r
         nk[j] += s
-        for l in range(d):
-            acc = 0.0
-            for i in range(nb):
-                acc += e[j, i] * c[j, l, i]
-            s1[j, l] += acc
     for i in incomplete:
         p = pats[i]
         for j in range(k):
             resp_by_pattern[p, j] += e[j, i]
     return loglik, n_rows
+
+
+@njit(cache=True, nogil=True)
+def _centre_chunk(X, sel, means, xt, c, column_major):
+    """``c[j, :, i] = X[sel[i]] - mu_j`` with zeros in the missing cells. Rows that follow
+    each other in ``X`` (the usual case: every row of the block carries information) are
+    read without the index, in steps the compiler vectorises: a column-major ``X`` a
+    column at a time straight into ``c``, a row-major one through its transpose ``xt``."""
+    k, d, nb = c.shape
+    s0 = sel[0]
+    if sel[nb - 1] - s0 == nb - 1:  # rows s0 .. s0 + nb - 1
+        if column_major:
+            for j in range(k):
+                for l in range(d):
+                    mu = means[j, l]
+                    for i in range(nb):
+                        x = X[s0 + i, l]
+                        c[j, l, i] = x - mu if x == x else 0.0
+            return
+        for i in range(nb):
+            for l in range(d):
+                xt[l, i] = X[s0 + i, l]
+    else:
+        for i in range(nb):
+            r = sel[i]
+            for l in range(d):
+                xt[l, i] = X[r, l]
+    for j in range(k):
+        for l in range(d):
+            mu = means[j, l]
+            for i in range(nb):
+                x = xt[l, i]
+                c[j, l, i] = x - mu if x == x else 0.0
 
 
 @njit(cache=True, nogil=True)
@@ -1027,6 +1104,7 @@ def dense_block_stats(X, weights, use_weights, means, chol, P, const, chunk, max
     bits = np.empty(k * b, dtype=np.int64)
     inc = np.empty(b, dtype=np.int64)
     xt = np.empty((d, b))
+    column_major = d > 1 and X.strides[0] == X.itemsize
     for start in range(0, n_in, b):
         nb = min(b, n_in - start)
         if nb == b:
@@ -1037,27 +1115,19 @@ def dense_block_stats(X, weights, use_weights, means, chol, P, const, chunk, max
         pc = pats[start : start + nb]
         n_inc = 0
         for i in range(nb):
-            r = sel[i]
-            for l in range(d):
-                xt[l, i] = X[r, l]
             if pat_m[pc[i]] > 0:
                 inc[n_inc] = i
                 n_inc += 1
-        for j in range(k):
-            for l in range(d):
-                mu = means[j, l]
-                for i in range(nb):
-                    x = xt[l, i]
-                    c[j, l, i] = x - mu if x == x else 0.0
+        _centre_chunk(X, sel, means, xt, c, column_major)
         _chunk_products(chol, c, const, y, q)
         incomplete = inc[:n_inc]
         top = _chunk_log_prob(y, const, incomplete, pc, pat_m, col_off, cols, inv_off, inv,
                               corr, chol, c, q, v, z, g_flat)
         exp_nonpositive(q, bits)
-        ll, nr = _chunk_weigh(q, top, weights, use_weights, sel, incomplete, pc, c, nk, s1,
+        ll, nr = _chunk_weigh(q, top, weights, use_weights, sel, incomplete, pc, nk,
                               resp_by_pattern)
         loglik += ll
         n_rows += nr
-        lower_moments(c, q, lower)
+        lower_moments(c, q, lower, s1)
     add_conditional_covariance(lower, resp_by_pattern, pat_m, col_off, inv_off, cols, inv)
     return loglik, n_rows, 0, needed, used

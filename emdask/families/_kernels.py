@@ -87,6 +87,8 @@ LOG_2PI = np.log(2.0 * np.pi)
 COMPLETE_CHUNK = 256
 #: Rows per chunk of rows with missing cells.
 MISSING_CHUNK = 256
+#: ``s1`` argument of the compiled second moments where the caller sums the first ones.
+_NO_FIRST_MOMENTS = np.empty((0, 0))
 
 ILL_DEFINED = (
     "Fitting the mixture model failed because some components have ill-defined empirical "
@@ -553,7 +555,7 @@ class DenseKernel:
             )
             totals.loglik += loglik
             totals.n_rows += n_rows
-            compiled.lower_moments(c, q, lower)
+            compiled.lower_moments(c, q, lower, _NO_FIRST_MOMENTS)
         s2 += _mirror_lower(lower)
         return nk
 
@@ -715,7 +717,7 @@ class DenseKernel:
             )
             totals.loglik += loglik
             totals.n_rows += n_rows
-            compiled.lower_moments(xc, q, lower)
+            compiled.lower_moments(xc, q, lower, _NO_FIRST_MOMENTS)
         compiled.add_conditional_covariance(
             lower, resp_by_pattern, counts, col_off, inv_off, cols_flat, inv_flat
         )
