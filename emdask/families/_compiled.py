@@ -826,6 +826,33 @@ def _chunk_log_prob(y, const, incomplete, pats, pat_m, col_off, cols, inv_off, i
         p = pats[i]
         m = pat_m[p]
         co = col_off[p]
+        if m == 1:  # most rows that miss any cell: every component in one straight loop
+            ca = cols[co]
+            off = inv_off[p]
+            for j in range(k):
+                if whole:
+                    v0 = g[j, ca, i]
+                else:
+                    v0 = 0.0
+                    for l in range(ca, d):
+                        v0 += chol[j, ca, l] * y[j, l, i]
+                z0 = inv[off + j] * v0
+                c[j, ca, i] = -z0
+                q[j, i] += 0.5 * v0 * z0 + corr[p, j]
+            continue
+        if m == 2 and whole:
+            ca, cb = cols[co], cols[co + 1]
+            off = inv_off[p]
+            for j in range(k):
+                v0 = g[j, ca, i]
+                v1 = g[j, cb, i]
+                base = off + 4 * j
+                z0 = inv[base] * v0 + inv[base + 1] * v1
+                z1 = inv[base + 2] * v0 + inv[base + 3] * v1
+                c[j, ca, i] = -z0
+                c[j, cb, i] = -z1
+                q[j, i] += 0.5 * (v0 * z0 + v1 * z1) + corr[p, j]
+            continue
         for j in range(k):
             for a in range(m):
                 ca = cols[co + a]
