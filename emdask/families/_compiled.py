@@ -158,7 +158,7 @@ def lower_moments(c, r, lower, s1):
     r : ndarray (k, nb)
         Responsibilities (times row weights).
     lower : ndarray (k, d, d), added to
-        Only the lower triangle is meaningful (diagonal blocks are written whole).
+        Only the lower triangle is meaningful.
     s1 : ndarray (k, d), added to; or of size 0 to leave the first moments out
     """
     k, d, nb = c.shape
@@ -296,20 +296,29 @@ def some_pattern_tables(P, cols, col_off, pat_m, inv_off, inv, corr, compute):
     bool
         False if some ``P_mm`` is not positive definite.
     """
-    k = P.shape[0]
+    k, d = P.shape[0], P.shape[1]
     log_2pi = np.log(2.0 * np.pi)
     size = 0
     for p in range(pat_m.size):
         size = max(size, pat_m[p])
+    # Every step is the same for all k components: components along the last axis, so
+    # that each step runs on all of them at once (vectorised; each component's arithmetic,
+    # and so its result, is the same as one at a time).
+    Pt = np.empty((d, d, k))
+    for j in range(k):
+        for a in range(d):
+            for b in range(d):
+                Pt[a, b, j] = P[j, a, b]
     # Factors of P_mm with the missing columns taken in descending order. Patterns come
     # ranked by count, then by their highest columns first, so a pattern's descending
     # column list usually starts like the previous one's: the leading rows of the Cholesky
     # factor, of its inverse and the partial log-determinants are kept and only the rows
     # after the shared prefix are computed.
-    L = np.zeros((k, size, size))
-    Li = np.zeros((k, size, size))
-    rdiag = np.zeros((k, size))
-    log_det_upto = np.zeros((k, size + 1))
+    L = np.zeros((size, size, k))
+    Li = np.zeros((size, size, k))
+    rdiag = np.zeros((size, k))
+    log_det_upto = np.zeros((size + 1, k))
+    acc = np.empty(k)
     prev = np.full(size, -1)
     prev_m = 0
     c = np.empty(size, dtype=np.int64)
@@ -326,42 +335,58 @@ def some_pattern_tables(P, cols, col_off, pat_m, inv_off, inv, corr, compute):
         for a in range(m):
             prev[a] = c[a]
         prev_m = m
-        for j in range(k):
-            for a in range(shared, m):
-                ca = c[a]
-                for b in range(a):
-                    acc = P[j, ca, c[b]]
-                    for t in range(b):
-                        acc -= L[j, a, t] * L[j, b, t]
-                    L[j, a, b] = acc * rdiag[j, b]
-                acc = P[j, ca, ca]
-                for t in range(a):
-                    acc -= L[j, a, t] * L[j, a, t]
-                if not acc > 0.0:
+        for a in range(shared, m):
+            ca = c[a]
+            for b in range(a):
+                cb = c[b]
+                for j in range(k):
+                    acc[j] = Pt[ca, cb, j]
+                for t in range(b):
+                    for j in range(k):
+                        acc[j] -= L[a, t, j] * L[b, t, j]
+                for j in range(k):
+                    L[a, b, j] = acc[j] * rdiag[b, j]
+            for j in range(k):
+                acc[j] = Pt[ca, ca, j]
+            for t in range(a):
+                for j in range(k):
+                    acc[j] -= L[a, t, j] * L[a, t, j]
+            for j in range(k):
+                if not acc[j] > 0.0:
                     return False
-                lsq = np.sqrt(acc)
-                L[j, a, a] = lsq
-                rdiag[j, a] = 1.0 / lsq
-                log_det_upto[j, a + 1] = log_det_upto[j, a] + np.log(acc)
-                # row a of L⁻¹ (forward substitution)
-                Li[j, a, a] = rdiag[j, a]
-                for b in range(a):
-                    acc = 0.0
-                    for t in range(b, a):
-                        acc += L[j, a, t] * Li[j, t, b]
-                    Li[j, a, b] = -acc * rdiag[j, a]
-            # P_mm⁻¹ = Liᵀ Li in descending order; stored in ascending column order
-            base = inv_off[p] + j * m * m
-            for a in range(m):
-                for b in range(a, m):
-                    acc = 0.0
-                    for t in range(b, m):
-                        acc += Li[j, t, a] * Li[j, t, b]
-                    ra = m - 1 - a
-                    rb = m - 1 - b
-                    inv[base + ra * m + rb] = acc
-                    inv[base + rb * m + ra] = acc
-            corr[p, j] = 0.5 * m * log_2pi - 0.5 * log_det_upto[j, m]
+            for j in range(k):
+                lsq = np.sqrt(acc[j])
+                L[a, a, j] = lsq
+                rdiag[a, j] = 1.0 / lsq
+                log_det_upto[a + 1, j] = log_det_upto[a, j] + np.log(acc[j])
+            # row a of L⁻¹ (forward substitution)
+            for j in range(k):
+                Li[a, a, j] = rdiag[a, j]
+            for b in range(a):
+                for j in range(k):
+                    acc[j] = 0.0
+                for t in range(b, a):
+                    for j in range(k):
+                        acc[j] += L[a, t, j] * Li[t, b, j]
+                for j in range(k):
+                    Li[a, b, j] = -acc[j] * rdiag[a, j]
+        # P_mm⁻¹ = Liᵀ Li in descending order; stored in ascending column order
+        mm = m * m
+        for a in range(m):
+            for b in range(a, m):
+                for j in range(k):
+                    acc[j] = 0.0
+                for t in range(b, m):
+                    for j in range(k):
+                        acc[j] += Li[t, a, j] * Li[t, b, j]
+                ra = m - 1 - a
+                rb = m - 1 - b
+                base = inv_off[p]
+                for j in range(k):
+                    inv[base + j * mm + ra * m + rb] = acc[j]
+                    inv[base + j * mm + rb * m + ra] = acc[j]
+        for j in range(k):
+            corr[p, j] = 0.5 * m * log_2pi - 0.5 * log_det_upto[m, j]
     return True
 
 
@@ -864,13 +889,8 @@ def _chunk_log_prob(y, const, incomplete, pats, pat_m, col_off, cols, inv_off, i
                         acc += chol[j, ca, l] * y[j, l, i]
                     v[a] = acc
             base = inv_off[p] + j * m * m
-            # one to four missing cells (most rows that miss any): written out, so that
-            # the products are independent of each other instead of a chain of loops
-            if m == 1:
-                z0 = inv[base] * v[0]
-                c[j, cols[co], i] = -z0
-                q[j, i] += 0.5 * v[0] * z0 + corr[p, j]
-                continue
+            # two to four missing cells: written out, so that the products are independent
+            # of each other instead of a chain of loops
             if m == 2:
                 v0, v1 = v[0], v[1]
                 z0 = inv[base] * v0 + inv[base + 1] * v1
