@@ -91,6 +91,30 @@ def test_many_missing_patterns_and_columns(path, cov_type, d):
     assert_same_stats(family.partial_stats(X, params), reference_partial_stats(family, X, params), 1e-12)
 
 
+@pytest.mark.parametrize("cov_type", ["full", "tied"])
+def test_rows_taken_in_pattern_order_when_the_tables_outgrow_the_cache(path, cov_type):
+    """Thousands of patterns (their tables above a MiB): the whole-block kernel takes the rows
+    in pattern order; with unweighted and weighted rows the statistics are the reference's."""
+    k, d = 6, 14
+    params = random_params(cov_type, k, d, seed=51)
+    X = with_missing(sample(params, cov_type, 6000, seed=52), 0.25, seed=53)
+    miss = np.isnan(X)
+    patterns, counts = np.unique(miss[~miss.all(axis=1)], axis=0, return_counts=True)
+    m = patterns.sum(axis=1)
+    table_bytes = int((8 * k * (m * m + 1)).sum())
+    if path == "compiled":
+        from emdask.families import _compiled
+
+        assert table_bytes > _compiled._SORT_TABLE_BYTES  # the case this test is about
+        assert miss.sum() / (miss.any(axis=1)).sum() < _kernels.BLOCK_MAX_MISSING
+    w = np.random.default_rng(54).poisson(1.0, len(X)).astype(float)
+    family = GaussianFamily(k, cov_type)
+    for weights in (None, w):
+        expected = reference_partial_stats(family, X, params, weights)
+        for layout in (np.ascontiguousarray(X), np.asfortranarray(X)):
+            assert_same_stats(family.partial_stats(layout, params, weights), expected, 1e-11)
+
+
 @pytest.mark.parametrize("d", [60, 70])
 def test_wide_rows_sort_their_patterns_by_bytes(path, d):
     """Up to 62 columns a pattern is one integer key; wider rows take the chunked path."""

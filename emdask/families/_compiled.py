@@ -1005,6 +1005,28 @@ def _centre_chunk(X, sel, means, xt, c, column_major):
                 c[j, l, i] = x - mu if x == x else 0.0
 
 
+#: Rows are taken in pattern order when their patterns' tables exceed this many bytes.
+_SORT_TABLE_BYTES = 1 << 20
+
+
+@njit(cache=True, nogil=True)
+def _rows_by_pattern(rows, pats, n_pat, rows_out, pats_out):
+    """``rows`` and their patterns ``pats`` reordered by pattern (stable), into the
+    scratch ``rows_out``, ``pats_out``."""
+    start = np.zeros(n_pat + 1, dtype=np.int64)
+    for a in range(rows.size):
+        start[pats[a] + 1] += 1
+    for p in range(n_pat):
+        start[p + 1] += start[p]
+    for a in range(rows.size):
+        p = pats[a]
+        at = start[p]
+        rows_out[at] = rows[a]
+        pats_out[at] = p
+        start[p] = at + 1
+    return rows_out, pats_out
+
+
 @njit(cache=True, nogil=True)
 def _pattern_key(cols, off, m):
     key = 0
@@ -1090,6 +1112,15 @@ def dense_block_stats(X, weights, use_weights, means, chol, P, const, chunk, max
         n_incomplete += m > 0
     if n_missing > max_missing * n_incomplete:
         return loglik, n_rows, 2, 0, used
+    # Rows look their pattern's tables up one at a time; when those tables outgrow the
+    # core's cache, rows taken in pattern order (a counting sort, stable) read each table
+    # once per run of rows instead of once per row, from memory.
+    table_bytes = 0
+    for p in range(n_pat):
+        table_bytes += 8 * k * (pat_m[p] * pat_m[p] + 1)
+    if table_bytes > _SORT_TABLE_BYTES:
+        rows, pats = _rows_by_pattern(rows, pats, n_pat, iwork[n : n + n_in],
+                                      iwork[2 * n : 2 * n + n_in])
     inv_off = np.empty(n_pat, dtype=np.int64)
     compute = np.ones(n_pat, dtype=np.bool_)
     max_m = 1
