@@ -878,6 +878,45 @@ def _chunk_log_prob(y, const, incomplete, pats, pat_m, col_off, cols, inv_off, i
                 c[j, cb, i] = -z1
                 q[j, i] += 0.5 * (v0 * z0 + v1 * z1) + corr[p, j]
             continue
+        if m == 3 and whole:
+            ca, cb, cc = cols[co], cols[co + 1], cols[co + 2]
+            off = inv_off[p]
+            for j in range(k):
+                v0 = g[j, ca, i]
+                v1 = g[j, cb, i]
+                v2 = g[j, cc, i]
+                base = off + 9 * j
+                z0 = inv[base] * v0 + inv[base + 1] * v1 + inv[base + 2] * v2
+                z1 = inv[base + 3] * v0 + inv[base + 4] * v1 + inv[base + 5] * v2
+                z2 = inv[base + 6] * v0 + inv[base + 7] * v1 + inv[base + 8] * v2
+                c[j, ca, i] = -z0
+                c[j, cb, i] = -z1
+                c[j, cc, i] = -z2
+                q[j, i] += 0.5 * (v0 * z0 + v1 * z1 + v2 * z2) + corr[p, j]
+            continue
+        if m == 4 and whole:
+            ca, cb, cc, cd = cols[co], cols[co + 1], cols[co + 2], cols[co + 3]
+            off = inv_off[p]
+            for j in range(k):
+                v0 = g[j, ca, i]
+                v1 = g[j, cb, i]
+                v2 = g[j, cc, i]
+                v3 = g[j, cd, i]
+                base = off + 16 * j
+                z0 = (inv[base] * v0 + inv[base + 1] * v1 + inv[base + 2] * v2
+                      + inv[base + 3] * v3)
+                z1 = (inv[base + 4] * v0 + inv[base + 5] * v1 + inv[base + 6] * v2
+                      + inv[base + 7] * v3)
+                z2 = (inv[base + 8] * v0 + inv[base + 9] * v1 + inv[base + 10] * v2
+                      + inv[base + 11] * v3)
+                z3 = (inv[base + 12] * v0 + inv[base + 13] * v1 + inv[base + 14] * v2
+                      + inv[base + 15] * v3)
+                c[j, ca, i] = -z0
+                c[j, cb, i] = -z1
+                c[j, cc, i] = -z2
+                c[j, cd, i] = -z3
+                q[j, i] += 0.5 * (v0 * z0 + v1 * z1 + v2 * z2 + v3 * z3) + corr[p, j]
+            continue
         for j in range(k):
             for a in range(m):
                 ca = cols[co + a]
