@@ -753,6 +753,22 @@ def _add_products4(src, dst, j, s0, d0, w, nb):
         dst[j, d0 + 3, i] += w03 * x0 + w13 * x1 + w23 * x2 + w33 * x3
 
 
+@njit(inline="always")
+def _set_products4(src, dst, j, s0, d0, w, nb):
+    """:func:`_add_products4` into outputs not yet written (no load of them, no zeroing
+    pass before)."""
+    w00, w01, w02, w03, w10, w11, w12, w13, w20, w21, w22, w23, w30, w31, w32, w33 = w
+    for i in range(nb):
+        x0 = src[j, s0, i]
+        x1 = src[j, s0 + 1, i]
+        x2 = src[j, s0 + 2, i]
+        x3 = src[j, s0 + 3, i]
+        dst[j, d0, i] = w00 * x0 + w10 * x1 + w20 * x2 + w30 * x3
+        dst[j, d0 + 1, i] = w01 * x0 + w11 * x1 + w21 * x2 + w31 * x3
+        dst[j, d0 + 2, i] = w02 * x0 + w12 * x1 + w22 * x2 + w32 * x3
+        dst[j, d0 + 3, i] = w03 * x0 + w13 * x1 + w23 * x2 + w33 * x3
+
+
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def _chunk_products(chol, c, const, y, q):
     """``y[j] = c_j U_j`` and ``q[j] = const_j - |y[j]|² / 2`` for a chunk of rows centred
@@ -764,12 +780,9 @@ def _chunk_products(chol, c, const, y, q):
         for i in range(nb):
             q[j, i] = 0.0
         for lb in range(0, full, 4):
-            for i in range(nb):
-                y[j, lb, i] = 0.0
-                y[j, lb + 1, i] = 0.0
-                y[j, lb + 2, i] = 0.0
-                y[j, lb + 3, i] = 0.0
-            for mb in range(0, lb + 4, 4):  # U is upper triangular: u[m, l] = 0 for m > l
+            # U is upper triangular: u[m, l] = 0 for m > l; the first block sets the outputs
+            _set_products4(c, y, j, 0, lb, _upper_block4(chol, j, 0, lb), nb)
+            for mb in range(4, lb + 4, 4):
                 _add_products4(c, y, j, mb, lb, _upper_block4(chol, j, mb, lb), nb)
             for i in range(nb):
                 t0 = y[j, lb, i]
