@@ -393,21 +393,10 @@ def some_pattern_tables(P, cols, col_off, pat_m, inv_off, inv, corr, compute):
 @njit(cache=True, nogil=True)
 def centre_rows(X, rows, means, xc):
     """``xc[j, :, i] = X[rows[i]] - mu_j`` with zeros in the missing cells (rows along the
-    last axis of ``xc`` (k, d, nb))."""
-    d = X.shape[1]
-    k = means.shape[0]
-    nb = rows.size
-    xt = np.empty((d, nb))
-    for i in range(nb):
-        r = rows[i]
-        for l in range(d):
-            xt[l, i] = X[r, l]
-    for j in range(k):
-        for l in range(d):
-            mu = means[j, l]
-            for i in range(nb):
-                x = xt[l, i]
-                xc[j, l, i] = 0.0 if np.isnan(x) else x - mu
+    last axis of ``xc`` (k, d, nb)); see :func:`_centre_chunk`."""
+    if rows.size:
+        column_major = X.shape[1] > 1 and X.strides[0] == X.itemsize
+        _centre_chunk(X, rows, means, np.empty((X.shape[1], rows.size)), xc, column_major)
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
