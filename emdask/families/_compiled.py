@@ -103,7 +103,7 @@ def _row_normalizers(e, top, weights, use_weights):
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def complete_weigh(e, top, xr, means, weights, use_weights, c, nk, s1):
+def complete_weigh(e, top, xr, means, weights, use_weights, c, nk):
     """Responsibilities and centred rows of a chunk of complete rows.
 
     Parameters
@@ -116,10 +116,8 @@ def complete_weigh(e, top, xr, means, weights, use_weights, c, nk, s1):
     means : ndarray (k, d)
     weights : ndarray (nb,), read when ``use_weights``
     c : ndarray (k, d, nb), output
-        ``x_i - mu_j``.
+        ``x_i - mu_j`` (their weighted sums come from :func:`lower_moments`).
     nk : ndarray (k,), added to
-    s1 : ndarray (k, d), added to
-        ``Σ_i r_ij (x_i - mu_j)``.
 
     Returns
     -------
@@ -137,12 +135,8 @@ def complete_weigh(e, top, xr, means, weights, use_weights, c, nk, s1):
         nk[j] += s
         for l in range(d):
             mu = means[j, l]
-            acc = 0.0
             for i in range(nb):
-                t = xr[l, i] - mu
-                c[j, l, i] = t
-                acc += e[j, i] * t
-            s1[j, l] += acc
+                c[j, l, i] = xr[l, i] - mu
     return loglik, n_rows
 
 
@@ -159,57 +153,56 @@ def lower_moments(c, r, lower, s1):
         Responsibilities (times row weights).
     lower : ndarray (k, d, d), added to
         Only the lower triangle is meaningful.
-    s1 : ndarray (k, d), added to; or of size 0 to leave the first moments out
+    s1 : ndarray (k, d), added to
     """
     k, d, nb = c.shape
     full = d - d % 4
-    first = s1.size > 0
     for j in range(k):
         for lb in range(0, full, 4):
-            if first:  # the diagonal block's pass also sums the weighted rows
-                mb = lb
-                a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = 0.0
-                a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = 0.0
-                b0 = b1 = b2 = b3 = 0.0
-                for i in range(nb):
-                    ri = r[j, i]
-                    c0 = c[j, lb, i]
-                    c1 = c[j, lb + 1, i]
-                    c2 = c[j, lb + 2, i]
-                    c3 = c[j, lb + 3, i]
-                    w0 = ri * c0
-                    w1 = ri * c1
-                    w2 = ri * c2
-                    w3 = ri * c3
-                    b0 += w0
-                    b1 += w1
-                    b2 += w2
-                    b3 += w3
-                    a00 += c0 * w0
-                    a10 += c1 * w0
-                    a11 += c1 * w1
-                    a20 += c2 * w0
-                    a21 += c2 * w1
-                    a22 += c2 * w2
-                    a30 += c3 * w0
-                    a31 += c3 * w1
-                    a32 += c3 * w2
-                    a33 += c3 * w3
-                s1[j, lb] += b0
-                s1[j, lb + 1] += b1
-                s1[j, lb + 2] += b2
-                s1[j, lb + 3] += b3
-                lower[j, lb, mb] += a00
-                lower[j, lb + 1, mb] += a10
-                lower[j, lb + 1, mb + 1] += a11
-                lower[j, lb + 2, mb] += a20
-                lower[j, lb + 2, mb + 1] += a21
-                lower[j, lb + 2, mb + 2] += a22
-                lower[j, lb + 3, mb] += a30
-                lower[j, lb + 3, mb + 1] += a31
-                lower[j, lb + 3, mb + 2] += a32
-                lower[j, lb + 3, mb + 3] += a33
-            for mb in range(0, lb if first else lb + 1, 4):
+            # the diagonal block, whose pass also sums the weighted rows
+            mb = lb
+            a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = 0.0
+            a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = 0.0
+            b0 = b1 = b2 = b3 = 0.0
+            for i in range(nb):
+                ri = r[j, i]
+                c0 = c[j, lb, i]
+                c1 = c[j, lb + 1, i]
+                c2 = c[j, lb + 2, i]
+                c3 = c[j, lb + 3, i]
+                w0 = ri * c0
+                w1 = ri * c1
+                w2 = ri * c2
+                w3 = ri * c3
+                b0 += w0
+                b1 += w1
+                b2 += w2
+                b3 += w3
+                a00 += c0 * w0
+                a10 += c1 * w0
+                a11 += c1 * w1
+                a20 += c2 * w0
+                a21 += c2 * w1
+                a22 += c2 * w2
+                a30 += c3 * w0
+                a31 += c3 * w1
+                a32 += c3 * w2
+                a33 += c3 * w3
+            s1[j, lb] += b0
+            s1[j, lb + 1] += b1
+            s1[j, lb + 2] += b2
+            s1[j, lb + 3] += b3
+            lower[j, lb, mb] += a00
+            lower[j, lb + 1, mb] += a10
+            lower[j, lb + 1, mb + 1] += a11
+            lower[j, lb + 2, mb] += a20
+            lower[j, lb + 2, mb + 1] += a21
+            lower[j, lb + 2, mb + 2] += a22
+            lower[j, lb + 3, mb] += a30
+            lower[j, lb + 3, mb + 1] += a31
+            lower[j, lb + 3, mb + 2] += a32
+            lower[j, lb + 3, mb + 3] += a33
+            for mb in range(0, lb, 4):
                 a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = 0.0
                 a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = 0.0
                 for i in range(nb):
@@ -261,12 +254,11 @@ def lower_moments(c, r, lower, s1):
                 for i in range(nb):
                     acc += r[j, i] * c[j, l, i] * c[j, m, i]
                 lower[j, l, m] += acc
-        if first:
-            for l in range(full, d):
-                acc = 0.0
-                for i in range(nb):
-                    acc += r[j, i] * c[j, l, i]
-                s1[j, l] += acc
+        for l in range(full, d):
+            acc = 0.0
+            for i in range(nb):
+                acc += r[j, i] * c[j, l, i]
+            s1[j, l] += acc
 
 
 @njit(cache=True, nogil=True)
@@ -466,8 +458,9 @@ def incomplete_log_prob(yg, const, pats, pat_m, col_off, inv_off, cols, inv, cor
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def incomplete_weigh(e, top, pats, weights, use_weights, xc, nk, s1, resp_by_pattern):
-    """Responsibilities of a chunk of pattern-sorted rows and their first moments.
+def incomplete_weigh(e, top, pats, weights, use_weights, nk, resp_by_pattern):
+    """Responsibilities of a chunk of pattern-sorted rows, their sums and their sums per
+    pattern.
 
     Parameters
     ----------
@@ -477,10 +470,7 @@ def incomplete_weigh(e, top, pats, weights, use_weights, xc, nk, s1, resp_by_pat
     top : ndarray (nb,)
     pats : ndarray (nb,)
     weights : ndarray (nb,), read when ``use_weights``
-    xc : ndarray (k, d, nb)
-        The filled centred rows, rows along the last axis.
     nk : ndarray (k,), added to
-    s1 : ndarray (k, d), added to
     resp_by_pattern : ndarray (n_patterns, k), added to
 
     Returns
@@ -488,7 +478,6 @@ def incomplete_weigh(e, top, pats, weights, use_weights, xc, nk, s1, resp_by_pat
     loglik, n_rows : float
     """
     k, nb = e.shape
-    d = xc.shape[1]
     scale, loglik, n_rows = _row_normalizers(e, top, weights, use_weights)
     for j in range(k):
         s = 0.0
@@ -498,11 +487,6 @@ def incomplete_weigh(e, top, pats, weights, use_weights, xc, nk, s1, resp_by_pat
             s += r
             resp_by_pattern[pats[i], j] += r
         nk[j] += s
-        for l in range(d):
-            acc = 0.0
-            for i in range(nb):
-                acc += e[j, i] * xc[j, l, i]
-            s1[j, l] += acc
     return loglik, n_rows
 
 

@@ -87,8 +87,6 @@ LOG_2PI = np.log(2.0 * np.pi)
 COMPLETE_CHUNK = 256
 #: Rows per chunk of rows with missing cells.
 MISSING_CHUNK = 256
-#: ``s1`` argument of the compiled second moments where the caller sums the first ones.
-_NO_FIRST_MOMENTS = np.empty((0, 0))
 
 ILL_DEFINED = (
     "Fitting the mixture model failed because some components have ill-defined empirical "
@@ -551,11 +549,11 @@ class DenseKernel:
             c = c_buf[:, :, :nb]
             loglik, n_rows = compiled.complete_weigh(
                 q, top, xr, self.means, no_weights if row_w is None else row_w[start:stop],
-                row_w is not None, c, nk, s1,
+                row_w is not None, c, nk,
             )
             totals.loglik += loglik
             totals.n_rows += n_rows
-            compiled.lower_moments(c, q, lower, _NO_FIRST_MOMENTS)
+            compiled.lower_moments(c, q, lower, s1)
         s2 += _mirror_lower(lower)
         return nk
 
@@ -713,11 +711,11 @@ class DenseKernel:
                 np.exp(q, out=q)
             loglik, n_rows = compiled.incomplete_weigh(
                 q, top, pats, no_weights if row_w is None else row_w[start:stop],
-                row_w is not None, xc, nk, s1, resp_by_pattern,
+                row_w is not None, nk, resp_by_pattern,
             )
             totals.loglik += loglik
             totals.n_rows += n_rows
-            compiled.lower_moments(xc, q, lower, _NO_FIRST_MOMENTS)
+            compiled.lower_moments(xc, q, lower, s1)
         compiled.add_conditional_covariance(
             lower, resp_by_pattern, counts, col_off, inv_off, cols_flat, inv_flat
         )
