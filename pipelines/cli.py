@@ -97,7 +97,49 @@ def _add_run_options(p, what="rows"):
                    help="published versions to keep in the destination (default: 5)")
     g.add_argument("--force", action="store_true",
                    help="recompute even when the published version already holds this run "
-                        "(same source files and parameters)")
+                        "(same source and parameters)")
+    g.add_argument("--storage-option", dest="storage_options", action="append",
+                   type=_key_value, default=None, metavar="KEY=VALUE",
+                   help="fsspec option for object-store URLs, e.g. endpoint_url=http://... or "
+                        "anon=true (repeatable); credentials belong in the environment "
+                        "(AWS_*, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_*), not here")
+
+
+def _key_value(text):
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    lowered = value.strip().lower()
+    if lowered in ("true", "false"):
+        return key.strip(), lowered == "true"
+    try:
+        return key.strip(), int(value)
+    except ValueError:
+        pass
+    try:
+        return key.strip(), float(value)
+    except ValueError:
+        return key.strip(), value
+
+
+SOURCE_FORMS = """source forms (never modified):
+  PATH | file://PATH             Parquet dataset (directory, .parquet file, glob) or CSV file(s)
+  s3://B/P, gs://B/P, abfs://C/P the same on object storage (any fsspec URL)
+  iceberg://CATALOG/NS.TABLE     an Apache Iceberg table (add @SNAPSHOT_ID for an older snapshot);
+                                 the catalog comes from PYICEBERG_CATALOG__CATALOG__URI or .pyiceberg.yaml
+  PATH_OR_URL (holding _delta_log/)  a Delta Lake table (add @VERSION for an older version)
+  postgresql://USER@HOST:PORT/DB?table=SCHEMA.TABLE  (or ?query=SELECT...; &partition_on=COLUMN,
+                                 &partitions=N, &watermark=W for idempotent re-runs); password
+                                 from PGPASSWORD or ~/.pgpass
+"""
+
+DEST_FORMS = """destination forms (a run publishes one new version, in one step):
+  PATH | file://PATH             a folder of versions; CURRENT names the published one
+  s3://B/P, gs://B/P             the same on object storage; CURRENT replaced by a conditional write
+  iceberg://CATALOG/NS.TABLE     a new snapshot of the table (created if missing)
+  PATH_OR_URL (holding _delta_log/), delta+PATH_OR_URL for a new table
+                                 a new version of a Delta Lake table
+"""
 
 
 def _add_k_options(p, default_range="2:8"):
@@ -125,10 +167,13 @@ def build_parser():
         description="Fit a mixture by EM on the incomplete table, fill every missing cell of "
                     "the modelled columns (observed cells stay as they are), validate, and "
                     "publish a new version of DEST atomically.",
+        epilog=SOURCE_FORMS + "\n" + DEST_FORMS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("source", metavar="SOURCE",
-                   help="Parquet dataset (directory, file or glob) or CSV file(s); never modified")
-    p.add_argument("dest", metavar="DEST", help="directory to publish versions in")
+                   help="table to read: a path or URL (forms below); never modified")
+    p.add_argument("dest", metavar="DEST", help="where to publish: a folder, object-store or "
+                   "table URL (forms below)")
     p.add_argument("--id", dest="id_column", required=True, metavar="COLUMN",
                    help="column identifying rows (present and unique)")
     p.add_argument("--columns", type=_column_list, metavar="A,B,...",
@@ -149,10 +194,13 @@ def build_parser():
         description="Fit a mixture model (the number of segments given, or chosen by an "
                     "information criterion) and publish every row's segment and membership "
                     "probabilities, with a per-segment profile, as a new version of DEST.",
+        epilog=SOURCE_FORMS + "\n" + DEST_FORMS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("source", metavar="SOURCE",
-                   help="Parquet dataset (directory, file or glob) or CSV file(s); never modified")
-    p.add_argument("dest", metavar="DEST", help="directory to publish versions in")
+                   help="table to read: a path or URL (forms below); never modified")
+    p.add_argument("dest", metavar="DEST", help="where to publish: a folder, object-store or "
+                   "table URL (forms below)")
     p.add_argument("--id", dest="id_column", required=True, metavar="COLUMN",
                    help="column identifying rows (present and unique)")
     p.add_argument("--features", type=_column_list, metavar="A,B,...",
@@ -181,8 +229,9 @@ def build_parser():
                     "array) and publish the image in segment mean colours (segments.png) and "
                     "the label array (labels.npy) as a new version of OUT.",
     )
-    p.add_argument("image", metavar="IN", help="PNG or JPEG image")
-    p.add_argument("out", metavar="OUT", help="directory to publish versions in")
+    p.add_argument("image", metavar="IN", help="PNG or JPEG image: a path or an object-store URL")
+    p.add_argument("out", metavar="OUT", help="folder to publish versions in: a path or an "
+                   "object-store URL (s3://, gs://, ...)")
     _add_k_options(p, "2:8")
     p.add_argument("--position", action="store_true",
                    help="add each pixel's x and y to its colour, for spatially coherent segments")
@@ -245,14 +294,15 @@ def _k_arguments(args):
 def _run_options(args):
     return dict(max_iter=args.max_iter, tol=args.tol, random_state=args.seed,
                 dask_address=args.dask_address, keep_versions=args.keep_versions,
-                force=args.force)
+                force=args.force,
+                storage_options=dict(args.storage_options) if args.storage_options else None)
 
 
 def _run_flow(flow_fn, check, kwargs):
     """Validate the parameters as Prefect does, check the inputs, then run the flow."""
     from prefect.exceptions import ParameterTypeError
 
-    from .warehouse import InputError
+    from .errors import InputError, redact
 
     try:
         flow_fn.validate_parameters(kwargs)
@@ -261,18 +311,20 @@ def _run_flow(flow_fn, check, kwargs):
     try:
         check(**kwargs)
     except InputError as exc:
-        raise CommandError(str(exc)) from None
+        raise CommandError(redact(str(exc))) from None
     try:
         return flow_fn(**kwargs)
     except InputError as exc:
-        raise CommandError(str(exc)) from None
+        raise CommandError(redact(str(exc))) from None
     except Exception as exc:
         raise CommandError(f"the run failed: {_first_line(exc)}", EXIT_FAILED) from exc
 
 
 def _first_line(exc):
+    from .errors import redact
+
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {' '.join(lines[:2])}" if lines else type(exc).__name__
+    return redact(f"{type(exc).__name__}: {' '.join(lines[:2])}" if lines else type(exc).__name__)
 
 
 def _print_paths(summary, out):
@@ -281,6 +333,13 @@ def _print_paths(summary, out):
             values = value if isinstance(value, list) else [value]
             for i, v in enumerate(values):
                 out(f"  {(label + ':') if i == 0 else '':<8} {v}")
+
+
+def _published(summary):
+    where = summary.get("table") or summary["path"]
+    if summary.get("up_to_date"):
+        return f"already published in {where} (same source and parameters); nothing to do"
+    return f"published {where}" + (f" (version {summary['version']})" if summary.get("table") else "")
 
 
 def _status(summary):
@@ -298,7 +357,7 @@ def cmd_impute(args, out):
                   n_imputations=args.multiple or 5, **_run_options(args))
     s = _run_flow(impute.impute_survey, impute.check_inputs, kwargs)
     filled = sum(1 for c in s["columns"] if s["missing_before"][c])
-    out(f"impute-survey: published {s['path']}")
+    out(f"impute-survey: {_published(s)}")
     out(f"  {s['rows']:,} rows; {s['filled_cells']:,} cells filled in {filled} column(s); "
         f"{s['model']} k={s['n_components']}; {_status(s)}; {s['seconds']:.1f} s")
     _print_paths([("tables", s["tables"]), ("model", s["model_path"]), ("plots", s["plots"])], out)
@@ -314,7 +373,7 @@ def cmd_segment(args, out):
     s = _run_flow(segment.segment_customers, segment.check_inputs, kwargs)
     chosen = (f"k={s['n_components']} chosen by {s['criterion'].upper()} among "
               f"{s['searched'][0]}..{s['searched'][-1]}" if s["searched"] else f"k={s['n_components']}")
-    out(f"segment-customers: published {s['path']}")
+    out(f"segment-customers: {_published(s)}")
     out(f"  {s['rows']:,} rows; {s['model']} {chosen}; {_status(s)}; {s['seconds']:.1f} s")
     out(f"  rows per segment: {s['counts']}")
     _print_paths([("tables", s["tables"]), ("model", s["model_path"]), ("plots", s["plots"])], out)
@@ -329,7 +388,7 @@ def cmd_segment_image(args, out):
     s = _run_flow(image.segment_image, image.check_inputs, kwargs)
     chosen = (f"k={s['n_components']} chosen by BIC among {s['searched'][0]}..{s['searched'][-1]}"
               if s["searched"] else f"k={s['n_components']}")
-    out(f"segment-image: published {s['path']}")
+    out(f"segment-image: {_published(s)}")
     out(f"  {s['width']}x{s['height']} ({s['pixels']:,} pixels); {chosen}; {_status(s)}; "
         f"{s['seconds']:.1f} s")
     _print_paths([("image", s["image"]), ("labels", s["labels"]), ("model", s["model_path"]),

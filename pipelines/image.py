@@ -1,10 +1,12 @@
 """The ``segment-image`` flow: segment an image into regions by colour (and position).
 
-Story: check the image → turn its pixels into a feature file (RGB, optionally x and y) →
-fit a Gaussian mixture on the pixels as a chunked Dask array (every candidate k at once and
-the best by BIC when k is not given) → label every pixel → write the labelled image, each
-segment in its mean colour, and the label array → validate → publish atomically → report.
+Story: check the image → fit a Gaussian mixture on its pixels (RGB, optionally x and y) as a
+chunked Dask array whose chunks the workers decode from the image's URL (every candidate k at
+once and the best by BIC when k is not given) → label every pixel → write the labelled image,
+each segment in its mean colour, and the label array → validate → commit the new version in
+one step → report.
 
+The image is a local path or an object-store URL; ``OUT`` a local or object-store folder.
 A published version of ``OUT`` holds::
 
     segments.png               the image, every pixel in its segment's mean colour
@@ -21,7 +23,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import numpy as np
 from prefect import flow, get_run_logger
@@ -29,27 +31,25 @@ from pydantic import Field
 
 import emdask
 
-from . import warehouse
 from .cluster import dask_client
-from .partitions import read_rows
+from .errors import InputError, ValidationError, one_line
+from .partitions import image_features, image_rows, read_image
 from .reports import format_duration
+from .sources import filesystem, file_token, is_local
 from .tasks import (
     FitResult,
     base_manifest,
-    discard,
+    commit_version,
     io_task,
     load_model,
     plot_convergence,
     progress_callback,
-    publish_version,
     report_run,
     save_model,
-    stage_version,
     step_task,
     up_to_date,
-    write_version_manifest,
 )
-from .warehouse import InputError
+from .versions import Destination, Published, open_destination, run_key
 
 __all__ = ["ImagePlan", "check_inputs", "image_features", "model_parameters", "segment_image"]
 
@@ -63,7 +63,7 @@ class ImagePlan:
     """The checked inputs of an image segmentation run."""
 
     image: str
-    out: str
+    destination: Destination
     width: int
     height: int
     mode: str
@@ -71,6 +71,7 @@ class ImagePlan:
     candidates: list
     key: str
     parameters: dict = field(default_factory=dict)
+    storage_options: dict = field(default_factory=dict, repr=False)
 
     @property
     def pixels(self):
@@ -88,33 +89,41 @@ def model_parameters(n_components=None, k_min=2, k_max=8, position=False, positi
     )
 
 
-def check_inputs(image, out, **options):
+def check_inputs(image, out, storage_options=None, **options):
     """Check a run's inputs as its first task does, without running it; raises InputError."""
-    return plan_image.fn(image, out, model_parameters(**options))
+    return plan_image.fn(image, out, model_parameters(**options), storage_options)
 
 
-def _open_image(path):
-    from PIL import Image, UnidentifiedImageError
+def _open_image(url, storage_options=None):
+    from PIL import UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
-            img.verify()
-        img = Image.open(path)
-        img.load()
-        return img
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        return read_image(url, storage_options)
+    except (UnidentifiedImageError, SyntaxError, ValueError) as exc:
         raise InputError(
-            f"{path} is not an image Pillow can read (PNG, JPEG, ...): {warehouse._one_line(exc)}"
+            f"{url} is not an image Pillow can read (PNG, JPEG, ...): {one_line(exc)}"
         ) from exc
+    except OSError as exc:
+        raise InputError(f"cannot read image {url}: {one_line(exc)}") from exc
 
 
 @io_task
-def plan_image(image: str, out: str, parameters: dict) -> ImagePlan:
-    """Check the image opens and the output directory can receive a new version."""
-    path = Path(str(image)).expanduser()
-    if not str(image).strip() or not path.is_file():
-        raise InputError(f"image {image} does not exist or is not a file; give a PNG or JPEG file")
-    img = _open_image(path)
+def plan_image(image: str, out: str, parameters: dict,
+               storage_options: Optional[dict] = None) -> ImagePlan:
+    """Check the image opens and the output folder can receive a new version."""
+    text = str(image).strip()
+    if not text:
+        raise InputError("image is empty; give a PNG or JPEG file")
+    fs, path = filesystem(text, storage_options)
+    if is_local(text):
+        text = str(Path(text).expanduser().resolve())
+    try:
+        found = fs.isfile(path)
+    except Exception as exc:
+        raise InputError(f"cannot reach image {text}: {one_line(exc)}") from None
+    if not found:
+        raise InputError(f"image {text} does not exist or is not a file; give a PNG or JPEG file")
+    img = _open_image(text, storage_options)
     width, height = img.size
     if width * height < 2:
         raise InputError(f"image {image} has {width * height} pixel(s); nothing to segment")
@@ -127,72 +136,49 @@ def plan_image(image: str, out: str, parameters: dict) -> ImagePlan:
         candidates = list(range(p["k_min"], p["k_max"] + 1))
     if max(candidates) > width * height:
         raise InputError(f"k={max(candidates)} is more than the image's {width * height} pixels")
-    source = warehouse.SourceInfo(str(path.resolve()), "image", (str(path.resolve()),))
-    dest = warehouse.check_destination(out, source)
-    key = warehouse.run_key(FLOW_NAME, p, source.fingerprint(), emdask.__version__)
-    return ImagePlan(str(path.resolve()), str(dest), width, height, img.mode,
-                     img.format or "", candidates, key, p)
+    destination = open_destination(out, storage_options)
+    if destination.kind != "folder":
+        raise InputError(f"destination {destination.url} is a {destination.kind} table; "
+                         "segment-image publishes an image and a label array: give a folder")
+    destination.check(None)
+    info = fs.info(path)
+    token = file_token(info) or _digest(fs, path)
+    key = run_key(FLOW_NAME, p, [text, int(info.get("size") or 0), token], emdask.__version__)
+    return ImagePlan(text, destination, width, height, img.mode, img.format or "", candidates,
+                     key, p, dict(storage_options or {}))
 
 
-def image_features(rgb, position_weight=None):
-    """Pixel features: R, G, B and, with a position weight, x and y scaled to 0..255 × weight.
+def _digest(fs, path):
+    import hashlib
 
-    Parameters
-    ----------
-    rgb : ndarray of shape (height, width, 3), uint8
-    position_weight : float or None
-
-    Returns
-    -------
-    ndarray of shape (height * width, 3 or 5), float32
-    """
-    h, w, _ = rgb.shape
-    colour = rgb.reshape(-1, 3).astype(np.float32)
-    if not position_weight:
-        return colour
-    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
-    xs *= 255.0 * position_weight / max(1, w - 1)
-    ys *= 255.0 * position_weight / max(1, h - 1)
-    return np.concatenate([colour, xs.reshape(-1, 1), ys.reshape(-1, 1)], axis=1)
+    return "sha256:" + hashlib.sha256(fs.cat_file(path)).hexdigest()
 
 
-@io_task
-def write_features(plan: ImagePlan, staged: str) -> str:
-    """Decode the image and write its pixel features to a work file in staging."""
-    img = _open_image(plan.image).convert("RGB")
-    weight = plan.parameters["position_weight"] if plan.parameters["position"] else None
-    features = image_features(np.asarray(img), weight)
-    work = Path(staged) / "work"
-    work.mkdir(exist_ok=True)
-    path = work / "features.npy"
-    np.save(path, features)
-    get_run_logger().info(
-        f"{plan.width}x{plan.height} image: {features.shape[0]:,} pixels, "
-        f"{features.shape[1]} features each"
-    )
-    return str(path)
-
-
-def _pixel_array(path):
-    """The feature file as a Dask array read in chunks of rows by the workers."""
+def _pixel_array(plan):
+    """The image's pixel features as a Dask array whose chunks the workers decode from its URL."""
     import dask
     import dask.array as da
 
-    shape = np.load(path, mmap_mode="r").shape
-    bounds = list(range(0, shape[0], CHUNK_PIXELS)) + [shape[0]]
+    weight = plan.parameters["position_weight"] if plan.parameters["position"] else None
+    d = 5 if weight else 3
+    rows = max(1, CHUNK_PIXELS // plan.width)
+    bounds = list(range(0, plan.height, rows)) + [plan.height]
     chunks = [
-        da.from_delayed(dask.delayed(read_rows)(path, a, b), shape=(b - a, shape[1]), dtype=np.float32)
+        da.from_delayed(
+            dask.delayed(image_rows)(plan.image, a, b, weight, plan.storage_options),
+            shape=((b - a) * plan.width, d), dtype=np.float32,
+        )
         for a, b in zip(bounds[:-1], bounds[1:])
     ]
     return da.concatenate(chunks, axis=0)
 
 
 @step_task
-def fit_pixels(plan: ImagePlan, features: str, staged: str) -> FitResult:
+def fit_pixels(plan: ImagePlan, version) -> FitResult:
     """Fit a Gaussian mixture on the pixels (every candidate k at once when k is searched)."""
     logger = get_run_logger()
     p = plan.parameters
-    X = _pixel_array(features)
+    X = _pixel_array(plan)
     estimator = emdask.GaussianMixture(
         plan.candidates[0], covariance_type=p["covariance_type"], tol=p["tol"],
         max_iter=p["max_iter"], random_state=p["random_state"],
@@ -213,12 +199,12 @@ def fit_pixels(plan: ImagePlan, features: str, staged: str) -> FitResult:
         result = emdask.select_components(estimator, X, n_components=ks, criterion="bic",
                                           callbacks=[callback])
         model, n_passes = result.best_estimator_, result.n_passes_
-        result.table_.to_csv(Path(staged) / "selection.csv", index=False)
-        result.plot(str(Path(staged) / "bic.png"))
+        result.table_.to_csv(version.local / "selection.csv", index=False)
+        result.plot(str(version.local / "bic.png"))
         selection = json.loads(result.table_.to_json(orient="records"))
         logger.info(f"BIC chose k={result.best_n_components_}")
     seconds = time.perf_counter() - started
-    path = save_model(model, str(Path(staged) / "model"))
+    path = save_model(model, str(version.local / "model"))
     return FitResult(
         model_path=path,
         model_class=type(model).__name__,
@@ -238,38 +224,35 @@ def segment_colours(model):
 
 
 @io_task
-def write_labels(plan: ImagePlan, fit: FitResult, features: str, staged: str) -> dict:
+def write_labels(plan: ImagePlan, fit: FitResult, version) -> dict:
     """Label every pixel, then write the label array and the image in segment mean colours."""
     from PIL import Image
 
     model = load_model(fit.model_path)
-    labels = model.predict(_pixel_array(features)).compute()
+    labels = model.predict(_pixel_array(plan)).compute()
     dtype = np.uint8 if fit.n_components <= 256 else np.uint16
     labels = labels.astype(dtype).reshape(plan.height, plan.width)
-    np.save(Path(staged) / "labels.npy", labels)
-    Image.fromarray(segment_colours(model)[labels]).save(Path(staged) / "segments.png")
+    np.save(version.local / "labels.npy", labels)
+    Image.fromarray(segment_colours(model)[labels]).save(version.local / "segments.png")
     return {"labels": "labels.npy", "image": "segments.png"}
 
 
 @io_task
-def validate_labels(plan: ImagePlan, fit: FitResult, staged: str) -> list:
-    """Check the label array and the labelled image: right shape, labels in range; drop work files."""
+def validate_labels(plan: ImagePlan, fit: FitResult, version) -> list:
+    """Check the label array and the labelled image: right shape, labels in range."""
     from PIL import Image
 
-    labels = np.load(Path(staged) / "labels.npy")
+    labels = np.load(version.local / "labels.npy")
     if labels.shape != (plan.height, plan.width):
-        raise warehouse.ValidationError(
+        raise ValidationError(
             f"labels.npy has shape {labels.shape}, the image is {plan.height}x{plan.width}"
         )
     if labels.max() >= fit.n_components:
-        raise warehouse.ValidationError(f"labels.npy has labels outside 0..{fit.n_components - 1}")
-    with Image.open(Path(staged) / "segments.png") as img:
+        raise ValidationError(f"labels.npy has labels outside 0..{fit.n_components - 1}")
+    with Image.open(version.local / "segments.png") as img:
         if img.size != (plan.width, plan.height):
-            raise warehouse.ValidationError(f"segments.png is {img.size}, not {(plan.width, plan.height)}")
+            raise ValidationError(f"segments.png is {img.size}, not {(plan.width, plan.height)}")
     counts = np.bincount(labels.ravel(), minlength=fit.n_components)
-    for f in (Path(staged) / "work").glob("*"):
-        f.unlink()
-    (Path(staged) / "work").rmdir()
     get_run_logger().info(f"validated labels: pixels per segment {counts.tolist()}")
     return [int(c) for c in counts]
 
@@ -290,12 +273,15 @@ def segment_image(
     dask_address: Optional[str] = None,
     keep_versions: Annotated[int, Field(ge=1)] = 5,
     force: bool = False,
+    storage_options: Optional[dict[str, Any]] = None,
 ) -> dict:
     """Segment an image by colour (and position) and publish the labelled image as a version of ``out``.
 
     Args:
-        image: PNG or JPEG file (any size Pillow reads; millions of pixels are fine).
-        out: Directory whose versions this run publishes (see ``pipelines.warehouse``).
+        image: PNG or JPEG file, a local path or an object-store URL (any size Pillow reads;
+            millions of pixels are fine).
+        out: Local or object-store folder whose versions this run publishes (see
+            ``pipelines.versions``).
         n_components: Number of segments; default: chosen by BIC among k_min..k_max.
         k_min: Smallest number of segments tried when n_components is not given.
         k_max: Largest number of segments tried when n_components is not given.
@@ -309,6 +295,8 @@ def segment_image(
             cluster on 127.0.0.1 for the run.
         keep_versions: Published versions to keep in ``out``.
         force: Recompute even when the published version already holds this run.
+        storage_options: fsspec options of object-store URLs (endpoint, region, ...);
+            credentials belong in the environment, not here.
     """
     started = time.perf_counter()
     parameters = model_parameters(
@@ -316,19 +304,17 @@ def segment_image(
         position_weight=position_weight, covariance_type=covariance_type,
         max_iter=max_iter, tol=tol, random_state=random_state,
     )
-    plan = plan_image(image, out, parameters)
-    done = None if force else up_to_date(plan.out, plan.key)
+    plan = plan_image(image, out, parameters, storage_options)
+    done = None if force else up_to_date(plan.destination, plan.key)
     if done is not None:
-        return _summary_from_manifest(done)
+        return {**_summary(done), "up_to_date": True}
     with dask_client(dask_address):
-        staged = stage_version(plan.out, plan.key)
-        try:
-            features = write_features(plan, staged)
-            fit = fit_pixels(plan, features, staged)
-            outputs = write_labels(plan, fit, features, staged)
-            counts = validate_labels(plan, fit, staged)
+        with plan.destination.new_version(plan.key, keep_versions) as version:
+            fit = fit_pixels(plan, version)
+            outputs = write_labels(plan, fit, version)
+            counts = validate_labels(plan, fit, version)
             plot = plot_convergence(
-                str(Path(staged) / "convergence.png"), fit.lower_bounds,
+                str(version.local / "convergence.png"), fit.lower_bounds,
                 f"GaussianMixture on pixels, k={fit.n_components}: EM convergence",
             )
             outputs.update(model="model", convergence_plot=Path(plot).name)
@@ -344,27 +330,22 @@ def segment_image(
                 outputs=outputs,
                 fit=fit.to_dict() | {"model_path": "model"},
             )
-            write_version_manifest(staged, manifest)
-            version = publish_version(plan.out, staged, keep_versions)
-        except BaseException:
-            discard(staged)
-            raise
-    summary = _summary_from_manifest(version)
+            published = commit_version(version, manifest)
+    summary = _summary(published)
     _report(summary)
     return summary
 
 
-def _summary_from_manifest(version_dir):
-    version_dir = Path(version_dir)
-    m = warehouse.read_manifest(version_dir)
+def _summary(published: Published):
+    m = published.manifest
     fit, out = m["fit"], m["outputs"]
-    plots = [str(version_dir / out["convergence_plot"])]
+    plots = [published.join(out["convergence_plot"])]
     if "selection_plot" in out:
-        plots.append(str(version_dir / out["selection_plot"]))
+        plots.append(published.join(out["selection_plot"]))
     return {
         "flow": FLOW_NAME,
         "version": m["version"],
-        "path": str(version_dir),
+        "path": published.url,
         "pixels": m["rows"],
         "width": m["source"]["width"],
         "height": m["source"]["height"],
@@ -376,9 +357,9 @@ def _summary_from_manifest(version_dir):
         "n_iter": fit["n_iter"],
         "converged": fit["converged"],
         "seconds": m["seconds"],
-        "image": str(version_dir / out["image"]),
-        "labels": str(version_dir / out["labels"]),
-        "model_path": str(version_dir / "model"),
+        "image": published.join(out["image"]),
+        "labels": published.join(out["labels"]),
+        "model_path": published.join("model"),
         "plots": plots,
     }
 

@@ -1,14 +1,16 @@
 """The ``impute-survey`` flow: fill the missing answers of a survey table, publish a new version.
 
 Story: check the inputs → profile the table → fit the imputation model by EM → fill (the
-conditional mean, or m multiple imputations) → write the new version to staging → validate it
-against the source → publish atomically → report.
+conditional mean, or m multiple imputations), the workers writing straight to the destination
+→ validate against the source → commit the new version in one step → report.
 
 Numeric columns are modelled by :class:`emdask.EMImputer` (a Gaussian mixture fitted on the
 incomplete rows); when categorical or boolean answers are among the columns,
 :class:`emdask.MixedMixture` models them all together and fills each cell from its row.
 
-A published version holds::
+The source and the destination are URLs (:mod:`pipelines.sources`, :mod:`pipelines.versions`).
+A published version of a folder destination holds (an Iceberg or Delta destination commits
+``data`` as the table's new snapshot and keeps the rest beside it)::
 
     data/part.N.parquet        the table, missing cells filled, everything else as it was
                                (method='multiple': imputations/1/ ... imputations/m/ instead)
@@ -20,11 +22,10 @@ A published version holds::
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import pandas as pd
 from prefect import flow, get_run_logger
@@ -32,28 +33,28 @@ from pydantic import Field
 
 import emdask
 
-from . import warehouse
+from . import validation
 from .cluster import dask_client
+from .errors import InputError, ValidationError
 from .partitions import filled_marks
 from .reports import format_duration
+from .sources import Source, open_source
 from .tasks import (
     FitResult,
     base_manifest,
-    discard,
+    commit_version,
     io_task,
     load_model,
+    parquet_writes,
     plot_convergence,
     profile_source,
     progress_callback,
-    publish_version,
     report_run,
     save_model,
-    stage_version,
     step_task,
     up_to_date,
-    write_version_manifest,
 )
-from .warehouse import InputError
+from .versions import Destination, Published, open_destination, run_key
 
 __all__ = ["ImputePlan", "check_inputs", "impute_survey", "model_parameters"]
 
@@ -64,8 +65,8 @@ FLOW_NAME = "impute-survey"
 class ImputePlan:
     """The checked inputs of an imputation run."""
 
-    source: warehouse.SourceInfo
-    dest: str
+    source: Source
+    destination: Destination
     id_column: str
     columns: list
     model: str  # "gaussian" (EMImputer) or "mixed" (MixedMixture)
@@ -79,13 +80,14 @@ def _mixed_available():
 
 @io_task
 def plan_imputation(
-    source: str, dest: str, id_column: str, columns: Optional[list], parameters: dict
+    source: str, dest: str, id_column: str, columns: Optional[list], parameters: dict,
+    storage_options: Optional[dict] = None,
 ) -> ImputePlan:
     """Check the source, the columns and the destination; nothing is read beyond metadata."""
-    info = warehouse.check_source(source)
-    dtypes = warehouse.open_table(info).dtypes
-    chosen = warehouse.check_table_columns(dtypes, id_column, columns, what="columns")
-    kinds = warehouse.column_kinds(dtypes)
+    info = open_source(source, storage_options)
+    dtypes = info.open_table().dtypes
+    chosen = validation.check_table_columns(dtypes, id_column, columns, what="columns")
+    kinds = validation.column_kinds(dtypes)
     non_gaussian = [
         c for c in chosen
         if kinds[c] == "categorical" or pd.api.types.is_bool_dtype(dtypes[c])
@@ -101,10 +103,17 @@ def plan_imputation(
             f"covariance_type={parameters['covariance_type']!r} cannot model categorical columns "
             f"{non_gaussian}; use 'full' or 'diag'"
         )
-    dest_path = warehouse.check_destination(dest, info)
+    destination = open_destination(dest, storage_options)
+    if destination.kind in ("iceberg", "delta") and parameters["method"] == "multiple":
+        raise InputError(
+            f"method='multiple' publishes {parameters['n_imputations']} tables, and destination "
+            f"{destination.url} is one {destination.kind} table; publish multiple imputations to a "
+            "folder or object-store URL"
+        )
+    destination.check(info)
     params = {**parameters, "id_column": id_column, "columns": chosen}
-    key = warehouse.run_key(FLOW_NAME, params, info.fingerprint(), emdask.__version__)
-    return ImputePlan(info, str(dest_path), id_column, chosen, model, key, params)
+    key = run_key(FLOW_NAME, params, info.identity(), emdask.__version__)
+    return ImputePlan(info, destination, id_column, chosen, model, key, params)
 
 
 def model_parameters(n_components=1, covariance_type="full", method="mean", n_imputations=5,
@@ -117,9 +126,10 @@ def model_parameters(n_components=1, covariance_type="full", method="mean", n_im
     )
 
 
-def check_inputs(source, dest, id_column, columns=None, **options):
+def check_inputs(source, dest, id_column, columns=None, storage_options=None, **options):
     """Check a run's inputs as its first task does, without running it; raises InputError."""
-    return plan_imputation.fn(source, dest, id_column, columns, model_parameters(**options))
+    return plan_imputation.fn(source, dest, id_column, columns, model_parameters(**options),
+                              storage_options)
 
 
 def _make_model(plan):
@@ -131,7 +141,7 @@ def _make_model(plan):
 
 
 @step_task
-def fit_imputer(plan: ImputePlan, staged: str) -> FitResult:
+def fit_imputer(plan: ImputePlan, version) -> FitResult:
     """Fit the imputation model by EM on the incomplete table and save it to the version.
 
     The fit is checkpointed after every iteration; a run started again after being killed
@@ -140,11 +150,11 @@ def fit_imputer(plan: ImputePlan, staged: str) -> FitResult:
     model = _make_model(plan)
     logger.info(f"fitting {model!r} on {len(plan.columns)} columns")
     started = time.perf_counter()
-    model.fit(warehouse.open_table(plan.source), columns=plan.columns,
+    model.fit(plan.source.open_table(), columns=plan.columns,
               callbacks=[progress_callback(tol=model.tol)],
-              checkpoint=warehouse.checkpoint_path(plan.dest, plan.key), resume=True)
+              checkpoint=plan.destination.checkpoint_path(plan.key), resume=True)
     seconds = time.perf_counter() - started
-    path = save_model(model, str(Path(staged) / "model"))
+    path = save_model(model, str(version.local / "model"))
     logger.info(
         f"fitted in {model.n_iter_} iterations ({'converged' if model.converged_ else 'not converged'}), "
         f"{format_duration(seconds)}"
@@ -166,13 +176,13 @@ def _fill(model, table):
 
 
 @io_task
-def write_filled(plan: ImputePlan, fit: FitResult, staged: str) -> list:
-    """Fill the missing cells and write the table (or its m imputations) and the fill marks to staging."""
+def write_filled(plan: ImputePlan, fit: FitResult, version) -> list:
+    """Fill the missing cells; the workers write the table (or its m imputations) and the fill marks."""
     import dask
 
     p = plan.parameters
     model = load_model(fit.model_path, fit.model_class)
-    table = warehouse.open_table(plan.source)
+    table = plan.source.open_table()
     if p["method"] == "multiple":
         copies = model.sample_imputations(
             table, n_imputations=p["n_imputations"], random_state=p["random_state"]
@@ -182,33 +192,28 @@ def write_filled(plan: ImputePlan, fit: FitResult, staged: str) -> list:
         outputs = [("data", _fill(model, table))]
     meta = filled_marks(table._meta, plan.id_column, plan.columns)
     marks = table.map_partitions(filled_marks, plan.id_column, plan.columns, meta=meta)
-    write_index = table.index.name is not None
-    writes = []
-    for name, frame in outputs + [("filled", marks)]:
-        target = Path(staged) / name
-        shutil.rmtree(target, ignore_errors=True)  # a retry starts from a clean directory
-        writes.append(frame.to_parquet(
-            str(target), write_index=write_index and name != "filled", compute=False
-        ))
-    dask.compute(*writes)
+    write_index = table.index.name is not None and plan.destination.kind == "folder"
+    tables = [(name, frame, name == "data", write_index) for name, frame in outputs]
+    dask.compute(*parquet_writes(version, tables + [("filled", marks, False, False)]))
     names = [name for name, _ in outputs]
-    get_run_logger().info(f"wrote {', '.join(names)} and filled to {staged}")
+    get_run_logger().info(f"wrote {', '.join(names)} and filled to {version.url}")
     return names
 
 
 @io_task
-def validate_filled(plan: ImputePlan, staged: str, outputs: list) -> dict:
+def validate_filled(plan: ImputePlan, version, outputs: list) -> dict:
     """Check every written table against the source: rows, ids, observed cells, no missing cell left."""
     results = {}
     for name in outputs:
-        checked = warehouse.validate_filled(
-            plan.source, Path(staged) / name, plan.id_column, plan.columns,
-            mask_dir=Path(staged) / "filled",
+        url = version.table_url(name, primary=name == "data")
+        checked = validation.validate_filled(
+            plan.source, url, plan.id_column, plan.columns,
+            mask_dir=version.table_url("filled"), storage_options=version.storage_options,
         )
         left = {c: n for c, n in checked["missing_after"].items() if n}
         if left:
-            raise warehouse.ValidationError(
-                f"{Path(staged) / name} still has missing cells in {left} (column: count)"
+            raise ValidationError(
+                f"{url} still has missing cells in {left} (column: count)"
             )
         results[name] = checked
     first = results[outputs[0]]
@@ -235,12 +240,19 @@ def impute_survey(
     dask_address: Optional[str] = None,
     keep_versions: Annotated[int, Field(ge=1)] = 5,
     force: bool = False,
+    storage_options: Optional[dict[str, Any]] = None,
 ) -> dict:
     """Fill the missing cells of a table by EM and publish the result as a new version of ``dest``.
 
     Args:
-        source: Parquet dataset (directory, file or glob) or CSV file(s) to read; never modified.
-        dest: Directory whose versions this run publishes (see ``pipelines.warehouse``).
+        source: Table to read, never modified: a Parquet dataset (directory, file or glob) or
+            CSV file(s), local or on an object store (s3://, gs://, abfs://, ...), an Iceberg
+            table (iceberg://CATALOG/NAMESPACE.TABLE[@SNAPSHOT_ID]), a Delta table (a folder
+            holding _delta_log/, [@VERSION]) or PostgreSQL
+            (postgresql://USER@HOST:PORT/DB?table=SCHEMA.TABLE or ?query=...).
+        dest: Where the new version is published: a local or object-store folder (versions +
+            CURRENT), an Iceberg table (iceberg://CATALOG/NAMESPACE.TABLE, created if missing)
+            or a Delta table (delta+URL for a new one); see ``pipelines.versions``.
         id_column: Column identifying rows; must be present and unique.
         columns: Columns to model and fill; default: every numeric, boolean and categorical
             column except the id column.
@@ -248,7 +260,7 @@ def impute_survey(
         covariance_type: Covariance of the numeric columns within a component.
         method: 'mean' fills each cell with its conditional expectation (most probable level
             for categories); 'multiple' writes ``n_imputations`` completed copies drawn from
-            the model.
+            the model (folder destinations only).
         n_imputations: Number of copies for method='multiple'.
         max_iter: Maximum EM iterations.
         tol: Convergence threshold on the change of the mean log-likelihood per row.
@@ -257,25 +269,26 @@ def impute_survey(
             cluster on 127.0.0.1 for the run.
         keep_versions: Published versions to keep in ``dest``.
         force: Recompute even when the published version already holds this run.
+        storage_options: fsspec options of object-store URLs (endpoint, region, ...);
+            credentials belong in the environment, not here.
     """
     started = time.perf_counter()
     parameters = model_parameters(
         n_components=n_components, covariance_type=covariance_type, method=method,
         n_imputations=n_imputations, max_iter=max_iter, tol=tol, random_state=random_state,
     )
-    plan = plan_imputation(source, dest, id_column, columns, parameters)
-    done = None if force else up_to_date(plan.dest, plan.key)
+    plan = plan_imputation(source, dest, id_column, columns, parameters, storage_options)
+    done = None if force else up_to_date(plan.destination, plan.key)
     if done is not None:
-        return _summary_from_manifest(done)
+        return {**_summary(done), "up_to_date": True}
     with dask_client(dask_address):
         profile = profile_source(plan.source, plan.id_column, plan.columns)
-        staged = stage_version(plan.dest, plan.key)
-        try:
-            fit = fit_imputer(plan, staged)
-            outputs = write_filled(plan, fit, staged)
-            checked = validate_filled(plan, staged, outputs)
+        with plan.destination.new_version(plan.key, keep_versions) as version:
+            fit = fit_imputer(plan, version)
+            outputs = write_filled(plan, fit, version)
+            checked = validate_filled(plan, version, outputs)
             plot = plot_convergence(
-                str(Path(staged) / "convergence.png"), fit.lower_bounds,
+                str(version.local / "convergence.png"), fit.lower_bounds,
                 f"{fit.model_class}, k={fit.n_components}: EM convergence",
             )
             manifest = base_manifest(FLOW_NAME, plan.key, plan.parameters, plan.source, started)
@@ -289,29 +302,24 @@ def impute_survey(
                          "convergence_plot": Path(plot).name},
                 fit=fit.to_dict() | {"model_path": "model"},
             )
-            write_version_manifest(staged, manifest)
-            version = publish_version(plan.dest, staged, keep_versions)
-        except BaseException:
-            discard(staged)
-            raise
-        finally:
-            # a run that ends, published or failed, leaves no checkpoint; only a process
-            # killed outright leaves one, for the next run to resume from
-            warehouse.drop_checkpoint(plan.dest, plan.key)
-    summary = _summary_from_manifest(version)
+            published = commit_version(version, manifest)
+    summary = _summary(published)
     _report(summary)
     return summary
 
 
-def _summary_from_manifest(version_dir):
-    version_dir = Path(version_dir)
-    m = warehouse.read_manifest(version_dir)
+def _summary(published: Published):
+    m = published.manifest
     rows = m["rows"]
     fit = m["fit"]
+    tables = [published.join(t) for t in m["outputs"]["tables"]]
+    if published.table:
+        tables = [published.table]
     return {
         "flow": FLOW_NAME,
         "version": m["version"],
-        "path": str(version_dir),
+        "path": published.url,
+        "table": published.table,
         "rows": rows,
         "columns": m["columns"],
         "missing_before": m["missing_before"],
@@ -322,9 +330,9 @@ def _summary_from_manifest(version_dir):
         "n_iter": fit["n_iter"],
         "converged": fit["converged"],
         "seconds": m["seconds"],
-        "tables": [str(version_dir / t) for t in m["outputs"]["tables"]],
-        "model_path": str(version_dir / "model"),
-        "plots": [str(version_dir / m["outputs"]["convergence_plot"])],
+        "tables": tables,
+        "model_path": published.join("model"),
+        "plots": [published.join(m["outputs"]["convergence_plot"])],
     }
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-__all__ = ["filled_marks", "label_partition", "read_rows", "scaled_table", "segment_frame"]
+__all__ = ["filled_marks", "image_features", "image_rows", "label_partition", "read_image",
+           "scaled_table", "segment_frame"]
 
 
 def filled_marks(part, id_column, columns):
@@ -42,6 +43,51 @@ def label_partition(part, model, id_column, features, scaling):
     return segment_frame(part[id_column].to_numpy(), proba, id_column)
 
 
-def read_rows(path, start, stop):
-    """Rows ``start:stop`` of a ``.npy`` file, read through a memory map."""
-    return np.array(np.load(path, mmap_mode="r")[start:stop])
+def image_features(rgb, position_weight=None):
+    """Pixel features: R, G, B and, with a position weight, x and y scaled to 0..255 × weight.
+
+    Parameters
+    ----------
+    rgb : ndarray of shape (height, width, 3), uint8
+    position_weight : float or None
+
+    Returns
+    -------
+    ndarray of shape (height * width, 3 or 5), float32
+    """
+    h, w, _ = rgb.shape
+    colour = rgb.reshape(-1, 3).astype(np.float32)
+    if not position_weight:
+        return colour
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    xs *= 255.0 * position_weight / max(1, w - 1)
+    ys *= 255.0 * position_weight / max(1, h - 1)
+    return np.concatenate([colour, xs.reshape(-1, 1), ys.reshape(-1, 1)], axis=1)
+
+
+def read_image(url, storage_options=None):
+    """The image at ``url`` (a local path or any fsspec URL), decoded by Pillow."""
+    import io
+
+    from PIL import Image
+
+    from .sources import filesystem
+
+    fs, path = filesystem(url, storage_options)
+    data = fs.cat_file(path)
+    with Image.open(io.BytesIO(data)) as img:
+        img.verify()
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
+
+
+def image_rows(url, start, stop, position_weight=None, storage_options=None):
+    """Pixel features of the image rows ``start:stop`` (see :func:`image_features`).
+
+    Positions are scaled by the whole image's size, so chunks fit together.
+    """
+    rgb = np.asarray(read_image(url, storage_options).convert("RGB"))
+    features = image_features(rgb, position_weight)
+    width = rgb.shape[1]
+    return np.ascontiguousarray(features[start * width:stop * width])

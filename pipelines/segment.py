@@ -2,14 +2,16 @@
 
 Story: check the inputs → profile the table → (optional) standardize the numeric features →
 fit a mixture, or every candidate number of segments at once and keep the best by BIC →
-write each customer's segment and membership probabilities to staging → validate →
-write the segment profile → publish atomically → report.
+the workers write each customer's segment and membership probabilities to the destination →
+validate → write the segment profile → commit the new version in one step → report.
 
 Numeric features are modelled by :class:`emdask.GaussianMixture`; when categorical or boolean
 features are among them, :class:`emdask.MixedMixture` models every column with its own family
 (Gaussian, Poisson counts, Bernoulli, categorical).
 
-A published version holds::
+The source and the destination are URLs (:mod:`pipelines.sources`, :mod:`pipelines.versions`).
+A published version of a folder destination holds (an Iceberg or Delta destination commits
+``segments`` as the table's new snapshot and keeps the rest beside it)::
 
     segments/part.N.parquet    id column, segment (0..k-1), p_0 ... p_{k-1}
     profile.parquet, .csv      per segment: rows, share, mixing weight, and per feature its
@@ -24,11 +26,10 @@ A published version holds::
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import numpy as np
 import pandas as pd
@@ -37,28 +38,28 @@ from pydantic import Field
 
 import emdask
 
-from . import warehouse
+from . import validation
 from .cluster import dask_client
+from .errors import InputError
 from .partitions import label_partition, scaled_table, segment_frame
 from .reports import format_duration
+from .sources import Source, open_source
 from .tasks import (
     FitResult,
     base_manifest,
-    discard,
+    commit_version,
     io_task,
     load_model,
+    parquet_writes,
     plot_convergence,
     profile_source,
     progress_callback,
-    publish_version,
     report_run,
     save_model,
-    stage_version,
     step_task,
     up_to_date,
-    write_version_manifest,
 )
-from .warehouse import InputError
+from .versions import Destination, Published, open_destination, run_key
 
 __all__ = ["SegmentPlan", "check_inputs", "model_parameters", "segment_customers", "segment_profile"]
 
@@ -69,8 +70,8 @@ FLOW_NAME = "segment-customers"
 class SegmentPlan:
     """The checked inputs of a segmentation run."""
 
-    source: warehouse.SourceInfo
-    dest: str
+    source: Source
+    destination: Destination
     id_column: str
     features: list
     family: str  # "gaussian" or "mixed"
@@ -82,14 +83,15 @@ class SegmentPlan:
 
 @io_task
 def plan_segmentation(
-    source: str, dest: str, id_column: str, features: Optional[list], parameters: dict
+    source: str, dest: str, id_column: str, features: Optional[list], parameters: dict,
+    storage_options: Optional[dict] = None,
 ) -> SegmentPlan:
     """Check the source, the features, the model options and the destination (metadata only)."""
     p = parameters
-    info = warehouse.check_source(source)
-    dtypes = warehouse.open_table(info).dtypes
-    chosen = warehouse.check_table_columns(dtypes, id_column, features, what="features")
-    kinds = warehouse.column_kinds(dtypes)
+    info = open_source(source, storage_options)
+    dtypes = info.open_table().dtypes
+    chosen = validation.check_table_columns(dtypes, id_column, features, what="features")
+    kinds = validation.column_kinds(dtypes)
     non_gaussian = [
         c for c in chosen if kinds[c] == "categorical" or pd.api.types.is_bool_dtype(dtypes[c])
     ]
@@ -120,10 +122,11 @@ def plan_segmentation(
         ]
     else:
         scaled = []
-    dest_path = warehouse.check_destination(dest, info)
+    destination = open_destination(dest, storage_options)
+    destination.check(info)
     params = {**p, "id_column": id_column, "features": chosen}
-    key = warehouse.run_key(FLOW_NAME, params, info.fingerprint(), emdask.__version__)
-    return SegmentPlan(info, str(dest_path), id_column, chosen, family, scaled, candidates, key, params)
+    key = run_key(FLOW_NAME, params, info.identity(), emdask.__version__)
+    return SegmentPlan(info, destination, id_column, chosen, family, scaled, candidates, key, params)
 
 
 def model_parameters(n_components=None, k_min=2, k_max=8, criterion="bic", family="auto",
@@ -138,17 +141,18 @@ def model_parameters(n_components=None, k_min=2, k_max=8, criterion="bic", famil
     )
 
 
-def check_inputs(source, dest, id_column, features=None, **options):
+def check_inputs(source, dest, id_column, features=None, storage_options=None, **options):
     """Check a run's inputs as its first task does, without running it; raises InputError."""
-    return plan_segmentation.fn(source, dest, id_column, features, model_parameters(**options))
+    return plan_segmentation.fn(source, dest, id_column, features, model_parameters(**options),
+                                storage_options)
 
 
 @step_task
-def fit_scaling(plan: SegmentPlan, staged: str) -> dict:
+def fit_scaling(plan: SegmentPlan, version) -> dict:
     """Estimate each scaled feature's mean and standard deviation (a one-component diagonal Gaussian)."""
     if not plan.scaled:
         return {}
-    table = warehouse.open_table(plan.source)
+    table = plan.source.open_table()
     model = emdask.GaussianMixture(1, covariance_type="diag", init_params="random", tol=1e-9,
                                    max_iter=5, random_state=0)
     model.fit(table, columns=plan.scaled)
@@ -157,7 +161,7 @@ def fit_scaling(plan: SegmentPlan, staged: str) -> dict:
         c: [float(m), float(s) if s > 0 else 1.0]
         for c, m, s in zip(plan.scaled, model.means_[0], scale)
     }
-    with open(Path(staged) / "scaling.json", "w") as fh:
+    with open(version.local / "scaling.json", "w") as fh:
         json.dump({"centers_and_scales": scaling}, fh, indent=2)
     get_run_logger().info(f"standardizing {len(scaling)} features: (x - mean) / std")
     return scaling
@@ -174,14 +178,14 @@ def _estimator(plan):
 
 
 @step_task
-def fit_segments(plan: SegmentPlan, scaling: dict, staged: str) -> FitResult:
+def fit_segments(plan: SegmentPlan, scaling: dict, version) -> FitResult:
     """Fit the mixture (every candidate k in shared passes when k is searched) and save the best.
 
     A single k is checkpointed after every iteration; a run started again after being killed
     mid-fit resumes from the checkpoint."""
     logger = get_run_logger()
     p = plan.parameters
-    table = scaled_table(warehouse.open_table(plan.source), scaling)
+    table = scaled_table(plan.source.open_table(), scaling)
     estimator = _estimator(plan)
     started = time.perf_counter()
     selection = []
@@ -189,7 +193,7 @@ def fit_segments(plan: SegmentPlan, scaling: dict, staged: str) -> FitResult:
         logger.info(f"fitting {estimator!r} on {len(plan.features)} features")
         model = estimator.fit(
             table, columns=plan.features, callbacks=[progress_callback(tol=estimator.tol)],
-            checkpoint=warehouse.checkpoint_path(plan.dest, plan.key), resume=True,
+            checkpoint=plan.destination.checkpoint_path(plan.key), resume=True,
         )
         n_passes = getattr(model, "n_passes_", 0)
     else:
@@ -206,12 +210,12 @@ def fit_segments(plan: SegmentPlan, scaling: dict, staged: str) -> FitResult:
         )
         model = result.best_estimator_
         n_passes = result.n_passes_
-        result.table_.to_csv(Path(staged) / "selection.csv", index=False)
-        result.plot(str(Path(staged) / f"{p['criterion']}.png"))
+        result.table_.to_csv(version.local / "selection.csv", index=False)
+        result.plot(str(version.local / f"{p['criterion']}.png"))
         selection = json.loads(result.table_.to_json(orient="records"))
         logger.info(f"{p['criterion'].upper()} chose k={result.best_n_components_}")
     seconds = time.perf_counter() - started
-    path = save_model(model, str(Path(staged) / "model"))
+    path = save_model(model, str(version.local / "model"))
     logger.info(
         f"k={model.n_components}: {model.n_iter_} iterations "
         f"({'converged' if model.converged_ else 'not converged'}), {format_duration(seconds)}"
@@ -230,25 +234,26 @@ def fit_segments(plan: SegmentPlan, scaling: dict, staged: str) -> FitResult:
 
 
 @io_task
-def write_segments(plan: SegmentPlan, fit: FitResult, scaling: dict, staged: str) -> str:
-    """Write every row's id, segment and membership probabilities to staging, partition by partition."""
+def write_segments(plan: SegmentPlan, fit: FitResult, scaling: dict, version) -> str:
+    """The workers write every row's id, segment and membership probabilities, partition by partition."""
+    import dask
+
     model = load_model(fit.model_path)
-    table = warehouse.open_table(plan.source)
+    table = plan.source.open_table()
     empty = np.empty((0, fit.n_components))
     meta = segment_frame(table._meta[plan.id_column].to_numpy(), empty, plan.id_column)
     segments = table.map_partitions(
         label_partition, model, plan.id_column, plan.features, scaling, meta=meta
     )
-    target = Path(staged) / "segments"
-    shutil.rmtree(target, ignore_errors=True)  # a retry starts from a clean directory
-    segments.to_parquet(str(target), write_index=False)
-    return str(target)
+    dask.compute(*parquet_writes(version, [("segments", segments, True, False)]))
+    return version.table_url("segments", primary=True)
 
 
 @io_task
-def validate_segments(plan: SegmentPlan, fit: FitResult, segments: str) -> dict:
+def validate_segments(plan: SegmentPlan, fit: FitResult, segments: str, version) -> dict:
     """Check the segment table against the source: same ids in order, valid labels and probabilities."""
-    checked = warehouse.validate_segments(plan.source, segments, plan.id_column, fit.n_components)
+    checked = validation.validate_segments(plan.source, segments, plan.id_column, fit.n_components,
+                                           storage_options=version.storage_options)
     get_run_logger().info(
         f"validated {checked['rows']:,} rows: same ids, labels in 0..{fit.n_components - 1}, "
         f"probabilities sum to 1; rows per segment {checked['counts']}"
@@ -305,12 +310,12 @@ def segment_profile(model, features, scaling, counts):
 
 
 @io_task
-def write_profile(plan: SegmentPlan, fit: FitResult, scaling: dict, counts: list, staged: str) -> list:
-    """Write the segment profile (sizes and per-segment parameters, original units) to staging."""
+def write_profile(plan: SegmentPlan, fit: FitResult, scaling: dict, counts: list, version) -> list:
+    """Write the segment profile (sizes and per-segment parameters, original units) into the version."""
     model = load_model(fit.model_path)
     profile = segment_profile(model, plan.features, scaling, counts)
-    profile.to_parquet(Path(staged) / "profile.parquet", index=False)
-    profile.to_csv(Path(staged) / "profile.csv", index=False)
+    profile.to_parquet(version.local / "profile.parquet", index=False)
+    profile.to_csv(version.local / "profile.csv", index=False)
     return json.loads(profile.to_json(orient="records"))
 
 
@@ -334,12 +339,17 @@ def segment_customers(
     dask_address: Optional[str] = None,
     keep_versions: Annotated[int, Field(ge=1)] = 5,
     force: bool = False,
+    storage_options: Optional[dict[str, Any]] = None,
 ) -> dict:
     """Segment the rows of a table with a mixture model and publish a new version of ``dest``.
 
     Args:
-        source: Parquet dataset (directory, file or glob) or CSV file(s); never modified.
-        dest: Directory whose versions this run publishes (see ``pipelines.warehouse``).
+        source: Table to read, never modified: a Parquet dataset or CSV file(s), local or on
+            an object store (s3://, gs://, abfs://, ...), an Iceberg table
+            (iceberg://CATALOG/NAMESPACE.TABLE[@SNAPSHOT_ID]), a Delta table ([@VERSION]) or
+            PostgreSQL (postgresql://USER@HOST:PORT/DB?table=SCHEMA.TABLE or ?query=...).
+        dest: Where the new version is published: a local or object-store folder, an Iceberg
+            table (created if missing) or a Delta table (delta+URL for a new one).
         id_column: Column identifying rows; must be present and unique.
         features: Columns to segment on; default: every numeric, boolean and categorical
             column except the id column.
@@ -358,6 +368,8 @@ def segment_customers(
             cluster on 127.0.0.1 for the run.
         keep_versions: Published versions to keep in ``dest``.
         force: Recompute even when the published version already holds this run.
+        storage_options: fsspec options of object-store URLs (endpoint, region, ...);
+            credentials belong in the environment, not here.
     """
     started = time.perf_counter()
     parameters = model_parameters(
@@ -365,21 +377,20 @@ def segment_customers(
         covariance_type=covariance_type, scale=scale, n_init=n_init, max_iter=max_iter, tol=tol,
         random_state=random_state,
     )
-    plan = plan_segmentation(source, dest, id_column, features, parameters)
-    done = None if force else up_to_date(plan.dest, plan.key)
+    plan = plan_segmentation(source, dest, id_column, features, parameters, storage_options)
+    done = None if force else up_to_date(plan.destination, plan.key)
     if done is not None:
-        return _summary_from_manifest(done)
+        return {**_summary(done), "up_to_date": True}
     with dask_client(dask_address):
         profile = profile_source(plan.source, plan.id_column, plan.features)
-        staged = stage_version(plan.dest, plan.key)
-        try:
-            scaling = fit_scaling(plan, staged)
-            fit = fit_segments(plan, scaling, staged)
-            segments = write_segments(plan, fit, scaling, staged)
-            checked = validate_segments(plan, fit, segments)
-            seg_profile = write_profile(plan, fit, scaling, checked["counts"], staged)
+        with plan.destination.new_version(plan.key, keep_versions) as version:
+            scaling = fit_scaling(plan, version)
+            fit = fit_segments(plan, scaling, version)
+            segments = write_segments(plan, fit, scaling, version)
+            checked = validate_segments(plan, fit, segments, version)
+            seg_profile = write_profile(plan, fit, scaling, checked["counts"], version)
             plot = plot_convergence(
-                str(Path(staged) / "convergence.png"), fit.lower_bounds,
+                str(version.local / "convergence.png"), fit.lower_bounds,
                 f"{fit.model_class}, k={fit.n_components}: EM convergence",
             )
             outputs = {"segments": "segments", "profile": "profile.parquet", "model": "model",
@@ -400,29 +411,24 @@ def segment_customers(
                 outputs=outputs,
                 fit=fit.to_dict() | {"model_path": "model"},
             )
-            write_version_manifest(staged, manifest)
-            version = publish_version(plan.dest, staged, keep_versions)
-        except BaseException:
-            discard(staged)
-            raise
-        finally:
-            warehouse.drop_checkpoint(plan.dest, plan.key)  # kept only by a killed run
-    summary = _summary_from_manifest(version)
+            published = commit_version(version, manifest)
+    summary = _summary(published)
     _report(summary)
     return summary
 
 
-def _summary_from_manifest(version_dir):
-    version_dir = Path(version_dir)
-    m = warehouse.read_manifest(version_dir)
+def _summary(published: Published):
+    m = published.manifest
     fit, out = m["fit"], m["outputs"]
-    plots = [str(version_dir / out["convergence_plot"])]
+    plots = [published.join(out["convergence_plot"])]
     if "selection_plot" in out:
-        plots.append(str(version_dir / out["selection_plot"]))
+        plots.append(published.join(out["selection_plot"]))
+    segments = published.table or published.join(out["segments"])
     return {
         "flow": FLOW_NAME,
         "version": m["version"],
-        "path": str(version_dir),
+        "path": published.url,
+        "table": published.table,
         "rows": m["rows"],
         "features": m["features"],
         "model": fit["model_class"],
@@ -436,8 +442,8 @@ def _summary_from_manifest(version_dir):
         "n_iter": fit["n_iter"],
         "converged": fit["converged"],
         "seconds": m["seconds"],
-        "tables": [str(version_dir / out["segments"]), str(version_dir / out["profile"])],
-        "model_path": str(version_dir / "model"),
+        "tables": [segments, published.join(out["profile"])],
+        "model_path": published.join("model"),
         "plots": plots,
     }
 

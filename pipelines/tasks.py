@@ -1,7 +1,7 @@
-"""Prefect tasks every flow shares: check, profile, stage, plot, publish, report.
+"""Prefect tasks every flow shares: profile, plot, commit, report.
 
-Tasks take and return paths and small objects; tables stay in the warehouse and on the Dask
-cluster. Only input/output tasks retry, and never on bad input (:class:`InputError`).
+Tasks take and return URLs, paths and small objects; tables stay in the warehouse and on the
+Dask cluster. Only input/output tasks retry, and never on bad input (:class:`InputError`).
 """
 
 from __future__ import annotations
@@ -16,26 +16,26 @@ from prefect.cache_policies import NO_CACHE
 import emdask
 from emdask.engine import format_iteration
 
-from . import reports, warehouse
-from .warehouse import InputError
+from . import reports, validation
+from .errors import InputError, ValidationError
+from .sources import filesystem, storage_options_for
+from .versions import ConcurrentCommitError
 
 __all__ = [
     "FitResult",
     "base_manifest",
+    "commit_version",
     "convergence_bar",
-    "discard",
     "io_task",
     "load_model",
+    "parquet_writes",
     "plot_convergence",
     "profile_source",
     "progress_callback",
-    "publish_version",
     "report_run",
     "save_model",
-    "stage_version",
     "step_task",
     "up_to_date",
-    "write_version_manifest",
 ]
 
 
@@ -43,7 +43,7 @@ def _retry_unless_bad_input(task, task_run, state):
     """Retry failed I/O, but not bad input or output that fails validation: they would fail again."""
     try:
         state.result(raise_on_failure=True)
-    except (InputError, warehouse.ValidationError):
+    except (InputError, ValidationError, ConcurrentCommitError):
         return False
     except Exception:
         return True
@@ -139,21 +139,21 @@ def load_model(path, model_class=None):
     return model
 
 
-def up_to_date(dest, key):
+def up_to_date(destination, key):
     """The published version when it already holds this exact run, else None (logged)."""
-    found = warehouse.find_published(dest, key)
+    found = destination.find(key)
     if found is not None:
         get_run_logger().info(
-            f"{found} already holds this run (same source files and parameters); nothing to do. "
+            f"{found.url} already holds this run (same source and parameters); nothing to do. "
             "Pass force=True to recompute."
         )
     return found
 
 
 @io_task
-def profile_source(source: warehouse.SourceInfo, id_column: str, columns: list) -> warehouse.TableProfile:
+def profile_source(source, id_column: str, columns: list) -> validation.TableProfile:
     """Count rows and missing cells and check the ids are present and unique."""
-    profile = warehouse.profile_table(source, id_column, columns)
+    profile = validation.profile_table(source, id_column, columns)
     rates = ", ".join(f"{c} {r:.1%}" for c, r in profile.missing_rate().items() if r)
     get_run_logger().info(
         f"{profile.rows:,} rows in {profile.partitions} partitions; missing: {rates or 'none'}"
@@ -162,36 +162,19 @@ def profile_source(source: warehouse.SourceInfo, id_column: str, columns: list) 
 
 
 @io_task
-def stage_version(dest: str, key: str) -> str:
-    """Create the staging directory of a new version."""
-    return str(warehouse.new_staging(dest, key))
-
-
-@io_task
 def plot_convergence(path: str, lower_bounds: list, title: str) -> str:
     """Plot the mean log-likelihood per EM iteration to a PNG."""
     return str(reports.convergence_plot(path, lower_bounds, title=title))
 
 
-@io_task
-def write_version_manifest(staged: str, manifest: dict) -> str:
-    """Write the version's manifest, the last file of a complete version."""
-    return str(warehouse.write_manifest(staged, manifest))
-
-
-@io_task
-def publish_version(dest: str, staged: str, keep_versions: int) -> str:
-    """Publish the staged version: one rename, then an atomic swap of the CURRENT pointer."""
-    path = warehouse.publish(dest, staged, keep_versions=keep_versions)
-    get_run_logger().info(f"published {path}")
-    return str(path)
-
-
-def discard(staged):
-    """Remove a failed run's staging directory; the published version stays as it was."""
-    if staged and Path(staged).exists():
-        warehouse.discard_staging(staged)
-        get_run_logger().warning(f"run failed; removed its staging directory {staged}")
+@step_task
+def commit_version(version, manifest: dict):
+    """Write the manifest and make the new version visible in one step (no retry: a commit
+    is not repeated blindly)."""
+    published = version.commit(manifest)
+    where = f"{published.table} (sidecar {published.url})" if published.table else published.url
+    get_run_logger().info(f"published version {published.name} to {where}")
+    return published
 
 
 @step_task
@@ -210,7 +193,24 @@ def base_manifest(flow_name, key, parameters, source=None, started=None):
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "emdask_version": emdask.__version__,
         "parameters": parameters,
-        "source": None if source is None else {"path": source.path, "format": source.format,
-                                               "files": source.fingerprint()},
+        "source": None if source is None else source.describe(),
         "seconds": None if started is None else round(time.perf_counter() - started, 3),
     }
+
+
+def parquet_writes(version, tables):
+    """Dask writes (not run yet) of ``(name, frame, primary, write_index)`` tables into ``version``.
+
+    The workers write each table's ``part.N.parquet`` files straight to the destination's
+    storage; a retried task starts from an empty folder.
+    """
+    writes = []
+    for name, frame, primary, write_index in tables:
+        url = version.table_url(name, primary=primary)
+        fs, path = filesystem(url, version.storage_options)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+        options = storage_options_for(url, version.storage_options) or None
+        writes.append(frame.to_parquet(url, write_index=write_index, compute=False,
+                                       storage_options=options))
+    return writes

@@ -135,9 +135,16 @@ def test_killed_fit_resumes_from_its_checkpoint_to_the_same_model(cluster, surve
 
 
 def published(dest):
-    from pipelines import warehouse
+    from pathlib import Path
 
-    return warehouse.published_version(dest), warehouse.published_path(dest)
+    from pipelines.versions import open_destination
+
+    found = open_destination(str(dest)).published()
+    return (None, None) if found is None else (found.name, Path(found.url))
+
+
+def read_manifest(path):
+    return json.loads((path / "manifest.json").read_text())
 
 
 def published_ids(version_dir):
@@ -158,7 +165,8 @@ def test_flow_killed_while_writing_leaves_the_published_version(cluster, survey,
 
     # another run (another seed: not the published one) killed in the middle of its writing
     proc = start_job(job_env, "impute", cluster.address, source, dest, 1)
-    staged_parts = lambda: list((dest / ".staging").glob("*/data/*.parquet"))  # noqa: E731
+    staged_parts = lambda: [p for p in (dest / "versions").glob("*/data/*.parquet")  # noqa: E731
+                            if p.parent.parent.name != name]
     try:
         parts = wait_for(staged_parts, proc)
     finally:
@@ -180,18 +188,18 @@ def test_flow_killed_while_writing_leaves_the_published_version(cluster, survey,
 
 
 def test_flow_killed_mid_fit_resumes_from_its_checkpoint(cluster, survey, job_env, tmp_path):
-    from pipelines import warehouse
+    from pipelines.versions import CHECKPOINTS
 
     _, source = survey
     ref_dest, dest = tmp_path / "reference", tmp_path / "dest"
     finish(start_job(job_env, "impute", cluster.address, source, ref_dest, 0))
     ref_path = published(ref_dest)[1]
     reference = emdask.load(ref_path / "model")
-    ref_fit = warehouse.read_manifest(ref_path)["fit"]
+    ref_fit = read_manifest(ref_path)["fit"]
     assert reference.n_iter_ >= 2
 
     def checkpointed():
-        for state in (dest / warehouse.CHECKPOINTS).glob("*/model.json"):
+        for state in (dest / CHECKPOINTS).glob("*/model.json"):
             try:
                 return emdask.load(state.parent).n_iter_ >= 1
             except Exception:  # being replaced
@@ -204,12 +212,12 @@ def test_flow_killed_mid_fit_resumes_from_its_checkpoint(cluster, survey, job_en
     finally:
         kill(proc)
     assert proc.returncode == -signal.SIGKILL
-    assert warehouse.published_version(dest) is None  # nothing published by the killed run
+    assert published(dest) == (None, None)  # nothing published by the killed run
 
     finish(start_job(job_env, "impute", cluster.address, source, dest, 0))
     path = published(dest)[1]
     model = emdask.load(path / "model")
-    fit = warehouse.read_manifest(path)["fit"]
+    fit = read_manifest(path)["fit"]
     # it went on from the checkpoint: fewer passes than the uninterrupted run, same model
     assert fit["n_passes"] < ref_fit["n_passes"]
     assert model.n_iter_ == reference.n_iter_
@@ -217,4 +225,4 @@ def test_flow_killed_mid_fit_resumes_from_its_checkpoint(cluster, survey, job_en
         np.testing.assert_allclose(getattr(model, name), getattr(reference, name),
                                    rtol=1e-10, atol=1e-12)
     pd.testing.assert_frame_equal(pd.read_parquet(path / "data"), pd.read_parquet(ref_path / "data"))
-    assert not (dest / warehouse.CHECKPOINTS).exists()  # removed once published
+    assert not (dest / CHECKPOINTS).exists()  # removed once published

@@ -66,3 +66,11 @@ def image_array(width=96, height=64, seed=2):
     img[5:20, 60:85] = (240, 220, 40)
     img += rng.normal(0, 6, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def published_dir(dest):
+    """The published version's folder of a local destination, or None."""
+    from pipelines.versions import open_destination
+
+    published = open_destination(str(dest)).published()
+    return None if published is None else Path(published.url)

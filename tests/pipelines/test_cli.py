@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipelines import warehouse
+from pipelines import errors
 from pipelines.cli import build_parser, main
-from pipeline_data import customers_frame, image_array, survey_frame, write_dataset
+from pipeline_data import customers_frame, image_array, survey_frame, write_dataset, published_dir
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -91,7 +91,7 @@ def test_impute_and_segment_commands(api, dask_address, tmp_path, capsys):
                    "--columns", "x,y,colour", "--dask-address", dask_address])
     text = capsys.readouterr().out
     assert status == 0, text
-    version = warehouse.published_path(tmp_path / "imputed")
+    version = published_dir(tmp_path / "imputed")
     assert f"impute-survey: published {version}" in text
     assert "MixedMixture k=2" in text and str(version / "model") in text
     out = pd.read_parquet(version / "data")
@@ -124,7 +124,7 @@ def test_segment_image_command_in_a_process_of_its_own(api, tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    version = warehouse.published_path(tmp_path / "out")
+    version = published_dir(tmp_path / "out")
     assert f"segment-image: published {version}" in done.stdout
     assert "EM iter    1" in done.stdout + done.stderr  # progress per iteration
     labels = np.load(version / "labels.npy")

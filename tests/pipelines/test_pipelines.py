@@ -16,11 +16,12 @@ from PIL import Image
 
 import emdask
 import pipelines.impute
-from pipelines import warehouse
+import pipelines.versions
+from pipelines import errors
 from pipelines.image import segment_image
 from pipelines.impute import impute_survey
 from pipelines.segment import segment_customers
-from pipeline_data import customers_frame, image_array, survey_frame, tree_digest, write_dataset
+from pipeline_data import customers_frame, image_array, survey_frame, tree_digest, write_dataset, published_dir
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -45,7 +46,7 @@ def test_impute_survey_matches_the_library_and_reruns_idempotently(api, dask_add
 
     s = impute_survey(src, str(dest), "rid", n_components=2, dask_address=dask_address)
 
-    version = warehouse.published_path(dest)
+    version = published_dir(dest)
     assert s["path"] == str(version) and s["model"] == "EMImputer"
     out = pd.read_parquet(version / "data")
     table = dd.read_parquet(src)
@@ -84,7 +85,7 @@ def test_impute_survey_matches_the_library_and_reruns_idempotently(api, dask_add
     # forced: a new version with the same content
     forced = impute_survey(src, str(dest), "rid", n_components=2, dask_address=dask_address, force=True)
     assert forced["version"] != s["version"]
-    assert warehouse.published_path(dest).name == forced["version"]
+    assert published_dir(dest).name == forced["version"]
     assert _versions(dest) == sorted([s["version"], forced["version"]])
     pd.testing.assert_frame_equal(pd.read_parquet(Path(forced["path"]) / "data"), out)
 
@@ -126,18 +127,22 @@ def test_a_run_failing_mid_write_leaves_the_published_version(api, dask_address,
     published = tree_digest(dest)
     written = []
 
-    def half_written_manifest(staged, manifest):
-        written.extend(p.name for p in Path(staged).iterdir())
-        (Path(staged) / "manifest.json").write_text('{"format": "emdask-data')  # cut short
+    write = pipelines.versions._write_bytes
+
+    def half_written_manifest(fs, path, data):
+        if not str(path).endswith("manifest.json"):
+            return write(fs, path, data)
+        written.extend(p.name for p in Path(path).parent.iterdir())
+        Path(path).write_text('{"format": "emdask-data')  # cut short
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(warehouse, "write_manifest", half_written_manifest)
+    monkeypatch.setattr(pipelines.versions, "_write_bytes", half_written_manifest)
     with pytest.raises(OSError, match="No space left"):
         impute_survey(src, str(dest), "rid", dask_address=dask_address, force=True)
     assert {"data", "filled", "model", "convergence.png"} <= set(written)  # died mid-write
     assert tree_digest(dest) == published  # previous version intact, nothing partial visible
-    assert warehouse.published_path(dest).name == first["version"]
-    assert not (dest / warehouse.STAGING).exists()
+    assert published_dir(dest).name == first["version"]
+    assert sorted(p.name for p in (dest / "versions").iterdir()) == [first["version"]]
 
 
 def test_output_failing_validation_is_not_published(api, dask_address, tmp_path, monkeypatch):
@@ -150,10 +155,10 @@ def test_output_failing_validation_is_not_published(api, dask_address, tmp_path,
         return out.assign(z=out["z"].where(out["rid"] != 1005, -1.0))
 
     monkeypatch.setattr(pipelines.impute, "_fill", fill_and_alter)
-    with pytest.raises(warehouse.ValidationError, match="observed cells of column 'z' changed"):
+    with pytest.raises(errors.ValidationError, match="observed cells of column 'z' changed"):
         impute_survey(src, str(dest), "rid", dask_address=dask_address)
-    assert warehouse.published_path(dest) is None
-    assert not (dest / "versions").exists() and not (dest / warehouse.STAGING).exists()
+    assert published_dir(dest) is None
+    assert not dest.exists()  # nothing at all was left behind
 
 
 # -- segment-customers -----------------------------------------------------------------------
@@ -170,7 +175,7 @@ def test_segment_customers_chooses_k_like_the_library(api, dask_address, tmp_pat
     best = result.best_estimator_
     assert s["n_components"] == best.n_components == 3
     assert s["searched"] == [2, 3, 4]
-    version = warehouse.published_path(dest)
+    version = published_dir(dest)
     out = pd.read_parquet(version / "segments")
     assert list(out.columns) == ["cid", "segment", "p_0", "p_1", "p_2"]
     assert out["cid"].tolist() == table["cid"].compute().tolist()
@@ -241,7 +246,7 @@ def test_segment_image_labels_pixels_like_the_library(api, dask_address, tmp_pat
 
     pixels = np.asarray(Image.open(png).convert("RGB")).reshape(-1, 3).astype(np.float64)
     reference = emdask.GaussianMixture(3, random_state=0).fit(pixels)
-    version = warehouse.published_path(tmp_path / "out")
+    version = published_dir(tmp_path / "out")
     labels = np.load(version / "labels.npy")
     assert labels.shape == (64, 96)
     assert np.array_equal(labels.ravel(), reference.predict(pixels))
@@ -295,7 +300,7 @@ def _bad_inputs(tmp_path):
 
 def test_bad_input_fails_before_any_work_with_a_clear_message(api, dask_address, tmp_path):
     for flow_fn, kwargs, message in _bad_inputs(tmp_path):
-        with pytest.raises(warehouse.InputError, match=message):
+        with pytest.raises(errors.InputError, match=message):
             flow_fn(**kwargs, dask_address=dask_address)
         assert not (tmp_path / "out").exists()
     assert not (tmp_path / "good" / "versions").exists()

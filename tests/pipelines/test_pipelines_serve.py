@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 
 import emdask
-from pipelines import serve, warehouse
-from pipeline_data import survey_frame, write_dataset
+from pipelines import serve
+from pipeline_data import survey_frame, write_dataset, published_dir
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -106,7 +106,7 @@ deployments:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
-    out = pd.read_parquet(warehouse.published_path(dest) / "data")
+    out = pd.read_parquet(published_dir(dest) / "data")
     table = dd.read_parquet(src)
     expected = emdask.EMImputer(2, random_state=0).fit(table, columns=["x", "y", "z"]).transform(table)
     pd.testing.assert_frame_equal(out.reset_index(drop=True), expected.compute().reset_index(drop=True),

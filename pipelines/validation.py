@@ -1,0 +1,315 @@
+"""Checks of a flow's data: the input table's columns and ids, and each output against its source.
+
+Inputs are checked before any work (:func:`check_table_columns` on metadata, then
+:func:`profile_table` in one pass); outputs are checked before the commit, partition by
+partition on the workers, each output partition against the source partition it came from:
+same rows and ids in order, observed cells unchanged bit for bit, no cell left missing where a
+fill was asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from .errors import InputError, ValidationError
+from .sources import open_source, storage_options_for
+from .versions import partition_files
+
+__all__ = [
+    "TableProfile",
+    "check_table_columns",
+    "column_kinds",
+    "profile_table",
+    "validate_filled",
+    "validate_segments",
+]
+
+
+def column_kinds(dtypes):
+    """Which model family can take each column: ``'numeric'``, ``'categorical'`` or None.
+
+    Booleans and numbers are numeric; strings, objects and categories are categorical;
+    anything else (dates, times, nested values) cannot be modelled.
+    """
+    kinds = {}
+    for name, dtype in dtypes.items():
+        if pd.api.types.is_bool_dtype(dtype) or (
+            pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_complex_dtype(dtype)
+        ):
+            kinds[name] = "numeric"
+        elif (
+            isinstance(dtype, pd.CategoricalDtype)
+            or pd.api.types.is_string_dtype(dtype)
+            or pd.api.types.is_object_dtype(dtype)
+        ):
+            kinds[name] = "categorical"
+        else:
+            kinds[name] = None
+    return kinds
+
+
+def check_table_columns(dtypes, id_column, columns=None, *, what="columns"):
+    """Check the id column and the chosen columns against the table's columns.
+
+    Parameters
+    ----------
+    dtypes : pandas.Series
+        The table's dtypes (``frame.dtypes``), from metadata only.
+    id_column : str
+    columns : list of str, optional
+        Columns to model; default: every column a family can model except the id column.
+    what : str
+        The parameter's name, for messages.
+
+    Returns
+    -------
+    list of str
+        The columns to model, in table order for the default.
+    """
+    names = [str(c) for c in dtypes.index]
+    if id_column not in names:
+        raise InputError(
+            f"id column {id_column!r} is not in the table; available columns: {names}"
+        )
+    kinds = column_kinds(dtypes)
+    if columns is None:
+        chosen = [c for c in names if c != id_column and kinds[c] is not None]
+        if not chosen:
+            raise InputError(
+                f"the table has no column to model besides the id column {id_column!r}; "
+                f"columns: {names}"
+            )
+        return chosen
+    chosen = list(columns)
+    if not chosen:
+        raise InputError(f"{what} is empty; name at least one column, or leave it out for all")
+    absent = [c for c in chosen if c not in names]
+    if absent:
+        raise InputError(f"{what}: column(s) {absent} not in the table; available columns: {names}")
+    if id_column in chosen:
+        raise InputError(f"{what} names the id column {id_column!r}; ids are not modelled")
+    if len(set(chosen)) != len(chosen):
+        raise InputError(f"{what} names a column twice: {chosen}")
+    bad = [c for c in chosen if kinds[c] is None]
+    if bad:
+        raise InputError(
+            f"{what}: column(s) {bad} have types no model takes "
+            f"({', '.join(str(dtypes[c]) for c in bad)}); leave them out"
+        )
+    return chosen
+
+
+@dataclass
+class TableProfile:
+    """Rows, missing cells and types of a table, from one pass."""
+
+    rows: int
+    partitions: int
+    missing: dict = field(default_factory=dict)  # column -> missing cells
+    dtypes: dict = field(default_factory=dict)  # column -> dtype name
+
+    def missing_rate(self):
+        return {c: (n / self.rows if self.rows else 0.0) for c, n in self.missing.items()}
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def _profile_part(part, id_column, columns):
+    return {
+        "rows": len(part),
+        "missing": {c: int(part[c].isna().sum()) for c in columns},
+        "id_missing": int(part[id_column].isna().sum()),
+    }
+
+
+def profile_table(source, id_column, columns):
+    """Count rows and missing cells, and check the ids, in one pass over the table.
+
+    Ids are checked for uniqueness by hash-partitioned counting, so no single process holds
+    them all.
+
+    Raises
+    ------
+    InputError
+        An empty table, missing ids, or ids that are not unique.
+    """
+    import dask
+
+    ddf = open_source(source).open_table()
+    parts = ddf[[id_column, *columns]].to_delayed()
+    with dask.config.set({"dataframe.shuffle.method": "tasks"}):
+        counts = ddf[id_column].value_counts(split_out=max(1, ddf.npartitions // 4))
+        repeated = counts[counts > 1]
+        *results, n_repeated = dask.compute(
+            *[dask.delayed(_profile_part)(p, id_column, columns) for p in parts],
+            repeated.size.to_delayed(),
+        )
+    rows = sum(r["rows"] for r in results)
+    if rows == 0:
+        raise InputError(f"source {open_source(source).url} is an empty table (0 rows); nothing to do")
+    id_missing = sum(r["id_missing"] for r in results)
+    if id_missing:
+        raise InputError(
+            f"id column {id_column!r} has {id_missing} missing value(s); every row needs an id"
+        )
+    if n_repeated:
+        examples = repeated.head(3, npartitions=-1).index.tolist()
+        raise InputError(
+            f"id column {id_column!r} is not unique ({int(n_repeated)} value(s) repeated, "
+            f"e.g. {examples}); choose a column that identifies rows"
+        )
+    missing = {c: sum(r["missing"][c] for r in results) for c in columns}
+    return TableProfile(
+        rows=int(rows),
+        partitions=ddf.npartitions,
+        missing=missing,
+        dtypes={c: str(ddf.dtypes[c]) for c in columns},
+    )
+
+
+def _same_cells(a, b):
+    """Whether two arrays of observed cells are identical (bit for bit for floats)."""
+    if a.shape != b.shape:
+        return False
+    if a.dtype == np.float64 and b.dtype == np.float64:
+        return np.array_equal(a.view(np.int64), b.view(np.int64))
+    try:
+        return bool(np.all(np.asarray(a == b, dtype=bool)))
+    except (TypeError, ValueError):
+        return False
+
+
+def _values(series):
+    if pd.api.types.is_float_dtype(series.dtype) and isinstance(series.dtype, np.dtype):
+        return series.to_numpy()
+    return series.to_numpy(dtype=object)
+
+
+def _read(url, storage_options):
+    return pd.read_parquet(url, storage_options=storage_options_for(url, storage_options) or None)
+
+
+def _check_filled_part(src, out_path, mask_path, id_column, fill_columns, number, storage_options=None):
+    out = _read(out_path, storage_options)
+    problems = []
+    where = f"partition {number}"
+    if len(out) != len(src):
+        return {"rows": len(out), "problems": [f"{where}: {len(out)} rows, the source has {len(src)}"],
+                "missing_after": {}}
+    if list(out.columns) != list(src.columns):
+        problems.append(f"{where}: columns {list(out.columns)} differ from the source's {list(src.columns)}")
+        return {"rows": len(out), "problems": problems, "missing_after": {}}
+    if not _same_cells(_values(src[id_column]), _values(out[id_column])):
+        problems.append(f"{where}: ids differ from the source's")
+    if not src.index.equals(out.index) and src.index.name is not None:
+        problems.append(f"{where}: the index differs from the source's")
+    for c in src.columns:
+        observed = src[c].notna().to_numpy()
+        if not _same_cells(_values(src[c])[observed], _values(out[c])[observed]):
+            problems.append(f"{where}: observed cells of column {c!r} changed")
+    missing_after = {c: int(out[c].isna().sum()) for c in fill_columns}
+    if mask_path is not None:
+        mask = _read(mask_path, storage_options)
+        if len(mask) != len(src) or not _same_cells(_values(src[id_column]), _values(mask[id_column])):
+            problems.append(f"{where}: the filled-cell marks do not match the source's rows")
+        else:
+            for c in fill_columns:
+                if not np.array_equal(mask[c].to_numpy(dtype=bool), src[c].isna().to_numpy()):
+                    problems.append(f"{where}: filled-cell marks of column {c!r} are wrong")
+    return {"rows": len(out), "problems": problems, "missing_after": missing_after}
+
+
+def validate_filled(source, out_dir, id_column, fill_columns, mask_dir=None, storage_options=None):
+    """Check a filled table written partition by partition against its source.
+
+    Same row count and ids (in order, partition by partition), same columns, every observed
+    cell unchanged, and (when ``mask_dir`` is given) filled-cell marks equal to the source's
+    missing cells. Missing cells left in ``fill_columns`` are counted, not judged here.
+
+    Returns
+    -------
+    dict
+        ``rows`` and ``missing_after`` (column -> missing cells in the output).
+
+    Raises
+    ------
+    ValidationError
+        Naming the first problems found.
+    """
+    import dask
+
+    ddf = open_source(source).open_table()
+    parts = ddf.to_delayed()
+    files = partition_files(str(out_dir), storage_options)
+    masks = (partition_files(str(mask_dir), storage_options) if mask_dir is not None
+             else [None] * len(files))
+    if len(files) != len(parts) or len(masks) != len(parts):
+        raise ValidationError(
+            f"{out_dir} has {len(files)} partition files for {len(parts)} source partitions"
+        )
+    results = dask.compute(*[
+        dask.delayed(_check_filled_part)(p, str(f), None if m is None else str(m), id_column,
+                                         list(fill_columns), i, storage_options)
+        for i, (p, f, m) in enumerate(zip(parts, files, masks))
+    ])
+    problems = [msg for r in results for msg in r["problems"]]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ValidationError(f"{out_dir} fails validation: {'; '.join(problems[:3])}{more}")
+    return {
+        "rows": int(sum(r["rows"] for r in results)),
+        "missing_after": {c: int(sum(r["missing_after"][c] for r in results)) for c in fill_columns},
+    }
+
+
+def _check_segments_part(src_ids, out_path, id_column, n_components, number, storage_options=None):
+    out = _read(out_path, storage_options)
+    where = f"partition {number}"
+    problems = []
+    if len(out) != len(src_ids):
+        return {"rows": len(out), "counts": np.zeros(n_components, np.int64),
+                "problems": [f"{where}: {len(out)} rows, the source has {len(src_ids)}"]}
+    if not _same_cells(_values(src_ids[id_column]), _values(out[id_column])):
+        problems.append(f"{where}: ids differ from the source's")
+    seg = out["segment"].to_numpy()
+    if len(seg) and (seg.min() < 0 or seg.max() >= n_components):
+        problems.append(f"{where}: segment outside 0..{n_components - 1}")
+    proba = out[[f"p_{j}" for j in range(n_components)]].to_numpy()
+    if np.isnan(proba).any() or (len(proba) and not np.allclose(proba.sum(axis=1), 1.0, atol=1e-6)):
+        problems.append(f"{where}: membership probabilities are missing or do not sum to 1")
+    counts = np.bincount(seg[(seg >= 0) & (seg < n_components)], minlength=n_components)
+    return {"rows": len(out), "counts": counts, "problems": problems}
+
+
+def validate_segments(source, out_dir, id_column, n_components, storage_options=None):
+    """Check a segment table against its source: same ids in order, labels and probabilities valid.
+
+    Returns
+    -------
+    dict
+        ``rows`` and ``counts`` (rows per segment).
+    """
+    import dask
+
+    ddf = open_source(source).open_table()
+    # whole partitions: a column projection lets Dask fuse Parquet partitions, and the
+    # check pairs each source partition with the output file written from it
+    parts = ddf.to_delayed()
+    files = partition_files(str(out_dir), storage_options)
+    if len(files) != len(parts):
+        raise ValidationError(
+            f"{out_dir} has {len(files)} partition files for {len(parts)} source partitions"
+        )
+    results = dask.compute(*[
+        dask.delayed(_check_segments_part)(p, str(f), id_column, n_components, i, storage_options)
+        for i, (p, f) in enumerate(zip(parts, files))
+    ])
+    problems = [msg for r in results for msg in r["problems"]]
+    if problems:
+        raise ValidationError(f"{out_dir} fails validation: {'; '.join(problems[:3])}")
+    counts = sum(r["counts"] for r in results)
+    return {"rows": int(sum(r["rows"] for r in results)), "counts": [int(c) for c in counts]}

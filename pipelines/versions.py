@@ -1,0 +1,1039 @@
+"""Destinations: where a flow publishes, one new version per run, made visible by one step.
+
+A destination is named by a URL:
+
+=========================================================  ===========================================
+form                                                       a new version is
+=========================================================  ===========================================
+``PATH``, ``file://PATH``, ``s3://``, ``gs://``,           a folder ``versions/NAME/`` under it, made
+``abfs://``, any fsspec URL                                visible by a conditional write of ``CURRENT``
+``iceberg://CATALOG/NAMESPACE.TABLE``                      a snapshot of the table (created if missing),
+                                                           committed in one catalog transaction
+a path or URL holding ``_delta_log/`` (``delta+URL`` for   a table version, committed atomically
+a new table)
+=========================================================  ===========================================
+
+Every flow goes through one context manager::
+
+    with destination.new_version(key, keep_versions=5) as version:
+        ...                                  # workers write version.table_url(NAME) (Parquet)
+        ...                                  # the flow writes small files into version.local
+        version.commit(manifest)             # validate first; this is the one visible step
+
+Leaving the block without a commit (an error, a failed validation, an interrupt) removes
+everything the run wrote; the published version stays as it was. A process killed outright
+leaves files that nothing references: the next publish to the destination removes those older
+than :data:`STALE_AFTER`.
+
+Folder layout (local disk and object stores alike)::
+
+    DEST/
+      CURRENT                 the published version's name, then the names published before it
+      versions/NAME/          manifest.json (written last), data tables, model/, plots
+      .checkpoints/KEY/       (local destinations) the EM state of a run still fitting
+
+``CURRENT`` is replaced by compare-and-swap: ``os.replace`` under a file lock on the local
+disk, a write conditional on the object's ETag (S3 ``If-Match`` / ``If-None-Match``) or
+generation (GCS) on object stores. A publisher that loses the race reads the pointer again and
+retries, so two runs publishing at once both keep their version and its place in the history.
+
+Table destinations keep the same sidecar (manifest, model, plots, extra tables) under the
+table's location in ``_emdask/versions/NAME/``; the snapshot (or commit) records the version's
+name and run key in its properties, so the table itself says which run made each snapshot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import posixpath
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError, ValidationError, one_line, redact
+from .sources import (
+    delta_storage_options,
+    filesystem,
+    is_local,
+    load_iceberg_catalog,
+    parse_iceberg_url,
+    storage_options_for,
+    _is_local_fs,
+    _local_path,
+    _location_pair,
+    _protocol,
+    _url,
+)
+
+__all__ = [
+    "CURRENT",
+    "ConcurrentCommitError",
+    "Destination",
+    "MANIFEST",
+    "Published",
+    "Version",
+    "open_destination",
+    "run_key",
+]
+
+CURRENT = "CURRENT"
+VERSIONS = "versions"
+CHECKPOINTS = ".checkpoints"
+SIDECAR = "_emdask"
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "emdask-dataset-version"
+#: Age (seconds) after which an unreferenced version folder is taken as left by a killed run.
+STALE_AFTER = 6 * 3600
+_VERSION_NAME = re.compile(r"^(\d{8}T\d{12})Z-[0-9a-f]{8}$")
+_SWAP_ATTEMPTS = 20
+
+
+class ConcurrentCommitError(RuntimeError):
+    """Another run changed the destination between this run's start and its commit."""
+
+
+def run_key(flow_name, parameters, source_identity, library_version):
+    """Digest of everything that determines a run's output.
+
+    A source that offers no stable identity (``None``) gets a fresh token: every run computes.
+    """
+    if source_identity is None:
+        source_identity = {"unversioned": os.urandom(16).hex()}
+    document = {"flow": flow_name, "parameters": parameters, "source": source_identity,
+                "emdask": library_version}
+    text = json.dumps(document, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def version_name(key):
+    now = datetime.now(timezone.utc)
+    return f"{now:%Y%m%dT%H%M%S%f}Z-{key[:8]}"
+
+
+def _name_age(name):
+    m = _VERSION_NAME.match(name)
+    if not m:
+        return None
+    made = datetime.strptime(m.group(1), "%Y%m%dT%H%M%S%f").replace(tzinfo=timezone.utc)
+    return (datetime.now(timezone.utc) - made).total_seconds()
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def manifest_text(name, manifest):
+    document = {"format": MANIFEST_FORMAT, "version": name, **manifest}
+    return json.dumps(document, indent=2, default=_json_default) + "\n"
+
+
+# --------------------------------------------------------------------------------------
+# What a publish leaves: a version to read
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Published:
+    """A published version: its name, where its files are, and its manifest."""
+
+    name: str
+    url: str  # the version's folder (sidecar folder for tables)
+    manifest: dict
+    table: str | None = None  # the table URL, for table destinations
+    storage_options: dict = field(default_factory=dict, repr=False)
+
+    def join(self, relative):
+        """URL (or local path) of a file of the version."""
+        return posixpath.join(self.url, relative) if "://" in self.url else str(Path(self.url) / relative)
+
+    @property
+    def path(self):
+        return Path(self.url) if "://" not in self.url else self.url
+
+
+# --------------------------------------------------------------------------------------
+# A version being written
+# --------------------------------------------------------------------------------------
+
+
+class Version:
+    """A new version being written: where its tables and files go, and its commit.
+
+    Attributes
+    ----------
+    name : str
+        ``YYYYmmddTHHMMSSffffffZ-KEY8``.
+    local : pathlib.Path
+        Scratch folder of the flow process for small files (model, plots, profile); copied
+        into the version at the commit.
+    storage_options : dict
+        fsspec options for writing :meth:`table_url` from the workers.
+    """
+
+    def __init__(self, destination, key, keep_versions):
+        self.destination = destination
+        self.key = key
+        self.keep_versions = max(1, int(keep_versions))
+        self.name = version_name(key)
+        self.local = Path(tempfile.mkdtemp(prefix=f"emdask-{self.name}-"))
+        self.storage_options = destination.storage_options
+        self.published = None
+        self._tables = {}
+
+    @property
+    def url(self):
+        """Folder of the version's files (the sidecar folder for table destinations)."""
+        return self.destination._version_url(self.name)
+
+    def table_url(self, name, primary=False):
+        """Where the workers write the Parquet table ``name`` (``part.N.parquet`` files).
+
+        ``primary`` marks the table a table destination commits; the others stay in the
+        version's folder.
+        """
+        url = self.destination._table_url(self, name, primary)
+        self._tables[name] = (url, primary)
+        return url
+
+    def table_files(self, name):
+        """The ``part.N.parquet`` files written for table ``name``, in partition order."""
+        return partition_files(self._tables[name][0], self.storage_options)
+
+    def commit(self, manifest):
+        """Write the manifest and make the version visible in one step; returns :class:`Published`."""
+        if self.published is not None:
+            raise RuntimeError(f"version {self.name} is committed already")
+        manifest = {**manifest, "outputs": manifest.get("outputs", {})}
+        self.published = self.destination._commit(self, manifest)
+        return self.published
+
+    def discard(self):
+        self.destination._discard(self)
+
+    def close(self):
+        shutil.rmtree(self.local, ignore_errors=True)
+
+
+def partition_files(url, storage_options=None):
+    """The ``part.N.parquet`` files Dask wrote under ``url``, in partition order (as URLs)."""
+    fs, path = filesystem(url, storage_options)
+    try:
+        names = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    files = []
+    for p in names:
+        m = re.match(r"^part\.(\d+)\.parquet$", posixpath.basename(p))
+        if m:
+            files.append((int(m.group(1)), _url(fs, p)))
+    return [p for _, p in sorted(files)]
+
+
+# --------------------------------------------------------------------------------------
+# Destinations
+# --------------------------------------------------------------------------------------
+
+
+class Destination:
+    """Where a flow publishes; :meth:`new_version` is the one way to publish."""
+
+    kind = "?"
+    url = ""
+    storage_options = {}
+    tables = True  # whether it can take a flow's table outputs; False: folders only
+
+    def check(self, source=None):
+        """Check the destination can take a version without touching the source; writes nothing."""
+
+    def published(self):
+        """The published version, or None."""
+        raise NotImplementedError
+
+    def find(self, key):
+        """The published version when it holds the run ``key`` (nothing to do), else None."""
+        try:
+            current = self.published()
+        except InputError:
+            raise
+        except Exception:
+            return None
+        if current is not None and current.manifest.get("run_key") == key:
+            return current
+        return None
+
+    def checkpoint_path(self, key):
+        """Where a run's EM state is checkpointed while it fits (the flow process's disk)."""
+        digest = hashlib.sha256(self.url.encode()).hexdigest()[:16]
+        base = Path(os.environ.get("EMDASK_CHECKPOINT_DIR")
+                    or Path(tempfile.gettempdir()) / "emdask-checkpoints")
+        return base / digest / key
+
+    def drop_checkpoint(self, key):
+        path = self.checkpoint_path(key)
+        shutil.rmtree(path, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()
+
+    @contextlib.contextmanager
+    def new_version(self, key, keep_versions=5):
+        """A :class:`Version` to write; removed unless committed, checkpoint dropped either way."""
+        version = Version(self, key, keep_versions)
+        failed = True
+        try:
+            yield version
+            if version.published is None:
+                raise RuntimeError(f"version {version.name} was left without a commit")
+            failed = False
+        finally:
+            version.close()
+            # a run that ends, published or failed, leaves no checkpoint; only a process
+            # killed outright leaves one, for the next run to resume from
+            self.drop_checkpoint(key)
+            if failed:
+                with contextlib.suppress(Exception):
+                    version.discard()
+
+    # -- shared by the backends ------------------------------------------------------
+
+    def _upload_local(self, version, fs, target):
+        for path in sorted(version.local.rglob("*")):
+            if path.is_file():
+                relative = path.relative_to(version.local).as_posix()
+                dest = posixpath.join(target, relative)
+                fs.makedirs(posixpath.dirname(dest), exist_ok=True)
+                fs.put_file(str(path), dest)
+
+    def _remove_tree(self, fs, path):
+        with contextlib.suppress(FileNotFoundError):
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+
+
+def _write_bytes(fs, path, data):
+    if _is_local_fs(fs):
+        _write_local_atomic(path, data)
+    else:
+        fs.pipe_file(path, data)
+
+
+def _write_local_atomic(path, data):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# -- folders: local disk and object stores ------------------------------------------------
+
+
+class _Conflict(Exception):
+    """The pointer changed since it was read."""
+
+
+class FolderDestination(Destination):
+    """A folder of versions on the local disk or an object store, published through ``CURRENT``."""
+
+    kind = "folder"
+
+    def __init__(self, url, storage_options=None):
+        self.storage_options = dict(storage_options or {})
+        self.fs, self.root = filesystem(url, self.storage_options)
+        self.local = _is_local_fs(self.fs)
+        self.url = _local_path(url) if self.local else str(url).rstrip("/")
+        if self.local:
+            self.root = self.url
+
+    def _p(self, *parts):
+        return posixpath.join(self.root, *parts)
+
+    def _version_url(self, name):
+        return _url(self.fs, self._p(VERSIONS, name))
+
+    def _table_url(self, version, name, primary):
+        return _url(self.fs, self._p(VERSIONS, version.name, name))
+
+    def checkpoint_path(self, key):
+        if self.local:
+            return Path(self.root) / CHECKPOINTS / key
+        return super().checkpoint_path(key)
+
+    def drop_checkpoint(self, key):
+        if not self.local:
+            return super().drop_checkpoint(key)
+        root = Path(self.root) / CHECKPOINTS
+        shutil.rmtree(root / key, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            root.rmdir()  # only when empty
+
+    # -- checks --------------------------------------------------------------------------
+
+    def check(self, source=None):
+        shown = self.url
+        if source is not None:
+            mine = _location_pair(self.url)
+            for protocol, path in source.locations():
+                if protocol != mine[0]:
+                    continue
+                a, b = mine[1].rstrip("/"), str(path).rstrip("/")
+                if a == b or a.startswith(b + "/") or b.startswith(a + "/"):
+                    raise InputError(
+                        f"destination {shown} is the source or overlaps it ({path}); choose a "
+                        "separate location, the source is never modified"
+                    )
+        try:
+            if self.local:
+                return self._check_local()
+            self._check_remote()
+        except InputError:
+            raise
+        except PermissionError as exc:
+            raise InputError(f"destination {shown} is not accessible: {one_line(exc)}; check the "
+                             "credentials in the environment") from None
+        except Exception as exc:
+            raise InputError(f"cannot reach destination {shown}: {one_line(exc)}; check the URL, "
+                             "the endpoint and the credentials in the environment") from None
+
+    def _check_local(self):
+        path = Path(self.root)
+        if path.exists():
+            if not path.is_dir():
+                raise InputError(f"destination {self.url} exists and is not a directory; choose a directory")
+            entries = [e for e in os.listdir(path) if e not in (CHECKPOINTS, ".lock")]
+            if entries and not (path / CURRENT).exists() and not (path / VERSIONS).is_dir():
+                raise InputError(
+                    f"destination {self.url} is a non-empty directory that holds no emdask output; "
+                    "choose a new or empty directory"
+                )
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise InputError(f"destination {self.url} is not writable; check its permissions")
+            return
+        parent = path.parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise InputError(f"destination {self.url} cannot be created: {parent} is a file, not a directory")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise InputError(
+                f"destination {self.url} cannot be created: {parent} is not writable; check its permissions"
+            )
+
+    def _check_remote(self):
+        bucket = self.root.split("/", 1)[0]
+        if not self.fs.exists(bucket):
+            raise InputError(f"destination {self.url}: the bucket {bucket!r} does not exist (or "
+                             "the credentials cannot see it); create it first")
+        if self.fs.isfile(self.root):
+            raise InputError(f"destination {self.url} is a file; choose a folder")
+        if self.fs.isdir(self.root):
+            names = {posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False)}
+            names.discard("")
+            if names and not ({CURRENT, VERSIONS} & names):
+                raise InputError(
+                    f"destination {self.url} holds other data and no emdask output; choose a "
+                    "new or empty folder"
+                )
+
+    # -- the pointer ---------------------------------------------------------------------
+
+    def _read_pointer(self):
+        """(names published, newest first; token for the conditional write)."""
+        path = self._p(CURRENT)
+        if self.local:
+            try:
+                text = Path(path).read_text()
+            except FileNotFoundError:
+                return [], None
+            return self._parse_pointer(text), text
+        try:
+            info = self.fs.info(path, refresh=True) if "refresh" in _params(self.fs.info) else self.fs.info(path)
+            data = self.fs.cat_file(path)
+        except FileNotFoundError:
+            return [], None
+        token = _object_token(info)
+        return self._parse_pointer(data.decode()), token
+
+    def _parse_pointer(self, text):
+        names = [n.strip() for n in text.splitlines() if n.strip()]
+        for name in names[:1]:
+            if not _VERSION_NAME.match(name):
+                raise InputError(
+                    f"{self._p(CURRENT)} does not name a version ({name!r}); it was edited by hand"
+                )
+        return [n for n in names if _VERSION_NAME.match(n)]
+
+    def _swap_pointer(self, text, token):
+        path = self._p(CURRENT)
+        data = text.encode()
+        if self.local:
+            lock = Path(self.root) / ".lock"
+            with open(lock, "a") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX)
+                try:
+                    try:
+                        now = Path(path).read_text()
+                    except FileNotFoundError:
+                        now = None
+                    if now != token:
+                        raise _Conflict()
+                    _write_local_atomic(path, data)
+                finally:
+                    fcntl.flock(fh, fcntl.LOCK_UN)
+            return
+        _conditional_put(self.fs, path, data, token)
+
+    # -- versions ------------------------------------------------------------------------
+
+    def published(self):
+        names, _ = self._read_pointer()
+        if not names:
+            return None
+        url = self._version_url(names[0])
+        manifest = json.loads(self.fs.cat_file(self._p(VERSIONS, names[0], MANIFEST)))
+        return Published(names[0], url, manifest, storage_options=self.storage_options)
+
+    def published_path(self):
+        current = self.published()
+        return None if current is None else current.path
+
+    def list_versions(self):
+        """Names of the complete versions (with a manifest), oldest first."""
+        root = self._p(VERSIONS)
+        try:
+            entries = self.fs.ls(root, detail=False)
+        except FileNotFoundError:
+            return []
+        names = sorted(posixpath.basename(p.rstrip("/")) for p in entries)
+        return [n for n in names if _VERSION_NAME.match(n) and self.fs.exists(self._p(VERSIONS, n, MANIFEST))]
+
+    def _commit(self, version, manifest):
+        target = self._p(VERSIONS, version.name)
+        self.fs.makedirs(target, exist_ok=True)
+        self._upload_local(version, self.fs, target)
+        _write_bytes(self.fs, self._p(VERSIONS, version.name, MANIFEST),
+                     manifest_text(version.name, manifest).encode())
+        for _ in range(_SWAP_ATTEMPTS):
+            names, token = self._read_pointer()
+            history = [version.name] + [n for n in names if n != version.name]
+            try:
+                self._swap_pointer("\n".join(history) + "\n", token)
+                break
+            except _Conflict:
+                time.sleep(0.05)
+        else:
+            raise ConcurrentCommitError(
+                f"{self.url}: CURRENT kept changing under {_SWAP_ATTEMPTS} attempts to publish "
+                f"{version.name}; too many runs publish here at once"
+            )
+        with contextlib.suppress(Exception):
+            self._prune(history, version.keep_versions)
+        return Published(version.name, self._version_url(version.name),
+                         {"format": MANIFEST_FORMAT, "version": version.name, **manifest},
+                         storage_options=self.storage_options)
+
+    def _prune(self, history, keep_versions):
+        """Remove versions published before the newest ``keep_versions``, and stale leftovers."""
+        for name in history[keep_versions:]:
+            self._remove_tree(self.fs, self._p(VERSIONS, name))
+        published = set(history)
+        try:
+            entries = self.fs.ls(self._p(VERSIONS), detail=False)
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            name = posixpath.basename(entry.rstrip("/"))
+            age = _name_age(name)
+            if name not in published and age is not None and age > STALE_AFTER:
+                self._remove_tree(self.fs, self._p(VERSIONS, name))
+        if len(history) > keep_versions:
+            names, token = self._read_pointer()
+            trimmed = [n for n in names if n not in history[keep_versions:]]
+            if trimmed != names:
+                with contextlib.suppress(_Conflict):
+                    self._swap_pointer("\n".join(trimmed) + "\n", token)
+
+    def _discard(self, version):
+        self._remove_tree(self.fs, self._p(VERSIONS, version.name))
+        if self.local:
+            for empty in (Path(self.root) / VERSIONS, Path(self.root)):
+                with contextlib.suppress(OSError):
+                    if empty.is_dir() and not any(p for p in empty.iterdir() if p.name != ".lock"):
+                        lock = empty / ".lock"
+                        if lock.exists() and not (empty / CURRENT).exists():
+                            lock.unlink()
+                        empty.rmdir()
+
+
+def _params(fn):
+    import inspect
+
+    try:
+        return inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return {}
+
+
+def _object_token(info):
+    for key in ("generation", "ETag", "etag"):
+        if info.get(key):
+            return (key, str(info[key]))
+    return ("none", None)
+
+
+def _precondition_failed(exc):
+    """Whether ``exc`` (or what it wraps) is the store's "the condition does not hold" answer."""
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, FileExistsError):
+            return True
+        text = f"{type(exc).__name__} {exc} {getattr(exc, 'response', '')}"
+        if any(m in text for m in ("PreconditionFailed", "412", "ConditionalRequestConflict")):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
+def _conditional_put(fs, path, data, token):
+    """Write ``data`` to ``path`` only if the object is still the one ``token`` names."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("s3", "s3a"):
+        from fsspec.asyn import sync
+
+        bucket, key, _ = fs.split_path(path)
+        condition = {"IfNoneMatch": "*"} if token is None else {"IfMatch": token[1]}
+        try:
+            sync(fs.loop, fs._call_s3, "put_object", Bucket=bucket, Key=key, Body=data, **condition)
+        except Exception as exc:
+            if _precondition_failed(exc):
+                raise _Conflict() from None
+            raise
+        fs.invalidate_cache(path)
+        return
+    if protocol in ("gs", "gcs"):
+        generation = 0 if token is None else int(token[1])
+        try:
+            fs.pipe_file(path, data, if_generation_match=generation)
+        except Exception as exc:
+            if "412" in str(exc) or "conditionNotMet" in str(exc) or "Precondition" in str(exc):
+                raise _Conflict() from None
+            raise
+        return
+    if protocol in ("memory",):  # one process: no other writer can interleave
+        current = fs.cat_file(path) if fs.exists(path) else None
+        if (current is None) != (token is None):
+            raise _Conflict()
+        fs.pipe_file(path, data)
+        return
+    raise InputError(
+        f"{fs.unstrip_protocol(path)}: emdask publishes by a conditional write of CURRENT, which "
+        f"the {protocol}:// store does not offer here; publish to S3, GCS or a local folder"
+    )
+
+
+# -- Apache Iceberg -----------------------------------------------------------------------
+
+
+class IcebergDestination(Destination):
+    """An Iceberg table: each version is a snapshot committed in one catalog transaction."""
+
+    kind = "iceberg"
+
+    def __init__(self, url, storage_options=None):
+        self.url = str(url)
+        self.catalog_name, self.namespace, self.table_name, snapshot = parse_iceberg_url(url)
+        if snapshot is not None:
+            raise InputError(f"destination {url}: a destination takes no @SNAPSHOT_ID; a run "
+                             "commits a new snapshot")
+        self.storage_options = dict(storage_options or {})
+        self._catalog = None
+        self._base = None  # (table or None, snapshot id) when the version started
+
+    @property
+    def catalog(self):
+        if self._catalog is None:
+            self._catalog = load_iceberg_catalog(self.catalog_name, self.url)
+        return self._catalog
+
+    def _load(self):
+        from pyiceberg.exceptions import NoSuchTableError
+
+        try:
+            return self.catalog.load_table((self.namespace, self.table_name))
+        except NoSuchTableError:
+            return None
+
+    def location(self):
+        table = self._load()
+        if table is not None:
+            return table.location().rstrip("/")
+        return self.catalog._resolve_table_location(None, self.namespace, self.table_name)
+
+    def _fs(self):
+        location = self.location()
+        fs, path = filesystem(location, self.storage_options)
+        return fs, path
+
+    def check(self, source=None):
+        from pyiceberg.exceptions import NoSuchNamespaceError
+
+        try:
+            namespaces = {tuple(n) for n in self.catalog.list_namespaces()}
+            if tuple(self.namespace.split(".")) not in namespaces:
+                raise NoSuchNamespaceError(self.namespace)
+            location = self.location()
+        except NoSuchNamespaceError:
+            raise InputError(
+                f"destination {self.url}: the catalog {self.catalog_name!r} has no namespace "
+                f"{self.namespace!r}; create it first (pyiceberg: catalog.create_namespace)"
+            ) from None
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(f"cannot reach destination {self.url}: {one_line(exc)}") from None
+        if source is not None:
+            mine = _location_pair(location)
+            for protocol, path in source.locations():
+                if protocol == mine[0] and (mine[1] == path or mine[1].startswith(path.rstrip("/") + "/")
+                                            or path.startswith(mine[1] + "/")):
+                    raise InputError(f"destination {self.url} is the source or overlaps it; choose "
+                                     "another table, the source is never modified")
+
+    def _sidecar(self, name=None):
+        location = self.location()
+        return posixpath.join(location, SIDECAR, VERSIONS, *([name] if name else []))
+
+    def _version_url(self, name):
+        return self._sidecar(name)
+
+    def _table_url(self, version, name, primary):
+        if primary:
+            return posixpath.join(self.location(), "data", f"emdask-{version.name}")
+        return posixpath.join(self._sidecar(version.name), name)
+
+    def published(self):
+        table = self._load()
+        if table is None or table.current_snapshot() is None:
+            return None
+        props = table.current_snapshot().summary.additional_properties
+        name = props.get("emdask.version")
+        if not name:
+            return None
+        url = self._sidecar(name)
+        fs, path = filesystem(url, self.storage_options)
+        manifest = json.loads(fs.cat_file(posixpath.join(path, MANIFEST)))
+        return Published(name, url, manifest, table=self.url, storage_options=self.storage_options)
+
+    @contextlib.contextmanager
+    def new_version(self, key, keep_versions=5):
+        table = self._load()
+        snapshot = None if table is None or table.current_snapshot() is None else table.current_snapshot().snapshot_id
+        self._base = (table, snapshot)
+        with super().new_version(key, keep_versions) as version:
+            yield version
+
+    def _commit(self, version, manifest):
+        import pyarrow.parquet as pq
+        from pyiceberg.exceptions import CommitFailedException, TableAlreadyExistsError
+        from pyiceberg.expressions import AlwaysTrue
+        from pyiceberg.io.pyarrow import _pyarrow_to_schema_without_ids
+
+        primary = [n for n, (url, p) in version._tables.items() if p]
+        if len(primary) != 1:
+            raise RuntimeError(f"a table destination commits one table; {len(primary)} marked primary")
+        files = version.table_files(primary[0])
+        if not files:
+            raise ValidationError(f"{version.name}: no data file was written for the table")
+        sidecar = self._sidecar(version.name)
+        fs, side_path = filesystem(sidecar, self.storage_options)
+        fs.makedirs(side_path, exist_ok=True)
+        self._upload_local(version, fs, side_path)
+        _write_bytes(fs, posixpath.join(side_path, MANIFEST), manifest_text(version.name, manifest).encode())
+        file_fs, first = filesystem(files[0], self.storage_options)
+        with file_fs.open(first, "rb") as fh:
+            arrow_schema = pq.read_schema(fh)
+        arrow_schema = arrow_schema.remove_metadata()
+        properties = {"emdask.version": version.name, "emdask.run-key": version.key,
+                      "emdask.manifest": posixpath.join(sidecar, MANIFEST)}
+        base_table, base_snapshot = self._base or (None, None)
+        try:
+            if base_table is None:
+                try:
+                    tx = self.catalog.create_table_transaction(
+                        (self.namespace, self.table_name), schema=arrow_schema)
+                except TableAlreadyExistsError:
+                    raise ConcurrentCommitError(
+                        f"{self.url}: another run created the table while this one ran; run "
+                        "again to publish on top of it") from None
+            else:
+                table = self._load()
+                current = None if table.current_snapshot() is None else table.current_snapshot().snapshot_id
+                if current != base_snapshot:
+                    raise ConcurrentCommitError(
+                        f"{self.url}: another run committed snapshot {current} while this one ran "
+                        f"(it started from {base_snapshot}); nothing was overwritten: run again")
+                tx = table.transaction()
+                with tx.update_schema() as update:
+                    update.union_by_name(_pyarrow_to_schema_without_ids(arrow_schema))
+                if current is not None:
+                    tx.delete(AlwaysTrue(), snapshot_properties=properties)
+            tx.add_files(files, snapshot_properties=properties)
+            tx.commit_transaction()
+        except CommitFailedException as exc:
+            raise ConcurrentCommitError(
+                f"{self.url}: the catalog refused the commit because the table changed while this "
+                f"run ran ({one_line(exc)}); nothing was overwritten: run again") from None
+        with contextlib.suppress(Exception):
+            self._prune(version.keep_versions)
+        return Published(version.name, sidecar, {"format": MANIFEST_FORMAT, "version": version.name,
+                                                 **manifest},
+                         table=self.url, storage_options=self.storage_options)
+
+    def _prune(self, keep_versions):
+        """Remove the sidecars of versions beyond the newest ``keep_versions`` (snapshots stay)."""
+        fs, root = filesystem(self._sidecar(), self.storage_options)
+        names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False))
+        names = [n for n in names if _VERSION_NAME.match(n)]
+        for name in names[: max(0, len(names) - keep_versions)]:
+            self._remove_tree(fs, posixpath.join(root, name))
+
+    def _discard(self, version):
+        for url, primary in version._tables.values():
+            fs, path = filesystem(url, self.storage_options)
+            self._remove_tree(fs, path)
+        fs, path = filesystem(self._sidecar(version.name), self.storage_options)
+        self._remove_tree(fs, path)
+
+
+# -- Delta Lake ---------------------------------------------------------------------------
+
+
+def _delta_stats(num_rows):
+    return json.dumps({"numRecords": int(num_rows)})
+
+
+class DeltaDestination(Destination):
+    """A Delta Lake table: each version is a table version committed atomically."""
+
+    kind = "delta"
+
+    def __init__(self, url, storage_options=None):
+        text = str(url)
+        if text.startswith("delta+"):
+            text = text[len("delta+"):]
+        self.table_uri = _local_path(text) if is_local(text) else text.rstrip("/")
+        self.url = redact(self.table_uri)
+        self.storage_options = dict(storage_options or {})
+        self.fs, self.root = filesystem(self.table_uri, self.storage_options)
+        if _is_local_fs(self.fs):
+            self.root = self.table_uri
+        self._base = None
+
+    def _dt(self):
+        from deltalake import DeltaTable
+        from deltalake.exceptions import TableNotFoundError
+
+        try:
+            return DeltaTable(self.table_uri,
+                              storage_options=delta_storage_options(self.table_uri, self.storage_options))
+        except TableNotFoundError:
+            return None
+
+    def check(self, source=None):
+        try:
+            exists = self.fs.exists(posixpath.join(self.root, "_delta_log"))
+            if not exists and self.fs.isdir(self.root) and self.fs.ls(self.root, detail=False):
+                raise InputError(f"destination {self.url} holds other data and no Delta table; "
+                                 "choose a new folder")
+            if not _is_local_fs(self.fs):
+                bucket = self.root.split("/", 1)[0]
+                if not self.fs.exists(bucket):
+                    raise InputError(f"destination {self.url}: the bucket {bucket!r} does not exist; "
+                                     "create it first")
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(f"cannot reach destination {self.url}: {one_line(exc)}") from None
+        if source is not None:
+            mine = _location_pair(self.table_uri)
+            for protocol, path in source.locations():
+                if protocol == mine[0] and (mine[1] == path or mine[1].startswith(path.rstrip("/") + "/")
+                                            or path.startswith(mine[1] + "/")):
+                    raise InputError(f"destination {self.url} is the source or overlaps it; choose "
+                                     "another table, the source is never modified")
+
+    def _sidecar(self, name=None):
+        return _url(self.fs, posixpath.join(self.root, SIDECAR, VERSIONS, *([name] if name else [])))
+
+    def _version_url(self, name):
+        return self._sidecar(name)
+
+    def _table_url(self, version, name, primary):
+        if primary:
+            return _url(self.fs, posixpath.join(self.root, f"emdask-{version.name}"))
+        return posixpath.join(self._sidecar(version.name), name)
+
+    def published(self):
+        dt = self._dt()
+        if dt is None:
+            return None
+        history = dt.history(1)
+        name = history[0].get("emdask.version") if history else None
+        if not name:
+            return None
+        url = self._sidecar(name)
+        fs, path = filesystem(url, self.storage_options)
+        manifest = json.loads(fs.cat_file(posixpath.join(path, MANIFEST)))
+        return Published(name, url, manifest, table=self.url, storage_options=self.storage_options)
+
+    @contextlib.contextmanager
+    def new_version(self, key, keep_versions=5):
+        dt = self._dt()
+        self._base = None if dt is None else dt.version()
+        with super().new_version(key, keep_versions) as version:
+            yield version
+
+    def _commit(self, version, manifest):
+        import pyarrow.parquet as pq
+        from deltalake import CommitProperties, DeltaTable
+        from deltalake.transaction import AddAction, create_table_with_add_actions
+
+        primary = [n for n, (url, p) in version._tables.items() if p]
+        if len(primary) != 1:
+            raise RuntimeError(f"a table destination commits one table; {len(primary)} marked primary")
+        files = version.table_files(primary[0])
+        if not files:
+            raise ValidationError(f"{version.name}: no data file was written for the table")
+        sidecar = self._sidecar(version.name)
+        fs, side_path = filesystem(sidecar, self.storage_options)
+        fs.makedirs(side_path, exist_ok=True)
+        self._upload_local(version, fs, side_path)
+        _write_bytes(fs, posixpath.join(side_path, MANIFEST), manifest_text(version.name, manifest).encode())
+        actions, schema = [], None
+        now = int(time.time() * 1000)
+        for url in files:
+            file_fs, path = filesystem(url, self.storage_options)
+            with file_fs.open(path, "rb") as fh:
+                meta = pq.ParquetFile(fh).metadata
+                if schema is None:
+                    schema = meta.schema.to_arrow_schema().remove_metadata()
+            size = file_fs.size(path)
+            relative = posixpath.relpath(path, self.root if _is_local_fs(self.fs) else self.root)
+            actions.append(AddAction(relative, int(size), {}, now, True, _delta_stats(meta.num_rows)))
+        properties = CommitProperties(custom_metadata={"emdask.version": version.name,
+                                                       "emdask.run-key": version.key},
+                                      max_commit_retries=0)
+        options = delta_storage_options(self.table_uri, self.storage_options)
+        try:
+            if self._base is None:
+                if self._dt() is not None:
+                    raise ConcurrentCommitError(f"{self.url}: another run created the table while "
+                                                "this one ran; run again to publish on top of it")
+                from deltalake import Schema
+
+                create_table_with_add_actions(self.table_uri, Schema.from_arrow(schema), actions,
+                                              mode="error", storage_options=options,
+                                              commit_properties=properties)
+            else:
+                dt = DeltaTable(self.table_uri, version=self._base, storage_options=options)
+                dt.create_write_transaction(actions, mode="overwrite", schema=schema,
+                                            commit_properties=properties)
+        except ConcurrentCommitError:
+            raise
+        except Exception as exc:
+            text = one_line(exc)
+            if "conflict" in text.lower() or "already exists" in text.lower() or "version" in text.lower():
+                raise ConcurrentCommitError(
+                    f"{self.url}: another run committed to the table while this one ran ({text}); "
+                    "nothing was overwritten: run again") from None
+            raise
+        with contextlib.suppress(Exception):
+            self._prune(version.keep_versions)
+        return Published(version.name, sidecar, {"format": MANIFEST_FORMAT, "version": version.name,
+                                                 **manifest},
+                         table=self.url, storage_options=self.storage_options)
+
+    def _prune(self, keep_versions):
+        fs, root = filesystem(self._sidecar(), self.storage_options)
+        names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False))
+        names = [n for n in names if _VERSION_NAME.match(n)]
+        for name in names[: max(0, len(names) - keep_versions)]:
+            self._remove_tree(fs, posixpath.join(root, name))
+
+    def _discard(self, version):
+        for url, primary in version._tables.values():
+            fs, path = filesystem(url, self.storage_options)
+            self._remove_tree(fs, path)
+        fs, path = filesystem(self._sidecar(version.name), self.storage_options)
+        self._remove_tree(fs, path)
+
+
+# --------------------------------------------------------------------------------------
+
+
+def open_destination(url, storage_options=None):
+    """The destination named by ``url`` (nothing is read or written yet).
+
+    Raises
+    ------
+    InputError
+        An empty URL, an unknown scheme, or a source-only scheme (``postgresql://``).
+    """
+    if isinstance(url, Destination):
+        return url
+    if not isinstance(url, (str, os.PathLike)) or not str(url).strip():
+        raise InputError("destination is empty; give a folder, an object-store URL or a table URL")
+    text = str(url).strip()
+    protocol = _protocol(text)
+    if protocol == "iceberg":
+        return IcebergDestination(text, storage_options)
+    if protocol in ("postgresql", "postgres"):
+        raise InputError(f"destination {redact(text)}: PostgreSQL is a source only; publish to a "
+                         "folder, an object store, an Iceberg or a Delta table")
+    if protocol and protocol.startswith("delta+"):
+        return DeltaDestination(text, storage_options)
+    fs, path = filesystem(text, storage_options)
+    try:
+        if fs.exists(posixpath.join(_local_path(text) if _is_local_fs(fs) else path, "_delta_log")):
+            return DeltaDestination(text, storage_options)
+    except Exception:
+        pass  # unreachable: the folder destination's check reports it
+    return FolderDestination(text, storage_options)
