@@ -55,10 +55,11 @@ __all__ = [
 
 _CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2", ".csv.zip", ".csv.xz")
 _AT_VERSION = re.compile(r"^(?P<base>.+?)@(?P<version>\d+)$")
-#: Timeouts for object stores, so that an unreachable endpoint fails in bounded time.
+#: Timeouts for object stores, so that an unreachable endpoint fails in bounded time; no
+#: listings cache, so that long-lived workers never read a listing older than the run.
 _S3_DEFAULTS = {"config_kwargs": {"connect_timeout": 5, "read_timeout": 60,
                                   "retries": {"max_attempts": 2, "mode": "standard"}},
-                "retries": 2}
+                "use_listings_cache": False}
 
 
 # --------------------------------------------------------------------------------------

@@ -8,8 +8,12 @@ started by a test (the command line, a served deployment) reach both.
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
+
+# the servers of tests/servers.py (S3, PostgreSQL, Iceberg catalogs) serve these tests too
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
