@@ -721,7 +721,7 @@ def open_source(url, storage_options=None):
         return _open_iceberg(text)
     if protocol in ("postgresql", "postgres"):
         return _open_postgres(text)
-    if protocol and protocol.startswith("delta+"):
+    if text.startswith("delta+"):
         raise InputError(f"{redact(text)}: the delta+ prefix names a new Delta table to create; "
                          "a source must exist")
     m = _AT_VERSION.match(text)

@@ -1028,7 +1028,7 @@ def open_destination(url, storage_options=None):
     if protocol in ("postgresql", "postgres"):
         raise InputError(f"destination {redact(text)}: PostgreSQL is a source only; publish to a "
                          "folder, an object store, an Iceberg or a Delta table")
-    if protocol and protocol.startswith("delta+"):
+    if text.startswith("delta+"):
         return DeltaDestination(text, storage_options)
     fs, path = filesystem(text, storage_options)
     try:
