@@ -250,11 +250,10 @@ ICEBERG_TABLE = f"iceberg://{ICEBERG_CATALOG}/survey.imputed"
 
 def _iceberg_demo(survey, address, out):
     """Impute the survey into an Iceberg table twice (k=2, then k=3): two snapshots, both readable."""
-    from pyiceberg.catalog import load_catalog
-
     from .impute import impute_survey
+    from .sources import load_iceberg_catalog
 
-    catalog = load_catalog(ICEBERG_CATALOG)
+    catalog = load_iceberg_catalog(ICEBERG_CATALOG, ICEBERG_TABLE)
     catalog.create_namespace_if_not_exists("survey")
     for k in (2, 3):
         impute_survey(str(survey), ICEBERG_TABLE, "respondent_id", n_components=k,

@@ -356,8 +356,15 @@ def load_iceberg_catalog(name, url):
     """The pyiceberg catalog called ``name``, configured by pyiceberg's own configuration."""
     from pyiceberg.catalog import load_catalog
 
+    # pyiceberg reads its environment once, at import: read it again, so that a variable set
+    # later (a long-lived worker, a scheduler's job environment) is taken into account
+    prefix = f"PYICEBERG_CATALOG__{name.upper().replace('-', '_')}__"
+    properties = {
+        key[len(prefix):].lower().replace("__", ".").replace("_", "-"): value
+        for key, value in os.environ.items() if key.startswith(prefix)
+    }
     try:
-        return load_catalog(name)
+        return load_catalog(name, **properties)
     except Exception as exc:
         raise InputError(
             f"{url}: cannot load the Iceberg catalog {name!r}: {one_line(exc)}; configure it "
