@@ -50,6 +50,7 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -227,6 +228,10 @@ def _run(args, n_rows, root):
     )
     if not args.verbose:
         os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+    from emdask import ConvergenceWarning
+
+    # tol is never reached on purpose: every fit ends on max_iter
+    warnings.simplefilter("ignore", ConvergenceWarning)
     from servers import s3_server, sqlite_catalog_env
 
     (root / "iceberg").mkdir()
