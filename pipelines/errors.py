@@ -19,7 +19,7 @@ class ValidationError(RuntimeError):
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]*):[^@/\s]*@")
 _SECRET_PAIR = re.compile(
     r"(?P<name>\bkey\b|[\w.\-]*(?:password|passwd|secret|token|credential|sig|access[_-]?key)[\w.\-]*)"
-    r"(?P<sep>['\"]?\s*[=:]\s*['\"]?)(?P<value>[^\s&'\",;)}]+)",
+    r"(?P<sep>['\"]?\s*=\s*['\"]?|['\"]\s*:\s*['\"])(?P<value>[^\s&'\",;)}]+)",
     re.IGNORECASE,
 )
 

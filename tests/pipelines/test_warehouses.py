@@ -278,3 +278,99 @@ def _files_under(location):
 
     fs, path = filesystem(location)
     return fs.find(path)
+
+
+# -- the command line, as a user runs it ---------------------------------------------------------
+
+
+def _cli(args, env, cwd):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_impute_s3_to_s3_and_to_iceberg_then_nothing_to_do(api, dask_address, s3_env, tmp_path):
+    """``emdask impute s3://survey/in/ s3://survey/out`` and ``... iceberg://default/survey.imputed``
+    with the endpoint and the catalog given by environment variables alone."""
+    from pyiceberg.catalog import load_catalog
+
+    from servers import s3_catalog_props, sqlite_catalog_env
+
+    s3 = s3_env
+    frame = survey_frame(300)
+    bucket = s3.make_bucket("survey")
+    _upload_dataset(s3, frame, bucket, "in")
+    catalog_env = sqlite_catalog_env("default", tmp_path, warehouse="s3://survey/wh",
+                                     **s3_catalog_props(s3))
+    env = {**os.environ, **s3.env, **catalog_env, "PREFECT_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DASK_SCHEDULER_ADDRESS": dask_address}
+    work = tmp_path / "empty-cwd"
+    work.mkdir()
+    catalog = load_catalog("default", **{k.split("__")[-1].lower(): v for k, v in catalog_env.items()
+                                         if k.split("__")[-1] in ("URI", "WAREHOUSE", "TYPE")},
+                           **s3_catalog_props(s3))
+    catalog.create_namespace("survey")
+
+    for dest in ("s3://survey/out", "iceberg://default/survey.imputed"):
+        first = _cli(["impute", "s3://survey/in/", dest, "--id", "rid"], env, work)
+        assert first.returncode == 0, first.stderr[-3000:]
+        assert f"impute-survey: published {dest if dest.startswith('iceberg') else dest + '/versions/'}" in first.stdout
+        second = _cli(["impute", "s3://survey/in/", dest, "--id", "rid"], env, work)
+        assert second.returncode == 0, second.stderr[-3000:]
+        assert "already published" in second.stdout and "nothing to do" in second.stdout
+        assert "testing" not in first.stdout + first.stderr  # the secret key is never printed
+    assert list(work.iterdir()) == []  # nothing written to the working directory
+
+    table = catalog.load_table(("survey", "imputed"))
+    got = table.scan().to_pandas().sort_values("rid").reset_index(drop=True)
+    folder = open_destination("s3://survey/out", s3.storage_options()).published()
+    on_s3 = _read_s3_parquet(s3, f"{folder.url}/data").sort_values("rid").reset_index(drop=True)
+    pd.testing.assert_frame_equal(got[on_s3.columns], on_s3, check_dtype=False)
+    assert len([s for s in table.snapshots()]) == 1  # the second run committed nothing
+
+    bad = _cli(["impute", "s3://survey/in/", "iceberg://default/nope.t", "--id", "rid"], env, work)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
+    assert "has no namespace 'nope'" in bad.stderr
+
+
+def test_segment_an_image_on_s3_into_an_s3_folder(api, dask_address, s3_env, tmp_path):
+    import io
+
+    from PIL import Image
+
+    from pipeline_data import image_array
+    from pipelines.image import segment_image
+
+    bucket = s3_env.make_bucket("images")
+    buffer = io.BytesIO()
+    Image.fromarray(image_array(64, 48)).save(buffer, format="PNG")
+    s3_env.client().put_object(Bucket=bucket, Key="in/picture.png", Body=buffer.getvalue())
+    local = tmp_path / "picture.png"
+    local.write_bytes(buffer.getvalue())
+
+    s = segment_image(f"s3://{bucket}/in/picture.png", f"s3://{bucket}/out", n_components=3,
+                      dask_address=dask_address)
+    ref = segment_image(str(local), str(tmp_path / "out"), n_components=3, dask_address=dask_address)
+    labels = np.load(io.BytesIO(s3_env.client().get_object(
+        Bucket=bucket, Key=f"out/versions/{s['version']}/labels.npy")["Body"].read()))
+    np.testing.assert_array_equal(labels, np.load(ref["labels"]))
+    assert segment_image(f"s3://{bucket}/in/picture.png", f"s3://{bucket}/out", n_components=3,
+                         dask_address=dask_address).get("up_to_date")
+
+
+def test_an_iceberg_catalog_on_postgresql_takes_the_same_commits(api, dask_address, postgres_catalog, tmp_path):
+    frame = survey_frame(300)
+    src = write_dataset(frame, tmp_path / "src", npartitions=2)
+    catalog = postgres_catalog.load()
+    catalog.create_namespace("survey")
+    dest = f"iceberg://{postgres_catalog.name}/survey.imputed"
+    first = impute_survey(src, dest, "rid", dask_address=dask_address)
+    assert impute_survey(src, dest, "rid", dask_address=dask_address).get("up_to_date")
+    second = impute_survey(src, dest, "rid", n_components=2, dask_address=dask_address)
+    table = catalog.load_table(("survey", "imputed"))
+    versions = [s.summary.additional_properties.get("emdask.version") for s in table.snapshots()]
+    assert first["version"] in versions and versions[-1] == second["version"]
+    got = table.scan().to_pandas()
+    assert sorted(got["rid"]) == sorted(frame["rid"]) and not got[COLUMNS].isna().any().any()

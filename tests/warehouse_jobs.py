@@ -1,0 +1,193 @@
+"""Flow runs that tests start in processes of their own, so that they can be killed outright.
+
+    python warehouse_jobs.py FLOW ADDRESS SOURCE DEST SEED [--hook HOOK] [--slow-writes S]
+
+FLOW is ``impute`` (``impute_survey``, id column ``id``) or ``segment`` (``segment_customers``,
+three segments). ADDRESS is a Dask scheduler, or ``local`` for a Dask cluster of threads
+inside this process (a run on this machine alone, the reference the cluster runs are compared
+with). SOURCE and DEST are the flow's URLs: object-store and table URLs need their
+configuration in the environment (the AWS variables, ``PYICEBERG_CATALOG__*``), as a
+deployment gives it. Arguments are passed as a list, never through a shell.
+
+A hook stops the run at one moment of its publication, so that the test can SIGKILL it
+there. The job prints ``MARK NAME`` on stdout when it gets there, then:
+
+``commit``      sleeps at the one visible step of the commit, after the version's files and
+                manifest are written: before the conditional write of ``CURRENT`` (folders),
+                after the new Iceberg metadata file is written and before the catalog's swap
+                to it (Iceberg), before the Delta log entry is written (Delta);
+``committed``   sleeps right after the commit returned, before the flow goes on;
+``gate``        waits for a line on stdin at that same step of the commit, then goes on (two
+                jobs held there and let go together commit at the same moment).
+
+``--slow-writes S`` makes the workers take S seconds over every output partition but the
+first, which leaves the test a window to kill the run while its tables are being written.
+
+The last line on stdout is ``RESULT {json}``: the version published (or found up to date).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+#: How long a hooked job waits to be killed before it gives up (bounded, never forever).
+HOOK_WAIT = 300
+
+
+def mark(name):
+    print(f"MARK {name}", flush=True)
+
+
+def hold(name):
+    """At a kill point: say so, then wait to be killed."""
+    mark(name)
+    time.sleep(HOOK_WAIT)
+    raise SystemExit(f"hook {name}: nobody killed this job within {HOOK_WAIT} s")
+
+
+def gate(name):
+    """At a gate: say so, then wait for the test to let every gated job go at once."""
+    mark(name)
+    if not sys.stdin.readline():
+        raise SystemExit(f"gate {name}: stdin closed before the go")
+    mark(f"{name}-passed")
+
+
+def _slow_part(part, delay, partition_info=None):
+    """Runs on the workers: every partition but the first takes ``delay`` seconds longer."""
+    if partition_info is not None and partition_info.get("number", 0) > 0:
+        time.sleep(delay)
+    return part
+
+
+def slow_writes(delay):
+    import pipelines.impute
+    import pipelines.segment
+    import pipelines.tasks
+
+    original = pipelines.tasks.parquet_writes
+
+    def parquet_writes(version, tables):
+        slowed = [(name, frame.map_partitions(_slow_part, delay, meta=frame._meta), primary, index)
+                  for name, frame, primary, index in tables]
+        return original(version, slowed)
+
+    pipelines.impute.parquet_writes = parquet_writes
+    pipelines.segment.parquet_writes = parquet_writes
+
+
+def once(action):
+    """``action`` the first time only (a commit's later steps, pruning, go on untouched)."""
+    done = []
+
+    def run(name):
+        if not done:
+            done.append(name)
+            action(name)
+
+    return run
+
+
+def install_hook(hook):
+    """Stop the flow at the visible step of its commit (``commit``, ``gate``) or after it."""
+    import deltalake
+    import deltalake.transaction
+    import pipelines.versions as versions
+    from pyiceberg.catalog.sql import SqlCatalog
+
+    if hook == "committed":
+        commit = versions.Version.commit
+
+        def committed(self, manifest):
+            published = commit(self, manifest)
+            hold("committed")
+            return published
+
+        versions.Version.commit = committed
+        return
+    stop = once(hold if hook == "commit" else gate)
+
+    # folder destinations: the conditional write of CURRENT
+    put = versions._conditional_put
+
+    def conditional_put(fs, path, data, token):
+        stop("commit")
+        return put(fs, path, data, token)
+
+    versions._conditional_put = conditional_put
+
+    # Iceberg: the catalog's swap to the new metadata file, once that file is written
+    write_metadata = SqlCatalog._write_metadata
+
+    def _write_metadata(metadata, io, metadata_path):
+        write_metadata(metadata, io, metadata_path)
+        stop("commit")
+
+    SqlCatalog._write_metadata = staticmethod(_write_metadata)
+
+    # Delta: the log entry of the new table version
+    create = deltalake.transaction.create_table_with_add_actions
+    write = deltalake.DeltaTable.create_write_transaction
+
+    def create_table_with_add_actions(*args, **kwargs):
+        stop("commit")
+        return create(*args, **kwargs)
+
+    def create_write_transaction(self, *args, **kwargs):
+        stop("commit")
+        return write(self, *args, **kwargs)
+
+    deltalake.transaction.create_table_with_add_actions = create_table_with_add_actions
+    deltalake.DeltaTable.create_write_transaction = create_write_transaction
+
+
+def local_cluster():
+    """A Dask cluster of threads in this process, reached over TCP on loopback."""
+    from distributed import LocalCluster
+
+    return LocalCluster(n_workers=2, threads_per_worker=1, processes=False, protocol="tcp://",
+                        host="127.0.0.1", dashboard_address=None)
+
+
+def run(flow, address, source, dest, seed):
+    if flow == "impute":
+        from pipelines.impute import impute_survey
+
+        return impute_survey(source=source, dest=dest, id_column="id", random_state=seed,
+                             max_iter=20, tol=1e-6, dask_address=address)
+    from pipelines.segment import segment_customers
+
+    return segment_customers(source=source, dest=dest, id_column="id", n_components=3,
+                             random_state=seed, max_iter=20, tol=1e-6, dask_address=address)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("flow", choices=["impute", "segment"])
+    p.add_argument("address")
+    p.add_argument("source")
+    p.add_argument("dest")
+    p.add_argument("seed", type=int)
+    p.add_argument("--hook", choices=["commit", "committed", "gate"])
+    p.add_argument("--slow-writes", type=float, default=0.0)
+    args = p.parse_args(argv)
+    if args.slow_writes:
+        slow_writes(args.slow_writes)
+    if args.hook:
+        install_hook(args.hook)
+    mark("started")
+    if args.address == "local":
+        with local_cluster() as cluster:
+            summary = run(args.flow, cluster.scheduler_address, args.source, args.dest, args.seed)
+    else:
+        summary = run(args.flow, args.address, args.source, args.dest, args.seed)
+    result = {k: summary.get(k) for k in ("version", "path", "table", "tables", "rows")}
+    result["up_to_date"] = bool(summary.get("up_to_date"))
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
