@@ -194,6 +194,7 @@ class Version:
         self.local = Path(tempfile.mkdtemp(prefix=f"emdask-{self.name}-"))
         self.storage_options = destination.storage_options
         self.published = None
+        self.base = None  # what the destination held when the version started
         self._tables = {}
 
     @property
@@ -294,6 +295,7 @@ class Destination:
     def new_version(self, key, keep_versions=5):
         """A :class:`Version` to write; removed unless committed, checkpoint dropped either way."""
         version = Version(self, key, keep_versions)
+        version.base = self._begin()
         failed = True
         try:
             yield version
@@ -308,6 +310,10 @@ class Destination:
             if failed:
                 with contextlib.suppress(Exception):
                     version.discard()
+
+    def _begin(self):
+        """What the destination holds as a version starts (a table's snapshot or version)."""
+        return None
 
     # -- shared by the backends ------------------------------------------------------
 
@@ -685,7 +691,6 @@ class IcebergDestination(Destination):
                              "commits a new snapshot")
         self.storage_options = dict(storage_options or {})
         self._catalog = None
-        self._base = None  # (table or None, snapshot id) when the version started
 
     @property
     def catalog(self):
@@ -762,13 +767,10 @@ class IcebergDestination(Destination):
         manifest = json.loads(fs.cat_file(posixpath.join(path, MANIFEST)))
         return Published(name, url, manifest, table=self.url, storage_options=self.storage_options)
 
-    @contextlib.contextmanager
-    def new_version(self, key, keep_versions=5):
+    def _begin(self):
         table = self._load()
         snapshot = None if table is None or table.current_snapshot() is None else table.current_snapshot().snapshot_id
-        self._base = (table, snapshot)
-        with super().new_version(key, keep_versions) as version:
-            yield version
+        return (table is not None, snapshot)
 
     def _commit(self, version, manifest):
         import pyarrow.parquet as pq
@@ -793,9 +795,9 @@ class IcebergDestination(Destination):
         arrow_schema = arrow_schema.remove_metadata()
         properties = {"emdask.version": version.name, "emdask.run-key": version.key,
                       "emdask.manifest": posixpath.join(sidecar, MANIFEST)}
-        base_table, base_snapshot = self._base or (None, None)
+        existed, base_snapshot = version.base or (False, None)
         try:
-            if base_table is None:
+            if not existed:
                 try:
                     tx = self.catalog.create_table_transaction(
                         (self.namespace, self.table_name), schema=arrow_schema)
@@ -865,7 +867,6 @@ class DeltaDestination(Destination):
         self.fs, self.root = filesystem(self.table_uri, self.storage_options)
         if _is_local_fs(self.fs):
             self.root = self.table_uri
-        self._base = None
 
     def _dt(self):
         from deltalake import DeltaTable
@@ -924,12 +925,9 @@ class DeltaDestination(Destination):
         manifest = json.loads(fs.cat_file(posixpath.join(path, MANIFEST)))
         return Published(name, url, manifest, table=self.url, storage_options=self.storage_options)
 
-    @contextlib.contextmanager
-    def new_version(self, key, keep_versions=5):
+    def _begin(self):
         dt = self._dt()
-        self._base = None if dt is None else dt.version()
-        with super().new_version(key, keep_versions) as version:
-            yield version
+        return None if dt is None else dt.version()
 
     def _commit(self, version, manifest):
         import pyarrow.parquet as pq
@@ -963,7 +961,7 @@ class DeltaDestination(Destination):
                                       max_commit_retries=0)
         options = delta_storage_options(self.table_uri, self.storage_options)
         try:
-            if self._base is None:
+            if version.base is None:
                 if self._dt() is not None:
                     raise ConcurrentCommitError(f"{self.url}: another run created the table while "
                                                 "this one ran; run again to publish on top of it")
@@ -973,7 +971,7 @@ class DeltaDestination(Destination):
                                               mode="error", storage_options=options,
                                               commit_properties=properties)
             else:
-                dt = DeltaTable(self.table_uri, version=self._base, storage_options=options)
+                dt = DeltaTable(self.table_uri, version=version.base, storage_options=options)
                 dt.create_write_transaction(actions, mode="overwrite", schema=schema,
                                             commit_properties=properties)
         except ConcurrentCommitError:

@@ -200,10 +200,21 @@ class ProcessCluster:
     tls : TLSFiles, optional
         Require TLS: the scheduler and workers use these certificates, given to them in
         environment variables as the compose file does.
+    env : dict, optional
+        Variables added to the environment of every process started.
+    worker_env : dict, optional
+        Variables added to the environment of the workers only (their own configuration,
+        such as an object store's endpoint and credentials).
+    own_dirs : bool
+        Give each process a directory of its own, as separate machines would have:
+        ``workdir/NAME/`` holds ``cwd/`` (its working directory, empty when it starts),
+        ``tmp/`` (its ``TMPDIR``, and a worker's local directory) and ``home/`` (its
+        ``HOME``). The scheduler writes its scheduler file in its own directory and the
+        workers are given its address, so that no path is shared between the processes.
     """
 
     def __init__(self, workdir, n_workers=2, memory_limit="1GiB", nthreads=1, nanny=True,
-                 tls=None, start_timeout=60):
+                 tls=None, start_timeout=60, env=None, worker_env=None, own_dirs=False):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.n_workers = n_workers
@@ -212,7 +223,9 @@ class ProcessCluster:
         self.nanny = nanny
         self.tls = tls
         self.start_timeout = start_timeout
-        self.scheduler_file = self.workdir / "scheduler.json"
+        self.own_dirs = own_dirs
+        self.worker_env = dict(worker_env or {})
+        self.scheduler_file = (self.process_dir("scheduler") if own_dirs else self.workdir) / "scheduler.json"
         self.scheduler = None
         self.workers = {}  # name -> Popen
         self.env = dict(os.environ)
@@ -222,6 +235,11 @@ class ProcessCluster:
         )
         if tls is not None:
             self.env.update(tls_environment(tls))
+        self.env.update(env or {})
+
+    def process_dir(self, name):
+        """The directory of the process ``name`` (``scheduler``, ``w0``, ...) with ``own_dirs``."""
+        return self.workdir / name
 
     # -- command lines --------------------------------------------------------------------
 
@@ -236,25 +254,39 @@ class ProcessCluster:
         ] + (["--protocol", "tls"] if self.tls is not None else [])
 
     def worker_command(self, name):
+        if self.own_dirs:  # the scheduler's address, not a path it wrote
+            where = [self.address]
+            local = self.process_dir(name) / "tmp"
+        else:
+            where = ["--scheduler-file", str(self.scheduler_file)]
+            local = self.workdir / name
         return DASK + [
             "worker",
-            "--scheduler-file", str(self.scheduler_file),
+            *where,
             "--host", LOOPBACK,
             "--dashboard-address", f"{LOOPBACK}:0",
             "--nthreads", str(self.nthreads),
             "--memory-limit", str(self.memory_limit),
             "--name", name,
-            "--local-directory", str(self.workdir / name),
+            "--local-directory", str(local),
             "--death-timeout", "60s",
             "--nanny" if self.nanny else "--no-nanny",
         ]
 
-    def _popen(self, command, log_name):
+    def _popen(self, command, log_name, extra_env=None):
+        env, cwd = dict(self.env), self.workdir
+        env.update(extra_env or {})
+        if self.own_dirs:
+            base = self.process_dir(log_name)
+            cwd = base / "cwd"
+            for sub in ("cwd", "tmp", "home"):
+                (base / sub).mkdir(parents=True, exist_ok=True)
+            env.update(TMPDIR=str(base / "tmp"), HOME=str(base / "home"))
         log = open(self.workdir / f"{log_name}.log", "ab")
         try:
             return subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=self.env, cwd=self.workdir, start_new_session=True,
+                env=env, cwd=cwd, start_new_session=True,
             )
         finally:
             log.close()
@@ -286,7 +318,7 @@ class ProcessCluster:
             return False
 
     def add_worker(self, name):
-        self.workers[name] = self._popen(self.worker_command(name), name)
+        self.workers[name] = self._popen(self.worker_command(name), name, self.worker_env)
 
     @property
     def address(self):
