@@ -6,6 +6,7 @@ Flows (each also a command of the ``emdask`` console script):
 * ``segment-customers`` (:func:`pipelines.segment.segment_customers`): segments by mixture model.
 * ``segment-image`` (:func:`pipelines.image.segment_image`): segment an image by colour.
 
-Every flow reads its source without modifying it and publishes a new, validated version of
-its destination atomically (:mod:`pipelines.warehouse`).
+Every flow reads its source without modifying it (:mod:`pipelines.sources`: local files, object
+storage, Iceberg and Delta tables, PostgreSQL), checks its data (:mod:`pipelines.validation`) and
+publishes a new, validated version of its destination in one step (:mod:`pipelines.versions`).
 """
