@@ -463,6 +463,15 @@ class FolderDestination(Destination):
             )
 
     def _check_remote(self):
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        if protocol not in _CONDITIONAL_STORES:
+            raise InputError(_no_conditional_write(self.url, protocol))
+        if protocol in ("gs", "gcs"):
+            try:
+                import google.cloud.storage  # noqa: F401
+            except ImportError:
+                raise InputError(f"destination {self.url}: publishing to GCS needs the "
+                                 "google-cloud-storage package; install it") from None
         bucket = self.root.split("/", 1)[0]
         if not self.fs.exists(bucket):
             raise InputError(f"destination {self.url}: the bucket {bucket!r} does not exist (or "
@@ -655,13 +664,17 @@ def _conditional_put(fs, path, data, token):
         fs.invalidate_cache(path)
         return
     if protocol in ("gs", "gcs"):
-        generation = 0 if token is None else int(token[1])
+        # gcsfs writes unconditionally; Google's own client takes the generation precondition
+        from google.api_core.exceptions import PreconditionFailed
+        from google.cloud import storage
+
+        bucket, _, key = fs._strip_protocol(path).partition("/")
+        blob = storage.Client().bucket(bucket).blob(key)
         try:
-            fs.pipe_file(path, data, if_generation_match=generation)
-        except Exception as exc:
-            if "412" in str(exc) or "conditionNotMet" in str(exc) or "Precondition" in str(exc):
-                raise _Conflict() from None
-            raise
+            blob.upload_from_string(data, if_generation_match=0 if token is None else int(token[1]))
+        except PreconditionFailed:
+            raise _Conflict() from None
+        fs.invalidate_cache(path)
         return
     if protocol in ("memory",):  # one process: no other writer can interleave
         current = fs.cat_file(path) if fs.exists(path) else None
@@ -669,10 +682,17 @@ def _conditional_put(fs, path, data, token):
             raise _Conflict()
         fs.pipe_file(path, data)
         return
-    raise InputError(
-        f"{fs.unstrip_protocol(path)}: emdask publishes by a conditional write of CURRENT, which "
-        f"the {protocol}:// store does not offer here; publish to S3, GCS or a local folder"
-    )
+    raise InputError(_no_conditional_write(fs.unstrip_protocol(path), protocol))
+
+
+#: Stores whose conditional writes publish a folder destination's CURRENT.
+_CONDITIONAL_STORES = ("file", "local", "s3", "s3a", "gs", "gcs", "memory")
+
+
+def _no_conditional_write(url, protocol):
+    return (f"destination {url}: emdask publishes a folder by a conditional write of CURRENT, "
+            f"which it does not make on {protocol}:// stores; publish to a local folder, S3, GCS, "
+            "or an Iceberg or Delta table on this store")
 
 
 # -- Apache Iceberg -----------------------------------------------------------------------

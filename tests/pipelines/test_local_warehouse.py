@@ -133,6 +133,8 @@ def test_destination_checks(tmp_path, survey):
         open_destination("postgresql://u@127.0.0.1:1/db?table=t")
     with pytest.raises(InputError, match="unknown URL scheme 'nosuch'"):
         open_destination("nosuch://bucket/out")
+    with pytest.raises(InputError, match="does not make on ftp:// stores"):
+        open_destination("ftp://127.0.0.1/out").check(info)  # refused before any work
     assert not (tmp_path / "out").exists()  # checking writes nothing
 
 
@@ -195,6 +197,16 @@ def test_concurrent_publishers_lose_no_version(tmp_path):
     assert history[0] in names
     for name in names:
         assert json.loads((tmp_path / "dest" / "versions" / name / "manifest.json").read_text())
+
+
+def test_a_store_publishes_by_compare_and_swap(tmp_path):
+    """The memory store stands for any fsspec store: the same layout, history and pruning."""
+    dest = open_destination("memory://emdask-test/out")
+    first = _publish(dest, "a" * 64, "one", keep_versions=1)
+    second = _publish(dest, "b" * 64, "two", keep_versions=1)
+    assert dest.published().name == second.name and dest.list_versions() == [second.name]
+    assert dest.fs.cat_file(f"{second.url}/data.txt") == b"two"
+    assert not dest.fs.exists(first.url)
 
 
 def test_leftovers_of_a_killed_run_are_removed_once_stale(tmp_path, monkeypatch):
