@@ -133,8 +133,8 @@ def test_destination_checks(tmp_path, survey):
         open_destination("postgresql://u@127.0.0.1:1/db?table=t")
     with pytest.raises(InputError, match="unknown URL scheme 'nosuch'"):
         open_destination("nosuch://bucket/out")
-    with pytest.raises(InputError, match="does not make on ftp:// stores"):
-        open_destination("ftp://127.0.0.1/out").check(info)  # refused before any work
+    with pytest.raises(InputError, match="does not make on http:// stores"):
+        open_destination("http://127.0.0.1:9/out").check(info)  # refused before any work
     assert not (tmp_path / "out").exists()  # checking writes nothing
 
 
