@@ -150,9 +150,10 @@ def fit_imputer(plan: ImputePlan, version) -> FitResult:
     model = _make_model(plan)
     logger.info(f"fitting {model!r} on {len(plan.columns)} columns")
     started = time.perf_counter()
-    model.fit(plan.source.open_table(), columns=plan.columns,
-              callbacks=[progress_callback(tol=model.tol)],
-              checkpoint=plan.destination.checkpoint_path(plan.key), resume=True)
+    checkpoint, keep_a_copy = plan.destination.checkpoint(plan.key)
+    callbacks = [progress_callback(tol=model.tol)] + ([keep_a_copy] if keep_a_copy else [])
+    model.fit(plan.source.open_table(), columns=plan.columns, callbacks=callbacks,
+              checkpoint=checkpoint, resume=True)
     seconds = time.perf_counter() - started
     path = save_model(model, str(version.local / "model"))
     logger.info(

@@ -191,10 +191,10 @@ def fit_segments(plan: SegmentPlan, scaling: dict, version) -> FitResult:
     selection = []
     if len(plan.candidates) == 1:
         logger.info(f"fitting {estimator!r} on {len(plan.features)} features")
-        model = estimator.fit(
-            table, columns=plan.features, callbacks=[progress_callback(tol=estimator.tol)],
-            checkpoint=plan.destination.checkpoint_path(plan.key), resume=True,
-        )
+        checkpoint, keep_a_copy = plan.destination.checkpoint(plan.key)
+        callbacks = [progress_callback(tol=estimator.tol)] + ([keep_a_copy] if keep_a_copy else [])
+        model = estimator.fit(table, columns=plan.features, callbacks=callbacks,
+                              checkpoint=checkpoint, resume=True)
         n_passes = getattr(model, "n_passes_", 0)
     else:
         ks = plan.candidates

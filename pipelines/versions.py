@@ -285,11 +285,51 @@ class Destination:
                     or Path(tempfile.gettempdir()) / "emdask-checkpoints")
         return base / digest / key
 
+    def _checkpoint_url(self, key):
+        """Where a run's checkpoint is kept on the destination's storage; None: only locally."""
+        return None
+
+    def checkpoint(self, key):
+        """A fit's checkpoint folder (on the flow's disk) and a fit callback that keeps a copy on
+        the destination's storage, or None.
+
+        A run started again on another machine (a rescheduled flow, a new pod) first fetches
+        that copy, and so resumes the fit where the killed run left it.
+        """
+        path = self.checkpoint_path(key)
+        remote = self._checkpoint_url(key)
+        if remote is None:
+            return path, None
+        fs, root = filesystem(remote, self.storage_options)
+        if not (path / "model.json").exists() and fs.exists(posixpath.join(root, "model.json")):
+            path.mkdir(parents=True, exist_ok=True)
+            for name in fs.ls(root, detail=False):
+                fs.get_file(name, str(path / posixpath.basename(name)))
+        copied = {}
+
+        def keep_a_copy(info):
+            """Copy the checkpoint's files that changed since the last copy."""
+            if not path.is_dir():
+                return None
+            for f in sorted(path.iterdir()):
+                stamp = f.stat().st_mtime_ns
+                if f.is_file() and copied.get(f.name) != stamp:
+                    fs.put_file(str(f), posixpath.join(root, f.name))
+                    copied[f.name] = stamp
+            return None
+
+        return path, keep_a_copy
+
     def drop_checkpoint(self, key):
         path = self.checkpoint_path(key)
         shutil.rmtree(path, ignore_errors=True)
         with contextlib.suppress(OSError):
             path.parent.rmdir()
+        remote = self._checkpoint_url(key)
+        if remote is not None:
+            with contextlib.suppress(Exception):
+                fs, root = filesystem(remote, self.storage_options)
+                self._remove_tree(fs, root)
 
     @contextlib.contextmanager
     def new_version(self, key, keep_versions=5):
@@ -402,6 +442,9 @@ class FolderDestination(Destination):
             return Path(self.root) / CHECKPOINTS / key
         return super().checkpoint_path(key)
 
+    def _checkpoint_url(self, key):
+        return None if self.local else _url(self.fs, self._p(CHECKPOINTS, key))
+
     def drop_checkpoint(self, key):
         if not self.local:
             return super().drop_checkpoint(key)
@@ -481,7 +524,7 @@ class FolderDestination(Destination):
         if self.fs.isdir(self.root):
             names = {posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False)}
             names.discard("")
-            if names and not ({CURRENT, VERSIONS} & names):
+            if names and not ({CURRENT, VERSIONS, CHECKPOINTS} & names):
                 raise InputError(
                     f"destination {self.url} holds other data and no emdask output; choose a "
                     "new or empty folder"
@@ -769,6 +812,9 @@ class IcebergDestination(Destination):
     def _version_url(self, name):
         return self._sidecar(name)
 
+    def _checkpoint_url(self, key):
+        return posixpath.join(self.location(), SIDECAR, "checkpoints", key)
+
     def _table_url(self, version, name, primary):
         if primary:
             return posixpath.join(self.location(), "data", f"emdask-{version.name}")
@@ -926,6 +972,9 @@ class DeltaDestination(Destination):
 
     def _version_url(self, name):
         return self._sidecar(name)
+
+    def _checkpoint_url(self, key):
+        return _url(self.fs, posixpath.join(self.root, SIDECAR, "checkpoints", key))
 
     def _table_url(self, version, name, primary):
         if primary:

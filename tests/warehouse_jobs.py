@@ -1,24 +1,32 @@
 """Flow runs that tests start in processes of their own, so that they can be killed outright.
 
-    python warehouse_jobs.py FLOW ADDRESS SOURCE DEST SEED [--hook HOOK] [--slow-writes S]
+    python warehouse_jobs.py ADDRESS [--hook HOOK] [--slow-writes S] --run FLOW SOURCE DEST SEED [--run ...]
 
-FLOW is ``impute`` (``impute_survey``, id column ``id``) or ``segment`` (``segment_customers``,
-three segments). ADDRESS is a Dask scheduler, or ``local`` for a Dask cluster of threads
-inside this process (a run on this machine alone, the reference the cluster runs are compared
-with). SOURCE and DEST are the flow's URLs: object-store and table URLs need their
-configuration in the environment (the AWS variables, ``PYICEBERG_CATALOG__*``), as a
-deployment gives it. Arguments are passed as a list, never through a shell.
+Each ``--run`` is one flow run, one after the other in this process: FLOW is ``impute``
+(``impute_survey``, id column ``id``) or ``segment`` (``segment_customers``, three segments).
+ADDRESS is a Dask scheduler, or ``local`` for a Dask cluster of threads inside this process (a
+run on this machine alone, the reference the cluster runs are compared with). SOURCE and DEST
+are the flow's URLs: object-store and table URLs need their configuration in the environment
+(the AWS variables, ``PYICEBERG_CATALOG__*``), as a deployment gives it. Arguments are passed
+as a list, never through a shell.
 
 A hook stops the run at one moment of its publication, so that the test can SIGKILL it
 there. The job prints ``MARK NAME`` on stdout when it gets there, then:
 
-``commit``      sleeps at the one visible step of the commit, after the version's files and
-                manifest are written: before the conditional write of ``CURRENT`` (folders),
-                after the new Iceberg metadata file is written and before the catalog's swap
-                to it (Iceberg), before the Delta log entry is written (Delta);
-``committed``   sleeps right after the commit returned, before the flow goes on;
-``gate``        waits for a line on stdin at that same step of the commit, then goes on (two
-                jobs held there and let go together commit at the same moment).
+``commit``      (mark ``commit``) sleeps at the one visible step of the commit, after the
+                version's files and manifest are written: before the conditional write of
+                ``CURRENT`` (folders), after the new Iceberg metadata file is written and
+                before the catalog's swap to it (Iceberg), before the Delta log entry is
+                written (Delta);
+``committed``   (mark ``committed NAME``) sleeps right after the commit of version NAME
+                returned, before the flow goes on;
+``gate``        (mark ``commit``) waits for a line on stdin at that same step of the commit,
+                then goes on; ``commit-done`` once a folder's conditional write went through.
+                Two jobs held there commit in the order the test lets them go, each from what
+                it read before: the second one's commit is a real conflict.
+
+Whatever the hook, ``MARK conflict`` says a conditional write of ``CURRENT`` was refused (the
+publisher reads it again and retries).
 
 ``--slow-writes S`` makes the workers take S seconds over every output partition but the
 first, which leaves the test a window to kill the run while its tables are being written.
@@ -103,7 +111,7 @@ def install_hook(hook):
 
         def committed(self, manifest):
             published = commit(self, manifest)
-            hold("committed")
+            hold(f"committed {published.name}")
             return published
 
         versions.Version.commit = committed
@@ -115,7 +123,12 @@ def install_hook(hook):
 
     def conditional_put(fs, path, data, token):
         stop("commit")
-        return put(fs, path, data, token)
+        try:
+            put(fs, path, data, token)
+        except versions._Conflict:
+            mark("conflict")
+            raise
+        mark("commit-done")
 
     versions._conditional_put = conditional_put
 
@@ -164,13 +177,23 @@ def run(flow, address, source, dest, seed):
                              random_state=seed, max_iter=20, tol=1e-6, dask_address=address)
 
 
+def run_all(address, runs):
+    results = []
+    for flow, source, dest, seed in runs:
+        if flow not in ("impute", "segment"):
+            raise SystemExit(f"unknown flow {flow!r}")
+        summary = run(flow, address, source, dest, int(seed))
+        result = {k: summary.get(k) for k in ("version", "path", "table", "rows")}
+        result["up_to_date"] = bool(summary.get("up_to_date"))
+        results.append(result)
+    return results
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
-    p.add_argument("flow", choices=["impute", "segment"])
     p.add_argument("address")
-    p.add_argument("source")
-    p.add_argument("dest")
-    p.add_argument("seed", type=int)
+    p.add_argument("--run", nargs=4, action="append", required=True,
+                   metavar=("FLOW", "SOURCE", "DEST", "SEED"))
     p.add_argument("--hook", choices=["commit", "committed", "gate"])
     p.add_argument("--slow-writes", type=float, default=0.0)
     args = p.parse_args(argv)
@@ -181,12 +204,10 @@ def main(argv=None):
     mark("started")
     if args.address == "local":
         with local_cluster() as cluster:
-            summary = run(args.flow, cluster.scheduler_address, args.source, args.dest, args.seed)
+            results = run_all(cluster.scheduler_address, args.run)
     else:
-        summary = run(args.flow, args.address, args.source, args.dest, args.seed)
-    result = {k: summary.get(k) for k in ("version", "path", "table", "tables", "rows")}
-    result["up_to_date"] = bool(summary.get("up_to_date"))
-    print("RESULT " + json.dumps(result), flush=True)
+        results = run_all(args.address, args.run)
+    print("RESULT " + json.dumps(results), flush=True)
 
 
 if __name__ == "__main__":

@@ -374,3 +374,28 @@ def test_an_iceberg_catalog_on_postgresql_takes_the_same_commits(api, dask_addre
     assert first["version"] in versions and versions[-1] == second["version"]
     got = table.scan().to_pandas()
     assert sorted(got["rid"]) == sorted(frame["rid"]) and not got[COLUMNS].isna().any().any()
+
+
+def test_a_checkpoint_kept_on_the_store_resumes_a_fit_on_another_machine(s3_env, tmp_path, monkeypatch):
+    """The flow's disk is gone (a rescheduled pod): the copy on the store carries the fit on."""
+    import warnings
+
+    import emdask
+
+    bucket = s3_env.make_bucket("checkpoints")
+    dest = open_destination(f"s3://{bucket}/out")
+    X = survey_frame(400)[COLUMNS].fillna(0.0).to_numpy()
+    monkeypatch.setenv("EMDASK_CHECKPOINT_DIR", str(tmp_path / "machine-1"))
+    path, keep_a_copy = dest.checkpoint("k" * 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        emdask.GaussianMixture(2, max_iter=3, tol=0, random_state=0).fit(
+            X, checkpoint=path, callbacks=[keep_a_copy])
+    assert str(tmp_path / "machine-1") in str(path)
+
+    monkeypatch.setenv("EMDASK_CHECKPOINT_DIR", str(tmp_path / "machine-2"))
+    moved, _ = dest.checkpoint("k" * 64)
+    assert str(tmp_path / "machine-2") in str(moved) and (moved / "model.json").exists()
+    assert emdask.load(moved).n_iter_ >= 2  # one iteration behind at most
+    dest.drop_checkpoint("k" * 64)
+    assert not s3_env.client().list_objects_v2(Bucket=bucket).get("Contents")
