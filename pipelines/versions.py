@@ -639,7 +639,8 @@ class FolderDestination(Destination):
         for entry in entries:
             name = posixpath.basename(entry.rstrip("/"))
             age = _name_age(name)
-            if name not in published and age is not None and age > STALE_AFTER:
+            if (name not in published and age is not None and age > STALE_AFTER
+                    and _idle_for(self.fs, self._p(VERSIONS, name)) > STALE_AFTER):
                 self._remove_tree(self.fs, self._p(VERSIONS, name))
         if len(history) > keep_versions:
             names, token = self._read_pointer()
@@ -658,6 +659,22 @@ class FolderDestination(Destination):
                         if lock.exists() and not (empty / CURRENT).exists():
                             lock.unlink()
                         empty.rmdir()
+
+
+def _idle_for(fs, path):
+    """Seconds since anything under ``path`` was last written (a run still writing is young)."""
+    newest = None
+    for info in fs.find(path, detail=True, withdirs=False).values():
+        stamp = next((info[k] for k in ("LastModified", "mtime", "updated", "created")
+                      if info.get(k) is not None), None)
+        if isinstance(stamp, str):
+            with contextlib.suppress(ValueError):
+                stamp = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+        if isinstance(stamp, datetime):
+            stamp = stamp.timestamp()
+        if isinstance(stamp, (int, float)):
+            newest = stamp if newest is None else max(newest, stamp)
+    return float("inf") if newest is None else time.time() - newest
 
 
 def _params(fn):

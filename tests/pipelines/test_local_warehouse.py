@@ -217,10 +217,16 @@ def test_leftovers_of_a_killed_run_are_removed_once_stale(tmp_path, monkeypatch)
     killed = tmp_path / "dest" / "versions" / "20200101T000000000000Z-deadbeef"
     (killed / "data").mkdir(parents=True)
     (killed / "data" / "part.0.parquet").write_bytes(b"half")
+    import os
+
+    os.utime(killed / "data" / "part.0.parquet", (0, 0))
     young = tmp_path / "dest" / "versions" / pipelines.versions.version_name("f" * 64)
     young.mkdir()  # another run still writing
+    slow = tmp_path / "dest" / "versions" / "20200101T000000000000Z-0badcafe"
+    (slow / "data").mkdir(parents=True)
+    (slow / "data" / "part.0.parquet").write_bytes(b"being written")  # started long ago, still writing
     _publish(dest, "b" * 64, "two")
-    assert not killed.exists() and young.exists()
+    assert not killed.exists() and young.exists() and slow.exists()
 
 
 def test_pointer_edited_by_hand_is_reported(tmp_path):
