@@ -308,14 +308,25 @@ class Destination:
         copied = {}
 
         def keep_a_copy(info):
-            """Copy the checkpoint's files that changed since the last copy."""
+            """Copy the checkpoint's changed files, ``model.json`` (which names the others) last,
+            then remove the copies of files the checkpoint no longer has."""
             if not path.is_dir():
                 return None
-            for f in sorted(path.iterdir()):
-                stamp = f.stat().st_mtime_ns
-                if f.is_file() and copied.get(f.name) != stamp:
-                    fs.put_file(str(f), posixpath.join(root, f.name))
-                    copied[f.name] = stamp
+            fs.makedirs(root, exist_ok=True)
+            names = sorted((f.name for f in path.iterdir() if f.is_file()),
+                           key=lambda n: n == "model.json")
+            for name in names:
+                try:
+                    stamp = (path / name).stat().st_mtime_ns
+                    if copied.get(name) != stamp:
+                        fs.put_file(str(path / name), posixpath.join(root, name))
+                        copied[name] = stamp
+                except FileNotFoundError:  # replaced by the next checkpoint meanwhile
+                    continue
+            for name in set(copied) - set(names):
+                with contextlib.suppress(FileNotFoundError):
+                    fs.rm_file(posixpath.join(root, name))
+                copied.pop(name)
             return None
 
         return path, keep_a_copy
@@ -755,13 +766,112 @@ def _no_conditional_write(url, protocol):
             "or an Iceberg or Delta table on this store")
 
 
+class _TableDestination(Destination):
+    """What Iceberg and Delta destinations share: the sidecar of each version beside the table.
+
+    ``LOCATION/_emdask/versions/NAME/`` holds a version's manifest, model, plots and extra tables;
+    ``LOCATION/_emdask/checkpoints/KEY/`` a fitting run's checkpoint. The table's own commit
+    (:meth:`_commit_files`) is the one visible step.
+    """
+
+    def _location(self):
+        """URL of the table's location (where the workers write its data files)."""
+        raise NotImplementedError
+
+    def _published_name(self):
+        """Name of the version the table's current snapshot or version holds, or None."""
+        raise NotImplementedError
+
+    def _commit_files(self, version, files, properties):
+        """Commit ``files`` as the table's new content in one step, or raise ConcurrentCommitError."""
+        raise NotImplementedError
+
+    def _sidecar(self, name=None):
+        return posixpath.join(self._location(), SIDECAR, VERSIONS, *([name] if name else []))
+
+    def _version_url(self, name):
+        return self._sidecar(name)
+
+    def _checkpoint_url(self, key):
+        return posixpath.join(self._location(), SIDECAR, "checkpoints", key)
+
+    def _table_url(self, version, name, primary):
+        if primary:
+            return posixpath.join(self._location(), self._data_folder, f"emdask-{version.name}")
+        return posixpath.join(self._sidecar(version.name), name)
+
+    def _check_overlap(self, source, location):
+        if source is None:
+            return
+        mine = _location_pair(location)
+        for protocol, path in source.locations():
+            if protocol == mine[0] and (mine[1] == path or mine[1].startswith(path.rstrip("/") + "/")
+                                        or path.startswith(mine[1] + "/")):
+                raise InputError(f"destination {self.url} is the source or overlaps it; choose "
+                                 "another table, the source is never modified")
+
+    def published(self):
+        name = self._published_name()
+        if not name:
+            return None
+        url = self._sidecar(name)
+        fs, path = filesystem(url, self.storage_options)
+        manifest = json.loads(fs.cat_file(posixpath.join(path, MANIFEST)))
+        return Published(name, url, manifest, table=self.url, storage_options=self.storage_options)
+
+    def _commit(self, version, manifest):
+        primary = [n for n, (url, p) in version._tables.items() if p]
+        if len(primary) != 1:
+            raise RuntimeError(f"a table destination commits one table; {len(primary)} marked primary")
+        files = version.table_files(primary[0])
+        if not files:
+            raise ValidationError(f"{version.name}: no data file was written for the table")
+        sidecar = self._sidecar(version.name)
+        fs, side_path = filesystem(sidecar, self.storage_options)
+        fs.makedirs(side_path, exist_ok=True)
+        self._upload_local(version, fs, side_path)
+        _write_bytes(fs, posixpath.join(side_path, MANIFEST), manifest_text(version.name, manifest).encode())
+        properties = {"emdask.version": version.name, "emdask.run-key": version.key,
+                      "emdask.manifest": posixpath.join(sidecar, MANIFEST)}
+        self._commit_files(version, files, properties)
+        with contextlib.suppress(Exception):
+            self._prune(version.keep_versions)
+        return Published(version.name, sidecar,
+                         {"format": MANIFEST_FORMAT, "version": version.name, **manifest},
+                         table=self.url, storage_options=self.storage_options)
+
+    def _prune(self, keep_versions):
+        """Remove the sidecars of versions beyond the newest ``keep_versions`` (snapshots stay)."""
+        fs, root = filesystem(self._sidecar(), self.storage_options)
+        names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False))
+        names = [n for n in names if _VERSION_NAME.match(n)]
+        for name in names[: max(0, len(names) - keep_versions)]:
+            self._remove_tree(fs, posixpath.join(root, name))
+
+    def _discard(self, version):
+        for url, primary in version._tables.values():
+            fs, path = filesystem(url, self.storage_options)
+            self._remove_tree(fs, path)
+        fs, path = filesystem(self._sidecar(version.name), self.storage_options)
+        self._remove_tree(fs, path)
+
+
+def _first_schema(files, storage_options):
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(files[0], storage_options)
+    with fs.open(path, "rb") as fh:
+        return pq.read_schema(fh).remove_metadata()
+
+
 # -- Apache Iceberg -----------------------------------------------------------------------
 
 
-class IcebergDestination(Destination):
+class IcebergDestination(_TableDestination):
     """An Iceberg table: each version is a snapshot committed in one catalog transaction."""
 
     kind = "iceberg"
+    _data_folder = "data"
 
     def __init__(self, url, storage_options=None):
         self.url = str(url)
@@ -786,16 +896,11 @@ class IcebergDestination(Destination):
         except NoSuchTableError:
             return None
 
-    def location(self):
+    def _location(self):
         table = self._load()
         if table is not None:
             return table.location().rstrip("/")
         return self.catalog._resolve_table_location(None, self.namespace, self.table_name)
-
-    def _fs(self):
-        location = self.location()
-        fs, path = filesystem(location, self.storage_options)
-        return fs, path
 
     def check(self, source=None):
         from pyiceberg.exceptions import NoSuchNamespaceError
@@ -804,7 +909,7 @@ class IcebergDestination(Destination):
             namespaces = {tuple(n) for n in self.catalog.list_namespaces()}
             if tuple(self.namespace.split(".")) not in namespaces:
                 raise NoSuchNamespaceError(self.namespace)
-            location = self.location()
+            location = self._location()
         except NoSuchNamespaceError:
             raise InputError(
                 f"destination {self.url}: the catalog {self.catalog_name!r} has no namespace "
@@ -814,70 +919,25 @@ class IcebergDestination(Destination):
             raise
         except Exception as exc:
             raise InputError(f"cannot reach destination {self.url}: {one_line(exc)}") from None
-        if source is not None:
-            mine = _location_pair(location)
-            for protocol, path in source.locations():
-                if protocol == mine[0] and (mine[1] == path or mine[1].startswith(path.rstrip("/") + "/")
-                                            or path.startswith(mine[1] + "/")):
-                    raise InputError(f"destination {self.url} is the source or overlaps it; choose "
-                                     "another table, the source is never modified")
+        self._check_overlap(source, location)
 
-    def _sidecar(self, name=None):
-        location = self.location()
-        return posixpath.join(location, SIDECAR, VERSIONS, *([name] if name else []))
-
-    def _version_url(self, name):
-        return self._sidecar(name)
-
-    def _checkpoint_url(self, key):
-        return posixpath.join(self.location(), SIDECAR, "checkpoints", key)
-
-    def _table_url(self, version, name, primary):
-        if primary:
-            return posixpath.join(self.location(), "data", f"emdask-{version.name}")
-        return posixpath.join(self._sidecar(version.name), name)
-
-    def published(self):
+    def _published_name(self):
         table = self._load()
         if table is None or table.current_snapshot() is None:
             return None
-        props = table.current_snapshot().summary.additional_properties
-        name = props.get("emdask.version")
-        if not name:
-            return None
-        url = self._sidecar(name)
-        fs, path = filesystem(url, self.storage_options)
-        manifest = json.loads(fs.cat_file(posixpath.join(path, MANIFEST)))
-        return Published(name, url, manifest, table=self.url, storage_options=self.storage_options)
+        return table.current_snapshot().summary.additional_properties.get("emdask.version")
 
     def _begin(self):
         table = self._load()
         snapshot = None if table is None or table.current_snapshot() is None else table.current_snapshot().snapshot_id
         return (table is not None, snapshot)
 
-    def _commit(self, version, manifest):
-        import pyarrow.parquet as pq
+    def _commit_files(self, version, files, properties):
         from pyiceberg.exceptions import CommitFailedException, TableAlreadyExistsError
         from pyiceberg.expressions import AlwaysTrue
         from pyiceberg.io.pyarrow import _pyarrow_to_schema_without_ids
 
-        primary = [n for n, (url, p) in version._tables.items() if p]
-        if len(primary) != 1:
-            raise RuntimeError(f"a table destination commits one table; {len(primary)} marked primary")
-        files = version.table_files(primary[0])
-        if not files:
-            raise ValidationError(f"{version.name}: no data file was written for the table")
-        sidecar = self._sidecar(version.name)
-        fs, side_path = filesystem(sidecar, self.storage_options)
-        fs.makedirs(side_path, exist_ok=True)
-        self._upload_local(version, fs, side_path)
-        _write_bytes(fs, posixpath.join(side_path, MANIFEST), manifest_text(version.name, manifest).encode())
-        file_fs, first = filesystem(files[0], self.storage_options)
-        with file_fs.open(first, "rb") as fh:
-            arrow_schema = pq.read_schema(fh)
-        arrow_schema = arrow_schema.remove_metadata()
-        properties = {"emdask.version": version.name, "emdask.run-key": version.key,
-                      "emdask.manifest": posixpath.join(sidecar, MANIFEST)}
+        arrow_schema = _first_schema(files, self.storage_options)
         existed, base_snapshot = version.base or (False, None)
         try:
             if not existed:
@@ -906,39 +966,16 @@ class IcebergDestination(Destination):
             raise ConcurrentCommitError(
                 f"{self.url}: the catalog refused the commit because the table changed while this "
                 f"run ran ({one_line(exc)}); nothing was overwritten: run again") from None
-        with contextlib.suppress(Exception):
-            self._prune(version.keep_versions)
-        return Published(version.name, sidecar, {"format": MANIFEST_FORMAT, "version": version.name,
-                                                 **manifest},
-                         table=self.url, storage_options=self.storage_options)
-
-    def _prune(self, keep_versions):
-        """Remove the sidecars of versions beyond the newest ``keep_versions`` (snapshots stay)."""
-        fs, root = filesystem(self._sidecar(), self.storage_options)
-        names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False))
-        names = [n for n in names if _VERSION_NAME.match(n)]
-        for name in names[: max(0, len(names) - keep_versions)]:
-            self._remove_tree(fs, posixpath.join(root, name))
-
-    def _discard(self, version):
-        for url, primary in version._tables.values():
-            fs, path = filesystem(url, self.storage_options)
-            self._remove_tree(fs, path)
-        fs, path = filesystem(self._sidecar(version.name), self.storage_options)
-        self._remove_tree(fs, path)
 
 
 # -- Delta Lake ---------------------------------------------------------------------------
 
 
-def _delta_stats(num_rows):
-    return json.dumps({"numRecords": int(num_rows)})
-
-
-class DeltaDestination(Destination):
+class DeltaDestination(_TableDestination):
     """A Delta Lake table: each version is a table version committed atomically."""
 
     kind = "delta"
+    _data_folder = ""
 
     def __init__(self, url, storage_options=None):
         text = str(url)
@@ -951,12 +988,15 @@ class DeltaDestination(Destination):
         if _is_local_fs(self.fs):
             self.root = self.table_uri
 
-    def _dt(self):
+    def _location(self):
+        return _url(self.fs, self.root)
+
+    def _dt(self, version=None):
         from deltalake import DeltaTable
         from deltalake.exceptions import TableNotFoundError
 
         try:
-            return DeltaTable(self.table_uri,
+            return DeltaTable(self.table_uri, version=version,
                               storage_options=delta_storage_options(self.table_uri, self.storage_options))
         except TableNotFoundError:
             return None
@@ -976,118 +1016,51 @@ class DeltaDestination(Destination):
             raise
         except Exception as exc:
             raise InputError(f"cannot reach destination {self.url}: {one_line(exc)}") from None
-        if source is not None:
-            mine = _location_pair(self.table_uri)
-            for protocol, path in source.locations():
-                if protocol == mine[0] and (mine[1] == path or mine[1].startswith(path.rstrip("/") + "/")
-                                            or path.startswith(mine[1] + "/")):
-                    raise InputError(f"destination {self.url} is the source or overlaps it; choose "
-                                     "another table, the source is never modified")
+        self._check_overlap(source, self.table_uri)
 
-    def _sidecar(self, name=None):
-        return _url(self.fs, posixpath.join(self.root, SIDECAR, VERSIONS, *([name] if name else [])))
-
-    def _version_url(self, name):
-        return self._sidecar(name)
-
-    def _checkpoint_url(self, key):
-        return _url(self.fs, posixpath.join(self.root, SIDECAR, "checkpoints", key))
-
-    def _table_url(self, version, name, primary):
-        if primary:
-            return _url(self.fs, posixpath.join(self.root, f"emdask-{version.name}"))
-        return posixpath.join(self._sidecar(version.name), name)
-
-    def published(self):
+    def _published_name(self):
         dt = self._dt()
-        if dt is None:
-            return None
-        history = dt.history(1)
-        name = history[0].get("emdask.version") if history else None
-        if not name:
-            return None
-        url = self._sidecar(name)
-        fs, path = filesystem(url, self.storage_options)
-        manifest = json.loads(fs.cat_file(posixpath.join(path, MANIFEST)))
-        return Published(name, url, manifest, table=self.url, storage_options=self.storage_options)
+        history = dt.history(1) if dt is not None else []
+        return history[0].get("emdask.version") if history else None
 
     def _begin(self):
         dt = self._dt()
         return None if dt is None else dt.version()
 
-    def _commit(self, version, manifest):
+    def _commit_files(self, version, files, properties):
         import pyarrow.parquet as pq
-        from deltalake import CommitProperties, DeltaTable
+        from deltalake import CommitProperties, Schema
+        from deltalake.exceptions import CommitFailedError
         from deltalake.transaction import AddAction, create_table_with_add_actions
 
-        primary = [n for n, (url, p) in version._tables.items() if p]
-        if len(primary) != 1:
-            raise RuntimeError(f"a table destination commits one table; {len(primary)} marked primary")
-        files = version.table_files(primary[0])
-        if not files:
-            raise ValidationError(f"{version.name}: no data file was written for the table")
-        sidecar = self._sidecar(version.name)
-        fs, side_path = filesystem(sidecar, self.storage_options)
-        fs.makedirs(side_path, exist_ok=True)
-        self._upload_local(version, fs, side_path)
-        _write_bytes(fs, posixpath.join(side_path, MANIFEST), manifest_text(version.name, manifest).encode())
-        actions, schema = [], None
-        now = int(time.time() * 1000)
+        actions, now = [], int(time.time() * 1000)
         for url in files:
-            file_fs, path = filesystem(url, self.storage_options)
-            with file_fs.open(path, "rb") as fh:
-                meta = pq.ParquetFile(fh).metadata
-                if schema is None:
-                    schema = meta.schema.to_arrow_schema().remove_metadata()
-            size = file_fs.size(path)
-            relative = posixpath.relpath(path, self.root if _is_local_fs(self.fs) else self.root)
-            actions.append(AddAction(relative, int(size), {}, now, True, _delta_stats(meta.num_rows)))
-        properties = CommitProperties(custom_metadata={"emdask.version": version.name,
-                                                       "emdask.run-key": version.key},
-                                      max_commit_retries=0)
-        options = delta_storage_options(self.table_uri, self.storage_options)
+            fs, path = filesystem(url, self.storage_options)
+            with fs.open(path, "rb") as fh:
+                rows = pq.ParquetFile(fh).metadata.num_rows
+            stats = json.dumps({"numRecords": int(rows)})
+            actions.append(AddAction(posixpath.relpath(path, self.root), int(fs.size(path)), {}, now,
+                                     True, stats))
+        schema = _first_schema(files, self.storage_options)
+        commit = CommitProperties(custom_metadata={k: v for k, v in properties.items()
+                                                   if k != "emdask.manifest"},
+                                  max_commit_retries=0)
         try:
             if version.base is None:
                 if self._dt() is not None:
                     raise ConcurrentCommitError(f"{self.url}: another run created the table while "
                                                 "this one ran; run again to publish on top of it")
-                from deltalake import Schema
-
-                create_table_with_add_actions(self.table_uri, Schema.from_arrow(schema), actions,
-                                              mode="error", storage_options=options,
-                                              commit_properties=properties)
+                create_table_with_add_actions(
+                    self.table_uri, Schema.from_arrow(schema), actions, mode="error",
+                    storage_options=delta_storage_options(self.table_uri, self.storage_options),
+                    commit_properties=commit)
             else:
-                dt = DeltaTable(self.table_uri, version=version.base, storage_options=options)
-                dt.create_write_transaction(actions, mode="overwrite", schema=schema,
-                                            commit_properties=properties)
-        except ConcurrentCommitError:
-            raise
-        except Exception as exc:
-            text = one_line(exc)
-            if "conflict" in text.lower() or "already exists" in text.lower() or "version" in text.lower():
-                raise ConcurrentCommitError(
-                    f"{self.url}: another run committed to the table while this one ran ({text}); "
-                    "nothing was overwritten: run again") from None
-            raise
-        with contextlib.suppress(Exception):
-            self._prune(version.keep_versions)
-        return Published(version.name, sidecar, {"format": MANIFEST_FORMAT, "version": version.name,
-                                                 **manifest},
-                         table=self.url, storage_options=self.storage_options)
-
-    def _prune(self, keep_versions):
-        fs, root = filesystem(self._sidecar(), self.storage_options)
-        names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False))
-        names = [n for n in names if _VERSION_NAME.match(n)]
-        for name in names[: max(0, len(names) - keep_versions)]:
-            self._remove_tree(fs, posixpath.join(root, name))
-
-    def _discard(self, version):
-        for url, primary in version._tables.values():
-            fs, path = filesystem(url, self.storage_options)
-            self._remove_tree(fs, path)
-        fs, path = filesystem(self._sidecar(version.name), self.storage_options)
-        self._remove_tree(fs, path)
+                self._dt(version.base).create_write_transaction(
+                    actions, mode="overwrite", schema=schema, commit_properties=commit)
+        except CommitFailedError as exc:
+            raise ConcurrentCommitError(
+                f"{self.url}: another run committed to the table while this one ran "
+                f"({one_line(exc)}); nothing was overwritten: run again") from None
 
 
 # --------------------------------------------------------------------------------------
