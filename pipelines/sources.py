@@ -167,11 +167,14 @@ def _local_token(path, size):
     return f"sha256:{h.hexdigest()}"
 
 
-def _fingerprint(fs, files, root):
-    """[relative name, size, token] of every file (the run key's record of a file source)."""
+def _fingerprint(fs, files, root, infos=None):
+    """[relative name, size, token] of every file (the run key's record of a file source).
+
+    ``infos`` are the listing's details, when the listing gave them (one request for all).
+    """
     out = []
     for path in files:
-        info = fs.info(path)
+        info = (infos or {}).get(path) or fs.info(path)
         size = int(info.get("size") or 0)
         token = _local_token(path, size) if _is_local_fs(fs) else file_token(info)
         if token is None:  # a store that offers no identity: its modification time
@@ -298,10 +301,8 @@ def _open_files(url, storage_options):
         if fs.isdir(path):
             if fs.exists(posixpath.join(path, "_delta_log")):
                 return _open_delta(url, None, storage_options)
-            found = sorted(
-                p for p in fs.find(path, withdirs=False)
-                if not _hidden(posixpath.relpath(p, path))
-            )
+            listing = fs.find(path, withdirs=False, detail=True)
+            found = sorted(p for p in listing if not _hidden(posixpath.relpath(p, path)))
             if not any(not posixpath.basename(f).startswith("_") for f in found):
                 raise InputError(f"source {shown} is an empty directory; it holds no Parquet file")
             if any(_is_csv(f) for f in found):
@@ -310,7 +311,8 @@ def _open_files(url, storage_options):
                     f"'{posixpath.join(str(shown), '*.csv')}'"
                 )
             return FileSource(shown, "parquet", tuple(_url(fs, f) for f in found), path,
-                              tuple(map(tuple, _fingerprint(fs, found, path))), dict(storage_options or {}))
+                              tuple(map(tuple, _fingerprint(fs, found, path, listing))),
+                              dict(storage_options or {}))
         fmt = "csv" if _is_csv(path) else "parquet"
         if fmt == "parquet":
             with fs.open(path, "rb") as fh:
