@@ -933,7 +933,11 @@ class IcebergDestination(_TableDestination):
         return (table is not None, snapshot)
 
     def _commit_files(self, version, files, properties):
-        from pyiceberg.exceptions import CommitFailedException, TableAlreadyExistsError
+        from pyiceberg.exceptions import (
+            CommitFailedException,
+            TableAlreadyExistsError,
+            ValidationException,
+        )
         from pyiceberg.expressions import AlwaysTrue
         from pyiceberg.io.pyarrow import _pyarrow_to_schema_without_ids
 
@@ -962,10 +966,16 @@ class IcebergDestination(_TableDestination):
                     tx.delete(AlwaysTrue(), snapshot_properties=properties)
             tx.add_files(files, snapshot_properties=properties)
             tx.commit_transaction()
-        except CommitFailedException as exc:
+        except TableAlreadyExistsError:  # created by another run between our check and commit
             raise ConcurrentCommitError(
-                f"{self.url}: the catalog refused the commit because the table changed while this "
-                f"run ran ({one_line(exc)}); nothing was overwritten: run again") from None
+                f"{self.url}: another run created the table while this one ran; nothing was "
+                "overwritten: run again to publish on top of it") from None
+        except (CommitFailedException, ValidationException) as exc:
+            # pyiceberg retries a refused commit on the new head, and its validation then finds
+            # the other run's files: either way the table changed under this run
+            raise ConcurrentCommitError(
+                f"{self.url}: another run committed to the table while this one ran "
+                f"({one_line(exc)}); nothing was overwritten: run again") from None
 
 
 # -- Delta Lake ---------------------------------------------------------------------------
