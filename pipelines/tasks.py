@@ -143,6 +143,7 @@ def up_to_date(destination, key):
     """The published version when it already holds this exact run, else None (logged)."""
     found = destination.find(key)
     if found is not None:
+        destination.drop_checkpoint(key)  # left by a run killed right after its commit
         get_run_logger().info(
             f"{found.url} already holds this run (same source and parameters); nothing to do. "
             "Pass force=True to recompute."

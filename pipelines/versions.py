@@ -22,8 +22,9 @@ Every flow goes through one context manager::
 
 Leaving the block without a commit (an error, a failed validation, an interrupt) removes
 everything the run wrote; the published version stays as it was. A process killed outright
-leaves files that nothing references: the next publish to the destination removes those older
-than :data:`STALE_AFTER`.
+leaves files that nothing references (a version folder, or a table's data folder and sidecar):
+the next publish to the destination removes those in which nothing was written for
+:data:`STALE_AFTER` seconds.
 
 Folder layout (local disk and object stores alike)::
 
@@ -840,13 +841,32 @@ class _TableDestination(Destination):
                          {"format": MANIFEST_FORMAT, "version": version.name, **manifest},
                          table=self.url, storage_options=self.storage_options)
 
+    def _history(self):
+        """Names of the versions the table's snapshots (or versions) hold, newest first."""
+        raise NotImplementedError
+
     def _prune(self, keep_versions):
-        """Remove the sidecars of versions beyond the newest ``keep_versions`` (snapshots stay)."""
+        """Remove the sidecars of published versions beyond the newest ``keep_versions`` (their
+        snapshots stay readable, data included), and what killed runs left: sidecars and data
+        folders that no snapshot references and in which nothing was written for
+        :data:`STALE_AFTER` seconds."""
+        history = list(dict.fromkeys(self._history()))
+        published = set(history)
         fs, root = filesystem(self._sidecar(), self.storage_options)
-        names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False))
-        names = [n for n in names if _VERSION_NAME.match(n)]
-        for name in names[: max(0, len(names) - keep_versions)]:
+        for name in history[keep_versions:]:
             self._remove_tree(fs, posixpath.join(root, name))
+        leftovers = [(fs, posixpath.join(root, posixpath.basename(p.rstrip("/"))))
+                     for p in fs.ls(root, detail=False)]
+        data_fs, data_root = filesystem(posixpath.join(self._location(), self._data_folder),
+                                        self.storage_options)
+        leftovers += [(data_fs, p.rstrip("/")) for p in data_fs.ls(data_root, detail=False)
+                      if posixpath.basename(p.rstrip("/")).startswith("emdask-")]
+        for store, path in leftovers:
+            name = posixpath.basename(path).removeprefix("emdask-")
+            age = _name_age(name)
+            if (name not in published and age is not None and age > STALE_AFTER
+                    and _idle_for(store, path) > STALE_AFTER):
+                self._remove_tree(store, path)
 
     def _discard(self, version):
         for url, primary in version._tables.values():
@@ -926,6 +946,13 @@ class IcebergDestination(_TableDestination):
         if table is None or table.current_snapshot() is None:
             return None
         return table.current_snapshot().summary.additional_properties.get("emdask.version")
+
+    def _history(self):
+        table = self._load()
+        snapshots = [] if table is None else list(table.snapshots())
+        names = [s.summary.additional_properties.get("emdask.version") if s.summary else None
+                 for s in reversed(snapshots)]
+        return [n for n in names if n]
 
     def _begin(self):
         table = self._load()
@@ -1032,6 +1059,11 @@ class DeltaDestination(_TableDestination):
         dt = self._dt()
         history = dt.history(1) if dt is not None else []
         return history[0].get("emdask.version") if history else None
+
+    def _history(self):
+        dt = self._dt()
+        return [] if dt is None else [c.get("emdask.version") for c in dt.history()
+                                      if c.get("emdask.version")]
 
     def _begin(self):
         dt = self._dt()

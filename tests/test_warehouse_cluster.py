@@ -16,6 +16,8 @@ server of their own, reached over HTTP.
   for each kind of destination: the previous version stays whole and readable (same ids,
   same bytes) and nothing partial shows; a run started again publishes every id exactly once;
   after a kill right after the commit, the version is complete and the next run finds it.
+  Killed mid-fit, a run started again in another process (another TMPDIR) resumes from the
+  checkpoint kept on S3.
 * Two flow processes publishing at once: to an S3 folder both publish (the conditional write
   of ``CURRENT`` refuses the second writer, which retries) and the history lists both; to an
   Iceberg table one commits and the other fails with ``ConcurrentCommitError``, never a mix.
@@ -28,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import posixpath
 import queue
 import re
 import signal
@@ -55,7 +56,7 @@ JOBS = TESTS_DIR / "warehouse_jobs.py"
 VERSION_NAME = re.compile(r"\d{8}T\d{12}Z-[0-9a-f]{8}")
 JOB_TIMEOUT = 300  # a whole flow run on a loaded 2-core machine, imports included
 MARK_TIMEOUT = 240
-SLOW_WRITES = 2.0  # seconds a worker takes over each output partition but the first
+SLOW_WRITES = 1.5  # seconds a worker takes longer over each output partition
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The inplace keyword in DataFrame.reset_index:DeprecationWarning")
@@ -92,8 +93,12 @@ class PrefectServer:
         self.log_path = base / "prefect.log"
         self.proc = None
         self.url = None
+        self.attempts = 0
 
     def start(self):
+        if self.proc is not None:
+            _stop_group(self.proc, grace=5)
+        self.attempts += 1
         self.port = free_port()
         env = _clean_environ()
         env.update(HOME=str(self.dirs["home"]), TMPDIR=str(self.dirs["tmp"]),
@@ -114,11 +119,14 @@ class PrefectServer:
         import urllib.request
 
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        url = f"http://127.0.0.1:{self.port}/api"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                if self.attempts < 3:  # its port was taken meanwhile: another one
+                    self.start()
+                    continue
                 raise RuntimeError(f"prefect server exited ({self.proc.returncode}):\n{self.log()}")
+            url = f"http://127.0.0.1:{self.port}/api"
             try:
                 with opener.open(f"{url}/health", timeout=2) as response:
                     if response.status == 200:
@@ -160,6 +168,7 @@ def cluster(base, s3, prefect_server):
     with ProcessCluster(base / "cluster", n_workers=2, memory_limit="1GiB", own_dirs=True,
                         env={"PYTHONNOUSERSITE": "1"}, worker_env=s3.env) as c:
         yield c
+    assert not c.leftovers()
 
 
 @pytest.fixture(scope="module")
@@ -184,9 +193,9 @@ class Catalog:
         """The catalog, configured explicitly (this process has no PYICEBERG_* variable)."""
         from pyiceberg.catalog import load_catalog
 
-        catalog = load_catalog(self.name, **self.properties)
-        self._catalogs.append(catalog)
-        return catalog
+        if not self._catalogs:
+            self._catalogs.append(load_catalog(self.name, **self.properties))
+        return self._catalogs[0]
 
     def url(self, table):
         return f"iceberg://{self.name}/{table}"
@@ -334,7 +343,11 @@ class Job:
 
 
 class Jobs:
-    """Starts flow processes; every one still running is killed at teardown."""
+    """Starts flow processes; every one still running is killed at teardown.
+
+    With ``WAREHOUSE_CLUSTER_TIMING=1`` (and ``pytest -s``) the teardown prints when each job
+    started and when it printed each line, to see where a slow run spends its time.
+    """
 
     def __init__(self, root, env, address):
         self.root = root
@@ -342,12 +355,14 @@ class Jobs:
         self.address = address
         self.started = []
 
-    def start(self, runs, address=None, hook=None, slow_writes=None, name="job"):
+    def start(self, runs, address=None, hook=None, slow_writes=None, pause_fit=None, name="job"):
         args = [address or self.address]
         if hook:
             args += ["--hook", hook]
         if slow_writes:
             args += ["--slow-writes", slow_writes]
+        if pause_fit:
+            args += ["--pause-fit", pause_fit]
         for flow, source, dest, seed in runs:
             args += ["--run", flow, source, dest, seed]
         job = Job(self.root / _unique(name), self.env, args, gated=hook == "gate")
@@ -609,28 +624,6 @@ def published(jobs, survey, dests, bucket, base, store):
     return results, states, expected
 
 
-def test_every_process_runs_in_a_directory_of_its_own(cluster, jobs, published):
-    import psutil
-
-    seen_cwd, seen_tmp = set(), set()
-    for name, proc in [("scheduler", cluster.scheduler), *cluster.workers.items()]:
-        for pid in cluster.pids():
-            p = psutil.Process(pid)
-            if os.getpgid(pid) != proc.pid:
-                continue
-            own = cluster.process_dir(name)
-            assert Path(p.cwd()) == own / "cwd"
-            environ = p.environ()
-            assert environ["TMPDIR"] == str(own / "tmp") and environ["HOME"] == str(own / "home")
-            assert ("AWS_ENDPOINT_URL" in environ) == (name != "scheduler")
-            seen_cwd.add(p.cwd())
-            seen_tmp.add(environ["TMPDIR"])
-        # nothing was written into a working directory, flows having run on the cluster
-        assert list((cluster.process_dir(name) / "cwd").iterdir()) == []
-    assert len(seen_cwd) == len(seen_tmp) == 3
-    assert not (cluster.workdir / "scheduler.json").exists()  # no file shared with the workers
-
-
 @pytest.mark.parametrize("kind", ["folder", "iceberg", "delta"])
 def test_impute_on_the_cluster_from_s3_equals_the_local_run(published, kind, survey):
     results, states, expected = published
@@ -640,6 +633,7 @@ def test_impute_on_the_cluster_from_s3_equals_the_local_run(published, kind, sur
     assert not result["up_to_date"] and state.name == result["version"]
     assert_complete(state, frame)
     want = expected["impute"]
+    assert sorted(state.frame.columns) == sorted(want.columns)
     got = state.frame[list(want.columns)]
     np.testing.assert_array_equal(got["id"].to_numpy(), want["id"].to_numpy())
     np.testing.assert_allclose(got[COLUMNS].to_numpy(), want[COLUMNS].to_numpy(), rtol=1e-8)
@@ -652,6 +646,7 @@ def test_segment_on_the_cluster_from_s3_equals_the_local_run(published, survey):
     results, states, expected = published
     state, want = states["segments"], expected["segment"]
     assert state.name == results[3]["version"]
+    assert sorted(state.frame.columns) == sorted(want.columns)
     assert state.manifest["rows"] == len(survey[0])
     got = state.frame[list(want.columns)]
     np.testing.assert_array_equal(got["id"].to_numpy(), np.sort(survey[0]["id"].to_numpy()))
@@ -690,7 +685,7 @@ def test_killed_while_writing_leaves_the_published_version(jobs, survey, dests, 
 
         def new_parts():
             return [p for p in _objects(store, dest.data_prefix()) - listed[kind]
-                    if p.endswith("/part.0.parquet")]
+                    if re.search(r"/part\.\d+\.parquet$", p)]
 
         while not (parts := new_parts()):
             if job.proc.poll() is not None or time.monotonic() > deadline:
@@ -705,13 +700,58 @@ def test_killed_while_writing_leaves_the_published_version(jobs, survey, dests, 
         job, parts = killed[kind]
         dest = dests[kind]
         assert job.proc.returncode == -signal.SIGKILL
-        assert not job.has_mark("commit")
+        assert not job.has_mark("commit")  # it never got to its commit
         staged = _versions_in(parts)
         assert len(staged) == 1 and before[kind].name not in staged
         assert dest.manifest(staged.pop()) is None  # killed before its version was complete
         after = dest.state()
         after.assert_same(before[kind])  # the published version: whole, byte for byte
         assert_complete(after, frame)
+
+
+def test_killed_mid_fit_a_run_in_another_process_resumes_from_the_checkpoint_on_s3(
+        jobs, survey, published, store, bucket):
+    """The fit's checkpoint is kept on the destination's storage: a run started again in a
+    process with another TMPDIR (another machine) goes on from it, to the same model."""
+    frame, source, _ = survey
+    _, states, _ = published
+    uninterrupted = states["folder"].manifest  # seed 0 from the same source: the same run key
+    assert uninterrupted["fit"]["n_iter"] >= 4
+    dest = FolderDest(store, f"{bucket}/out/resumed")
+
+    def checkpointed_iterations():
+        for path in _objects(store, f"{dest.prefix}/.checkpoints"):
+            if path.endswith("/model.json"):
+                try:
+                    return json.loads(store.cat_file(path))["models"][0]["n_iter"]
+                except (FileNotFoundError, ValueError, KeyError):  # being replaced
+                    return 0
+        return 0
+
+    job = jobs.start([("impute", source, dest.url, 0)], pause_fit=1.0, name="mid-fit")
+    deadline = time.monotonic() + MARK_TIMEOUT
+    while (done := checkpointed_iterations()) < 2:
+        if job.proc.poll() is not None or time.monotonic() > deadline:
+            job.kill()
+            pytest.fail(f"the job ended or stalled before a checkpoint:\n{job.stderr()}")
+        time.sleep(0.05)
+    job.kill()
+    assert job.proc.returncode == -signal.SIGKILL
+    assert done < uninterrupted["fit"]["n_iter"]
+    assert not store.exists(f"{dest.prefix}/CURRENT")  # nothing published
+
+    result = jobs.run([("impute", source, dest.url, 0)], name="resume")[0]
+    state = dest.state()
+    assert state.name == result["version"]
+    assert_complete(state, frame)
+    fit = state.manifest["fit"]
+    # it went on from the checkpoint: fewer passes than the uninterrupted run, same model
+    assert fit["n_passes"] < uninterrupted["fit"]["n_passes"]
+    assert fit["n_iter"] == uninterrupted["fit"]["n_iter"]
+    np.testing.assert_allclose(fit["lower_bounds"], uninterrupted["fit"]["lower_bounds"], rtol=1e-8)
+    np.testing.assert_allclose(state.frame[COLUMNS].to_numpy(),
+                               states["folder"].frame[COLUMNS].to_numpy(), rtol=1e-8)
+    assert not _objects(store, f"{dest.prefix}/.checkpoints")  # dropped once published
 
 
 def test_killed_in_the_commit_leaves_the_published_version_and_a_rerun_publishes_every_id_once(
@@ -724,19 +764,19 @@ def test_killed_in_the_commit_leaves_the_published_version_and_a_rerun_publishes
     def kill_in_commit(kind):
         job = jobs.start([("impute", source, dests[kind].url, 1)], hook="commit",
                          name=f"commit-{kind}")
-        job.wait_mark("commit")
+        name = job.wait_mark("commit")
         job.kill()
-        return job
+        return job, name
 
     killed = _for_each_kind(kill_in_commit)
     for kind in KINDS:
-        assert killed[kind].proc.returncode == -signal.SIGKILL
-        dests[kind].state().assert_same(before[kind])
-    # killed at the one visible step: everything else of the version was written
-    folder = dests["folder"]
-    staged = set(folder.store.ls(folder.data_prefix(), detail=False))
-    staged = {posixpath.basename(p) for p in staged} - set(folder.history())
-    assert any(folder.manifest(name) is not None for name in staged)
+        job, name = killed[kind]
+        assert job.proc.returncode == -signal.SIGKILL
+        assert VERSION_NAME.fullmatch(name) and name != before[kind].name
+        dests[kind].state().assert_same(before[kind])  # nothing of it shows
+        # killed at the one visible step: every file of the version, manifest last, was written
+        assert dests[kind].manifest(name)["version"] == name
+    assert killed["folder"][1] not in dests["folder"].history()
     assert len(dests["iceberg"].metadata_files() - metadata) == 1  # written, never swapped in
     assert dests["delta"].log_entries() == delta_log
 
@@ -747,7 +787,7 @@ def test_killed_in_the_commit_leaves_the_published_version_and_a_rerun_publishes
         assert state.name == result["version"] != before[kind].name
         assert_complete(state, frame)  # every id once: nothing of the killed runs got in
         assert len(state.frame) == len(frame)
-    assert folder.history()[:2] == [results[0]["version"], before["folder"].name]
+    assert dests["folder"].history()[:2] == [results[0]["version"], before["folder"].name]
 
 
 def test_killed_right_after_the_commit_the_version_is_complete_and_a_rerun_finds_it(
@@ -793,8 +833,10 @@ def _copy_published(store, src, dst_prefix):
     return name
 
 
-def test_two_runs_publishing_to_one_s3_folder_both_publish(jobs, survey, dests, store, bucket):
-    frame, source, _ = survey
+def _folder_race(jobs, survey, dests, store, bucket):
+    """Two runs (seeds 3 and 4) at their conditional write of CURRENT at once, over a
+    destination that has a published version; the first let go writes first."""
+    _, source, _ = survey
     dest = FolderDest(store, f"{bucket}/concurrent/folder")
     first = _copy_published(store, dests["folder"], dest.prefix)
     a = jobs.start([("impute", source, dest.url, 3)], hook="gate", name="race-folder-a")
@@ -805,37 +847,8 @@ def test_two_runs_publishing_to_one_s3_folder_both_publish(jobs, survey, dests, 
     a.release()
     a.wait_mark("commit-done")
     b.release()  # its write names a CURRENT that is no longer there
-    ra, rb = a.succeed()[0], b.succeed()[0]
-    assert b.has_mark("conflict") and not a.has_mark("conflict")  # refused once, then retried
-    assert ra["version"] != rb["version"]
-    history = dest.history()
-    assert history[0] in (ra["version"], rb["version"])
-    assert sorted(history) == sorted([ra["version"], rb["version"], first])
-    for name in (ra["version"], rb["version"]):
-        manifest = dest.manifest(name)
-        assert manifest is not None and manifest["version"] == name and manifest["rows"] == len(frame)
-        data = _read_parts(store, [p for p in _objects(store, f"{dest.version_dir(name)}/data")
-                                   if p.endswith(".parquet")])
-        ids = np.sort(data["id"].to_numpy())
-        np.testing.assert_array_equal(ids, np.sort(frame["id"].to_numpy()))
-        assert not data[COLUMNS].isna().any().any()
-
-
-# What pipelines/versions.py does today when the second run's commit reaches the catalog.
-ICEBERG_RACE_BUGS = {
-    "existing-table": (
-        "pipelines/versions.py IcebergDestination._commit_files maps only pyiceberg's "
-        "CommitFailedException to ConcurrentCommitError, but pyiceberg 0.12's "
-        "Transaction.commit_transaction catches that exception itself, retries on the new head "
-        "(commit.retry.num-retries, default 4) and its concurrency validation then raises "
-        "pyiceberg.exceptions.ValidationException ('Added data files were found matching the "
-        "filter for snapshots {...}'), which escapes unmapped"),
-    "new-table": (
-        "pipelines/versions.py IcebergDestination._commit_files catches TableAlreadyExistsError "
-        "around catalog.create_table_transaction() only; when another run creates the table "
-        "first, tx.commit_transaction() raises pyiceberg.exceptions.TableAlreadyExistsError "
-        "(SqlCatalog.commit_table: IntegrityError on the INSERT), which escapes unmapped"),
-}
+    return {"dest": dest, "first": first, "a": a.succeed()[0], "b": b.succeed()[0],
+            "conflicts": (a.has_mark("conflict"), b.has_mark("conflict"))}
 
 
 def _iceberg_race(jobs, survey, catalog, store, case):
@@ -865,36 +878,89 @@ def _iceberg_race(jobs, survey, catalog, store, case):
             "stderr": b.stderr(20000), "state": dest.state()}
 
 
+ICEBERG_CASES = ["existing-table", "new-table"]
+
+
 @pytest.fixture(scope="module")
-def iceberg_races(jobs, survey, catalog, store):
-    """The race on a table that has a snapshot and on a table that does not exist yet."""
-    cases = list(ICEBERG_RACE_BUGS)
-    with ThreadPoolExecutor(len(cases)) as pool:
-        outcomes = pool.map(lambda case: _iceberg_race(jobs, survey, catalog, store, case), cases)
-        return dict(zip(cases, outcomes))
+def races(jobs, survey, dests, published, catalog, store, bucket):
+    """The three races at once: to an S3 folder, to an Iceberg table that has a snapshot and
+    to one that does not exist yet."""
+    with ThreadPoolExecutor(3) as pool:
+        folder = pool.submit(_folder_race, jobs, survey, dests, store, bucket)
+        iceberg = {case: pool.submit(_iceberg_race, jobs, survey, catalog, store, case)
+                   for case in ICEBERG_CASES}
+        return {"folder": folder.result(), **{case: f.result() for case, f in iceberg.items()}}
 
 
-@pytest.mark.parametrize("case", list(ICEBERG_RACE_BUGS))
-def test_two_runs_committing_to_one_iceberg_table_one_wins_whole(iceberg_races, survey, case):
+def test_two_runs_publishing_to_one_s3_folder_both_publish(races, survey, store):
     frame = survey[0]
-    race = iceberg_races[case]
+    race = races["folder"]
+    dest, ra, rb = race["dest"], race["a"], race["b"]
+    assert race["conflicts"] == (False, True)  # the second write was refused once, then retried
+    assert ra["version"] != rb["version"]
+    history = dest.history()
+    assert history[0] in (ra["version"], rb["version"])
+    assert sorted(history) == sorted([ra["version"], rb["version"], race["first"]])
+    for name in (ra["version"], rb["version"]):
+        manifest = dest.manifest(name)
+        assert manifest is not None and manifest["version"] == name and manifest["rows"] == len(frame)
+        data = _read_parts(store, [p for p in _objects(store, f"{dest.version_dir(name)}/data")
+                                   if p.endswith(".parquet")])
+        np.testing.assert_array_equal(np.sort(data["id"].to_numpy()), np.sort(frame["id"].to_numpy()))
+        assert not data[COLUMNS].isna().any().any()
+
+
+@pytest.mark.parametrize("case", ICEBERG_CASES)
+def test_two_runs_committing_to_one_iceberg_table_one_wins_whole(races, survey, case):
+    frame = survey[0]
+    race = races[case]
     assert race["rc"] != 0 and race["loser"] is None, "the second commit went through"
     state = race["state"]
     assert state.name == race["winner"]["version"]
     assert_complete(state, frame)  # one run's rows, whole: never a mix of both
     assert len(state.frame) == len(frame)
     table = race["dest"].load()
-    assert sum(1 for s in table.snapshots()
-               if s.summary.additional_properties.get("emdask.version") not in (None, state.name)) == 0
+    assert {s.summary.additional_properties.get("emdask.version") for s in table.snapshots()} \
+        <= {None, state.name}  # no snapshot of the run that lost
     if race["first"] is not None:  # the snapshot before them is still there to read
         old = table.scan(snapshot_id=race["first"]).to_arrow().to_pandas()
         pd.testing.assert_frame_equal(_sorted(old), _sorted(frame), check_dtype=False)
 
 
-@pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason=bug))
-                                  for case, bug in ICEBERG_RACE_BUGS.items()])
-def test_the_run_that_loses_an_iceberg_race_fails_with_concurrent_commit_error(iceberg_races, case):
-    err = iceberg_races[case]["stderr"]
+@pytest.mark.parametrize("case", ICEBERG_CASES)
+def test_the_run_that_loses_an_iceberg_race_fails_with_concurrent_commit_error(races, case):
+    err = races[case]["stderr"]
     assert "pipelines.versions.ConcurrentCommitError" in err, err[-3000:]
-    assert "another run" in err or "changed while" in err
+    assert "another run" in err and "run again" in err
+
+
+def test_every_process_ran_in_a_directory_of_its_own_and_wrote_nothing_there(cluster, jobs, s3,
+                                                                            published):
+    """Checked last, once every flow ran: scheduler, workers and flow processes each had an
+    empty working directory, a TMPDIR and a HOME of their own, and left the first empty."""
+    import psutil
+
+    assert jobs.started
+    cwds, tmps = set(), set()
+    for name, leader in [("scheduler", cluster.scheduler), *cluster.workers.items()]:
+        own = cluster.process_dir(name)
+        members = [pid for pid in cluster.pids() if os.getpgid(pid) == leader.pid]
+        assert members, f"{name} is not running"
+        for pid in members:  # a worker's nanny and the worker process it started
+            proc = psutil.Process(pid)
+            environ = proc.environ()
+            assert Path(proc.cwd()) == own / "cwd"
+            assert environ["TMPDIR"] == str(own / "tmp") and environ["HOME"] == str(own / "home")
+            if name != "scheduler":  # the workers' own S3 configuration
+                assert environ["AWS_ENDPOINT_URL"] == s3.endpoint_url
+            cwds.add(proc.cwd())
+            tmps.add(environ["TMPDIR"])
+        assert list((own / "cwd").iterdir()) == []
+    assert len(cwds) == len(tmps) == 1 + len(cluster.workers)
+    assert not (cluster.workdir / "scheduler.json").exists()  # workers were given an address
+    for job in jobs.started:
+        assert job.proc.returncode is not None
+        assert job.cwd_entries() == [], f"{job.dir.name} wrote into its working directory"
+        cwds.add(str(job.dirs["cwd"]))
+        tmps.add(str(job.dirs["tmp"]))
+    assert len(cwds) == len(tmps) == 1 + len(cluster.workers) + len(jobs.started)

@@ -1,6 +1,7 @@
 """Flow runs that tests start in processes of their own, so that they can be killed outright.
 
-    python warehouse_jobs.py ADDRESS [--hook HOOK] [--slow-writes S] --run FLOW SOURCE DEST SEED [--run ...]
+    python warehouse_jobs.py ADDRESS [--hook HOOK] [--slow-writes S] [--pause-fit S]
+                             --run FLOW SOURCE DEST SEED [--run ...]
 
 Each ``--run`` is one flow run, one after the other in this process: FLOW is ``impute``
 (``impute_survey``, id column ``id``) or ``segment`` (``segment_customers``, three segments).
@@ -13,25 +14,28 @@ as a list, never through a shell.
 A hook stops the run at one moment of its publication, so that the test can SIGKILL it
 there. The job prints ``MARK NAME`` on stdout when it gets there, then:
 
-``commit``      (mark ``commit``) sleeps at the one visible step of the commit, after the
-                version's files and manifest are written: before the conditional write of
-                ``CURRENT`` (folders), after the new Iceberg metadata file is written and
+``commit``      (mark ``commit NAME``) sleeps at the one visible step of the commit of version
+                NAME, after its files and manifest are written: before the conditional write
+                of ``CURRENT`` (folders), after the new Iceberg metadata file is written and
                 before the catalog's swap to it (Iceberg), before the Delta log entry is
                 written (Delta);
 ``committed``   (mark ``committed NAME``) sleeps right after the commit of version NAME
                 returned, before the flow goes on;
-``gate``        (mark ``commit``) waits for a line on stdin at that same step of the commit,
-                then goes on; ``commit-done`` once a folder's conditional write went through.
-                Two jobs held there commit in the order the test lets them go, each from what
-                it read before: the second one's commit is a real conflict.
+``gate``        (mark ``commit NAME``) waits for a line on stdin at that same step of the
+                commit, then goes on; ``commit-done`` once a folder's conditional write went
+                through. Two jobs held there commit in the order the test lets them go, each
+                from what it read before: the second one's commit is a real conflict.
 
 Whatever the hook, ``MARK conflict`` says a conditional write of ``CURRENT`` was refused (the
 publisher reads it again and retries).
 
-``--slow-writes S`` makes the workers take S seconds over every output partition but the
-first, which leaves the test a window to kill the run while its tables are being written.
+``--slow-writes S`` makes the workers take S seconds longer over every output partition,
+which leaves the test a window to kill the run while its tables are being written;
+``--pause-fit S`` pauses S seconds after every EM iteration of the imputation's fit, a window
+to kill it mid-fit.
 
-The last line on stdout is ``RESULT {json}``: the version published (or found up to date).
+The last line on stdout is ``RESULT [...]``: per run, in JSON, the version published (or
+found up to date), its folder, table and rows.
 """
 
 from __future__ import annotations
@@ -57,17 +61,16 @@ def hold(name):
 
 
 def gate(name):
-    """At a gate: say so, then wait for the test to let every gated job go at once."""
+    """At a gate: say so, then wait for the test to let this job go on."""
     mark(name)
     if not sys.stdin.readline():
         raise SystemExit(f"gate {name}: stdin closed before the go")
-    mark(f"{name}-passed")
+    mark(f"{name.split()[0]}-passed")
 
 
-def _slow_part(part, delay, partition_info=None):
-    """Runs on the workers: every partition but the first takes ``delay`` seconds longer."""
-    if partition_info is not None and partition_info.get("number", 0) > 0:
-        time.sleep(delay)
+def _slow_part(part, delay):
+    """Runs on the workers: a partition written ``delay`` seconds later."""
+    time.sleep(delay)
     return part
 
 
@@ -87,6 +90,23 @@ def slow_writes(delay):
     pipelines.segment.parquet_writes = parquet_writes
 
 
+def pause_fit(seconds):
+    import pipelines.impute
+
+    logged = pipelines.impute.progress_callback
+
+    def slow_progress(*args, **kwargs):
+        log = logged(*args, **kwargs)
+
+        def callback(info):
+            log(info)
+            time.sleep(seconds)
+
+        return callback
+
+    pipelines.impute.progress_callback = slow_progress
+
+
 def once(action):
     """``action`` the first time only (a commit's later steps, pruning, go on untouched)."""
     done = []
@@ -99,24 +119,27 @@ def once(action):
     return run
 
 
-def install_hook(hook):
-    """Stop the flow at the visible step of its commit (``commit``, ``gate``) or after it."""
-    import deltalake
-    import deltalake.transaction
+def install_hook(hook, dests):
+    """Stop the flow at the visible step of its commit (``commit``, ``gate``) or after it.
+
+    Only the table libraries the destinations need are imported (and patched)."""
     import pipelines.versions as versions
-    from pyiceberg.catalog.sql import SqlCatalog
 
-    if hook == "committed":
-        commit = versions.Version.commit
+    committing = {}
+    commit = versions.Version.commit
 
-        def committed(self, manifest):
-            published = commit(self, manifest)
+    def version_commit(self, manifest):
+        committing["name"] = self.name
+        published = commit(self, manifest)
+        if hook == "committed":
             hold(f"committed {published.name}")
-            return published
+        return published
 
-        versions.Version.commit = committed
+    versions.Version.commit = version_commit
+    if hook == "committed":
         return
-    stop = once(hold if hook == "commit" else gate)
+    at_commit = hold if hook == "commit" else gate
+    stop = once(lambda what: at_commit(f"{what} {committing.get('name')}"))
 
     # folder destinations: the conditional write of CURRENT
     put = versions._conditional_put
@@ -131,8 +154,16 @@ def install_hook(hook):
         mark("commit-done")
 
     versions._conditional_put = conditional_put
+    if any(d.startswith("iceberg://") for d in dests):
+        iceberg_hook(stop)
+    if any(d.startswith("delta+") for d in dests):
+        delta_hook(stop)
 
-    # Iceberg: the catalog's swap to the new metadata file, once that file is written
+
+def iceberg_hook(stop):
+    """Iceberg: the catalog's swap to the new metadata file, once that file is written."""
+    from pyiceberg.catalog.sql import SqlCatalog
+
     write_metadata = SqlCatalog._write_metadata
 
     def _write_metadata(metadata, io, metadata_path):
@@ -141,7 +172,12 @@ def install_hook(hook):
 
     SqlCatalog._write_metadata = staticmethod(_write_metadata)
 
-    # Delta: the log entry of the new table version
+
+def delta_hook(stop):
+    """Delta: the log entry of the new table version."""
+    import deltalake
+    import deltalake.transaction
+
     create = deltalake.transaction.create_table_with_add_actions
     write = deltalake.DeltaTable.create_write_transaction
 
@@ -196,11 +232,14 @@ def main(argv=None):
                    metavar=("FLOW", "SOURCE", "DEST", "SEED"))
     p.add_argument("--hook", choices=["commit", "committed", "gate"])
     p.add_argument("--slow-writes", type=float, default=0.0)
+    p.add_argument("--pause-fit", type=float, default=0.0)
     args = p.parse_args(argv)
     if args.slow_writes:
         slow_writes(args.slow_writes)
+    if args.pause_fit:
+        pause_fit(args.pause_fit)
     if args.hook:
-        install_hook(args.hook)
+        install_hook(args.hook, [dest for _, _, dest, _ in args.run])
     mark("started")
     if args.address == "local":
         with local_cluster() as cluster:

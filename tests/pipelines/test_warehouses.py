@@ -399,3 +399,40 @@ def test_a_checkpoint_kept_on_the_store_resumes_a_fit_on_another_machine(s3_env,
     assert emdask.load(moved).n_iter_ >= 2  # one iteration behind at most
     dest.drop_checkpoint("k" * 64)
     assert not s3_env.client().list_objects_v2(Bucket=bucket).get("Contents")
+
+
+def test_a_table_keeps_the_sidecars_of_its_newest_versions_and_sweeps_what_killed_runs_left(tmp_path):
+    import os
+
+    import dask.dataframe as dd
+    from deltalake import DeltaTable
+
+    import pipelines.versions as versions
+
+    dest = open_destination(f"delta+{tmp_path / 'table'}")
+    frame = pd.DataFrame({"id": np.arange(6), "v": np.arange(6.0)})
+
+    def publish(key, value):
+        with dest.new_version(key, keep_versions=2) as version:
+            dd.from_pandas(frame.assign(v=value), npartitions=2).to_parquet(
+                version.table_url("data", primary=True), write_index=False)
+            (version.local / "note.txt").write_text(key)
+            return version.commit({"run_key": key})
+
+    a = publish("a" * 64, 1.0)
+    killed = "20200101T000000000000Z-deadbeef"  # a run killed before its commit, long ago
+    for leftover in (tmp_path / "table" / f"emdask-{killed}", tmp_path / "table" / "_emdask" / "versions" / killed):
+        leftover.mkdir(parents=True)
+        (leftover / "part.0.parquet").write_bytes(b"half")
+        os.utime(leftover / "part.0.parquet", (0, 0))
+    young = tmp_path / "table" / f"emdask-{versions.version_name('f' * 64)}"
+    young.mkdir()  # a run still writing
+    b = publish("b" * 64, 2.0)
+    sidecars = sorted(p.name for p in (tmp_path / "table" / "_emdask" / "versions").iterdir())
+    assert sidecars == [a.name, b.name]  # the leftover is not counted as a version
+    assert not (tmp_path / "table" / f"emdask-{killed}").exists() and young.exists()
+    c = publish("c" * 64, 3.0)
+    sidecars = sorted(p.name for p in (tmp_path / "table" / "_emdask" / "versions").iterdir())
+    assert sidecars == [b.name, c.name]
+    assert len(DeltaTable(str(tmp_path / "table"), version=0).to_pandas()) == 6  # time travel intact
+    assert (DeltaTable(str(tmp_path / "table")).to_pandas()["v"] == 3.0).all()
