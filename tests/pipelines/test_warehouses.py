@@ -436,3 +436,28 @@ def test_a_table_keeps_the_sidecars_of_its_newest_versions_and_sweeps_what_kille
     assert sidecars == [b.name, c.name]
     assert len(DeltaTable(str(tmp_path / "table"), version=0).to_pandas()) == 6  # time travel intact
     assert (DeltaTable(str(tmp_path / "table")).to_pandas()["v"] == 3.0).all()
+
+
+def test_the_command_refuses_bad_warehouse_input_in_one_line_with_status_2(
+        s3_env, postgres, sqlite_catalog, monkeypatch, tmp_path, capsys):
+    from pipelines.cli import main
+
+    src = write_dataset(survey_frame(40), tmp_path / "src", npartitions=1)
+    for key, value in postgres.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PGPASSWORD", "not-the-password")
+    cases = [
+        (["impute", "gopher://x/y", str(tmp_path / "o"), "--id", "rid"], "unknown URL scheme"),
+        (["impute", src, "s3://no-such-bucket/out", "--id", "rid"], "does not exist"),
+        (["segment", f"iceberg://{sqlite_catalog.name}/ns.none", str(tmp_path / "o"), "--id", "rid"],
+         "has no table"),
+        (["impute", f"{postgres.url}?table=public.t", str(tmp_path / "o"), "--id", "rid"],
+         "cannot read source postgresql://"),
+        (["impute", src, f"{postgres.url}?table=public.t", "--id", "rid"], "PostgreSQL is a source only"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and message in err, err
+        assert "not-the-password" not in err
+    assert not (tmp_path / "o").exists()
