@@ -278,6 +278,57 @@ def _hidden(relative):
     return name.startswith((".", "_")) and name not in ("_metadata", "_common_metadata")
 
 
+def _check_schemas(fs, files, shown):
+    """Every Parquet file of a source has the same columns, of the same types.
+
+    Dask reads a dataset through one file's schema: a column present in some files only would
+    be dropped, and a column of another type would fail late or be misread. Only footers are
+    read. A column that is all null in one file (type ``null``) agrees with any type.
+    """
+    import pyarrow.parquet as pq
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = [f for f in files if not posixpath.basename(f).startswith("_")]
+    if len(files) < 2:
+        return
+
+    def schema(path):
+        with fs.open(path, "rb") as fh:
+            try:
+                return pq.read_schema(fh)
+            except Exception as exc:
+                raise InputError(f"source {shown}: {posixpath.basename(path)} is not a readable "
+                                 f"Parquet file ({one_line(exc)}); replace or remove it") from None
+
+    with ThreadPoolExecutor(8) as pool:
+        schemas = list(pool.map(schema, files))
+    root = posixpath.commonpath(files)
+
+    def name(i):
+        return posixpath.relpath(files[i], root)
+
+    columns = {}
+    for i, sch in enumerate(schemas):
+        for field_ in sch:
+            columns.setdefault(field_.name, {}).setdefault(str(field_.type), []).append(i)
+    for column, types in columns.items():
+        having = sorted(i for ids in types.values() for i in ids)
+        if len(having) < len(files):
+            missing = sorted(set(range(len(files))) - set(having))
+            more = f" (and {len(missing) - 1} other file(s))" if len(missing) > 1 else ""
+            raise InputError(
+                f"source {shown}: column {column!r} is in {name(having[0])} but not in "
+                f"{name(missing[0])}{more}; every file of a source must have the same columns"
+            )
+        real = {t: ids for t, ids in types.items() if t != "null"}
+        if len(real) > 1:
+            (t1, f1), (t2, f2) = list(real.items())[:2]
+            raise InputError(
+                f"source {shown}: column {column!r} is {t1} in {name(f1[0])} but {t2} in "
+                f"{name(f2[0])}; rewrite the files with one type per column"
+            )
+
+
 def _open_files(url, storage_options):
     fs, path = filesystem(url, storage_options)
     local = _is_local_fs(fs)
@@ -291,7 +342,10 @@ def _open_files(url, storage_options):
             if len(kinds) > 1:
                 raise InputError(f"source {shown} matches both CSV and Parquet files; narrow the pattern")
             files = tuple(_url(fs, f) for f in found)
-            return FileSource(shown, kinds.pop(), files, "", tuple(map(tuple, _fingerprint(fs, found, ""))),
+            fmt = kinds.pop()
+            if fmt == "parquet":
+                _check_schemas(fs, found, shown)
+            return FileSource(shown, fmt, files, "", tuple(map(tuple, _fingerprint(fs, found, ""))),
                               dict(storage_options or {}))
         if not fs.exists(path):
             raise InputError(
@@ -310,6 +364,7 @@ def _open_files(url, storage_options):
                     f"source {shown} is a directory of CSV files; give a glob such as "
                     f"'{posixpath.join(str(shown), '*.csv')}'"
                 )
+            _check_schemas(fs, found, shown)
             return FileSource(shown, "parquet", tuple(_url(fs, f) for f in found), path,
                               tuple(map(tuple, _fingerprint(fs, found, path, listing))),
                               dict(storage_options or {}))

@@ -282,3 +282,32 @@ def test_validation_of_a_filled_table(tmp_path, survey):
     _write_like_source(survey, left, tmp_path / "left")
     checked = validation.validate_filled(survey, tmp_path / "left", "rid", cols)
     assert checked["missing_after"] == {c: int(df[c].isna().sum()) for c in cols}
+
+
+def test_source_files_must_agree_on_their_columns_and_types(tmp_path):
+    """A file with a column more, a column less or of another type is named, before any work."""
+    df = survey_frame(60)
+
+    def dataset(name, parts):
+        folder = tmp_path / name
+        folder.mkdir()
+        for i, part in enumerate(parts):
+            part.to_parquet(folder / f"part.{i}.parquet", index=False)
+        return str(folder)
+
+    extra = dataset("extra", [df.iloc[:30], df.iloc[30:].assign(w=1.0)])
+    with pytest.raises(InputError, match=r"column 'w' is in part.1.parquet but not in part.0.parquet"):
+        open_source(extra)
+    fewer = dataset("fewer", [df.iloc[:30], df.iloc[30:].drop(columns="z")])
+    with pytest.raises(InputError, match=r"column 'z' is in part.0.parquet but not in part.1.parquet"):
+        open_source(fewer)
+    retyped = dataset("retyped", [df.iloc[:30], df.iloc[30:].astype({"x": str})])
+    with pytest.raises(InputError, match=r"column 'x' is double in part.0.parquet but (large_)?string in part.1.parquet"):
+        open_source(retyped)
+    with pytest.raises(InputError, match="column 'w'"):
+        open_source(str(tmp_path / "extra" / "*.parquet"))  # a glob too
+    # a column that is all null in one file agrees with any type
+    nulls = df.copy()
+    nulls["note"] = None
+    ok = dataset("ok", [nulls.iloc[:30], nulls.iloc[30:].assign(note="x")])
+    assert len(open_source(ok).files) == 2
