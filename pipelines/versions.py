@@ -482,8 +482,10 @@ class FolderDestination(Destination):
                     )
         try:
             if self.local:
-                return self._check_local()
-            self._check_remote()
+                self._check_local()
+            else:
+                self._check_remote()
+            self._read_pointer()  # a CURRENT edited by hand is reported now, not after the fit
         except InputError:
             raise
         except PermissionError as exc:

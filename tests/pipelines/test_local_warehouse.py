@@ -234,6 +234,8 @@ def test_pointer_edited_by_hand_is_reported(tmp_path):
     (tmp_path / "dest" / "CURRENT").write_text("../../etc\n")
     with pytest.raises(InputError, match="does not name a version"):
         open_destination(tmp_path / "dest").published()
+    with pytest.raises(InputError, match="does not name a version"):
+        open_destination(tmp_path / "dest").check(None)  # before any work
 
 
 # -- validation ----------------------------------------------------------------------------
