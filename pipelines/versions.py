@@ -68,7 +68,6 @@ from .sources import (
     is_local,
     load_iceberg_catalog,
     parse_iceberg_url,
-    storage_options_for,
     _is_local_fs,
     _local_path,
     _location_pair,

@@ -12,7 +12,7 @@ import pytest
 from pipelines import validation
 from pipelines.errors import InputError, ValidationError
 from pipelines.sources import open_source
-from pipelines.versions import ConcurrentCommitError, open_destination
+from pipelines.versions import open_destination
 from pipeline_data import survey_frame, tree_digest, write_dataset
 
 
@@ -187,7 +187,6 @@ def test_concurrent_publishers_lose_no_version(tmp_path):
     """Many threads publish at once: each version is complete and named in the history."""
     from concurrent.futures import ThreadPoolExecutor
 
-    dest = open_destination(tmp_path / "dest")
     keys = [f"{i:064x}" for i in range(8)]
     with ThreadPoolExecutor(8) as pool:
         names = list(pool.map(lambda k: _publish(open_destination(tmp_path / "dest"), k, k,
