@@ -248,7 +248,7 @@ def _run(args, n_rows, root):
     started = time.perf_counter()
     files = write_table(root / "table", n_rows, args.partitions, args.columns,
                         args.components, args.missing, args.seed)
-    warm = write_table(root / "warmup", args.warmup_rows, 2, args.columns, args.components,
+    write_table(root / "warmup", args.warmup_rows, 2, args.columns, args.components,
                        args.missing, args.seed + 1)
     print(f"wrote the table in {time.perf_counter() - started:.1f} s", flush=True)
 
