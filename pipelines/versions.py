@@ -720,6 +720,19 @@ def _precondition_failed(exc):
     return False
 
 
+def _gcs_client(fs):
+    """A google-cloud-storage client with the credentials, project and endpoint of ``fs`` (gcsfs),
+    so that ``CURRENT`` is written as the rest of the version was."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    credentials = getattr(getattr(fs, "credentials", None), "credentials", None)  # None: anonymous
+    endpoint = getattr(fs, "_endpoint", None)
+    return storage.Client(project=getattr(fs, "project", None) or None,
+                          credentials=credentials or AnonymousCredentials(),
+                          client_options={"api_endpoint": endpoint} if endpoint else None)
+
+
 def _conditional_put(fs, path, data, token):
     """Write ``data`` to ``path`` only if the object is still the one ``token`` names."""
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
@@ -739,10 +752,9 @@ def _conditional_put(fs, path, data, token):
     if protocol in ("gs", "gcs"):
         # gcsfs writes unconditionally; Google's own client takes the generation precondition
         from google.api_core.exceptions import PreconditionFailed
-        from google.cloud import storage
 
         bucket, _, key = fs._strip_protocol(path).partition("/")
-        blob = storage.Client().bucket(bucket).blob(key)
+        blob = _gcs_client(fs).bucket(bucket).blob(key)
         try:
             blob.upload_from_string(data, if_generation_match=0 if token is None else int(token[1]))
         except PreconditionFailed:

