@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import emdask
 from emdask import (
     CategoricalMixture,
     ConvergenceWarning,
@@ -324,6 +325,9 @@ def test_checkpoint_resumes_the_accelerator(tmp_path):
         for name in ("weights_", "means_", "covariances_"):
             np.testing.assert_allclose(getattr(resumed, name), getattr(whole, name),
                                        rtol=1e-8, atol=1e-10)
+    best_so_far = emdask.load(path / "4")  # the accelerator's state does not get in the way
+    assert best_so_far.algorithm == "squarem"
+    best_so_far.predict(X)
     with pytest.raises(ValueError, match="algorithm"):
         GaussianMixture(**{**args, "algorithm": "em"}).fit(X, checkpoint=path / "4", resume=True)
     with pytest.raises(ValueError, match="algorithm='fast' is not one of"):
