@@ -287,9 +287,9 @@ def build_parser():
 
 
 def _add_algorithm_option(p):
-    p.add_argument("--algorithm", choices=["em", "squarem"], default="em",
-                   help="plain EM, or EM accelerated by SQUAREM: the same model in fewer passes "
-                        "over the table (default: em)")
+    p.add_argument("--algorithm", choices=["em", "squarem"], default="squarem",
+                   help="squarem: EM accelerated by SQUAREM, the same model in fewer passes over "
+                        "the table; em: plain EM (default: squarem)")
 
 
 def _k_arguments(args):

@@ -565,7 +565,7 @@ _COMMON_DOC = """
         Fan-in of the tree reduction of the statistics.
     persist : {'auto', True, False}, default='auto'
         Keep the converted data in memory between iterations.
-    algorithm : {'em', 'squarem'}, default='em'
+    algorithm : {'em', 'squarem'}, default='squarem'
         Plain EM, or EM accelerated by SQUAREM (same fixed point, usually far fewer
         passes; see :class:`emdask.GaussianMixture`)."""
 
@@ -634,7 +634,7 @@ class BernoulliMixture(_SimpleTableMixture):
         verbose=0,
         split_every=8,
         persist="auto",
-        algorithm="em",
+        algorithm="squarem",
     ):
         self.n_components = n_components
         self.alpha = alpha
@@ -740,7 +740,7 @@ class PoissonMixture(_SimpleTableMixture):
         verbose=0,
         split_every=8,
         persist="auto",
-        algorithm="em",
+        algorithm="squarem",
     ):
         self.n_components = n_components
         self.alpha = alpha
@@ -846,7 +846,7 @@ class BinomialMixture(_TableMixture):
         verbose=0,
         split_every=8,
         persist="auto",
-        algorithm="em",
+        algorithm="squarem",
     ):
         self.n_components = n_components
         self.n_trials = n_trials
@@ -1040,7 +1040,7 @@ class CategoricalMixture(_FillMixin, _TableMixture):
         verbose=0,
         split_every=8,
         persist="auto",
-        algorithm="em",
+        algorithm="squarem",
     ):
         self.n_components = n_components
         self.alpha = alpha
@@ -1215,7 +1215,7 @@ class MixedMixture(_FillMixin, _TableMixture):
         verbose=0,
         split_every=8,
         persist="auto",
-        algorithm="em",
+        algorithm="squarem",
     ):
         self.n_components = n_components
         self.column_families = column_families
