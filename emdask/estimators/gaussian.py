@@ -102,10 +102,11 @@ class GaussianMixture(BaseMixture):
         Shapes by covariance type, as in scikit-learn.
     converged_ : bool
     n_iter_ : int
+        EM passes (with ``'squarem'``, rejected extrapolations included).
     lower_bound_ : float
-        Mean log-likelihood per row at the last iteration.
+        Mean log-likelihood per row at the last iteration (accepted point).
     lower_bounds_ : list of float
-        Mean log-likelihood at every iteration.
+        Mean log-likelihood at every iteration (every accepted point with ``'squarem'``).
     n_features_in_ : int
     feature_names_in_ : ndarray of str
         Only when fitted on a frame.
