@@ -84,6 +84,7 @@ def single_coin_trace(n_iter=10, start=0.5, flips=SINGLE_COIN_FLIPS):
     model = BernoulliMixture(
         1,
         alpha=0.0,
+        algorithm="em",  # the textbook iterations, one pass each
         missing="expected",
         probabilities_init=[[start]],
         tol=0.0,
@@ -116,6 +117,7 @@ def two_coins_trace(n_iter=10, start=(0.6, 0.5), sets=TWO_COIN_SETS):
         2,
         n_trials=lengths.pop(),
         alpha=0.0,
+        algorithm="em",  # the textbook iterations, one pass each
         fit_weights=False,
         weights_init=[0.5, 0.5],
         probabilities_init=list(start),

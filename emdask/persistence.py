@@ -596,14 +596,18 @@ class CheckpointWriter:
             model_arrays, values = _split_fitted(scratch)
             for name, a in model_arrays.items():
                 arrays[f"model{i}.{name}"] = a
-            states.append(
-                {
-                    "n_iter": int(model.n_iter),
-                    "converged": bool(model.converged),
-                    "lower_bounds": [float(x) for x in model.lower_bounds],
-                    "fitted_meta": values,
-                }
-            )
+            state = {
+                "n_iter": int(model.n_iter),
+                "converged": bool(model.converged),
+                "lower_bounds": [float(x) for x in model.lower_bounds],
+                "fitted_meta": values,
+            }
+            if model.accelerator is not None:
+                scalars, vectors = model.accelerator.state(model.family)
+                state["squarem"] = scalars
+                for name, a in vectors.items():
+                    arrays[f"squarem{i}.{name}"] = a
+            states.append(state)
         document = dict(self.header)
         document["models"] = states
         _write_model_dir(self.path, document, arrays)
@@ -613,6 +617,7 @@ def read_checkpoint(path, estimator, family, data):
     """The models of the checkpoint at ``path``, ready to go on fitting; ``None`` when
     there is no checkpoint yet."""
     from .engine.driver import EMModel
+    from .engine.squarem import Squarem
 
     path = Path(path)
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
@@ -661,6 +666,16 @@ def read_checkpoint(path, estimator, family, data):
             params = scratch._fitted_params()
         except Exception as err:
             raise ModelFileError(f"{where}: model {i} does not form valid parameters: {err}") from None
+        accelerator = None
+        if "squarem" in state:
+            prefix = f"squarem{i}."
+            vectors = {k[len(prefix):]: a for k, a in arrays.items() if k.startswith(prefix)}
+            try:
+                accelerator = Squarem.from_state(family, state["squarem"], vectors, params)
+            except Exception as err:
+                raise ModelFileError(
+                    f"{where}: the accelerator state of model {i} is not valid: {err}"
+                ) from None
         models.append(
             EMModel(
                 family,
@@ -668,6 +683,7 @@ def read_checkpoint(path, estimator, family, data):
                 lower_bounds=[float(x) for x in state["lower_bounds"]],
                 n_iter=int(state["n_iter"]),
                 converged=bool(state["converged"]),
+                accelerator=accelerator,
             )
         )
     if not models:

@@ -209,6 +209,7 @@ def select_components(
         max_iter=estimator.max_iter,
         callbacks=callbacks,
         verbose=estimator.verbose,
+        algorithm=estimator.algorithm,
     )
 
     unconverged = []

@@ -186,6 +186,7 @@ def build_parser():
     p.add_argument("--multiple", type=_positive_int, metavar="M",
                    help="write M completed copies drawn from the model (multiple imputation) "
                         "instead of the conditional-mean fill")
+    _add_algorithm_option(p)
     _add_run_options(p)
 
     # segment -------------------------------------------------------------------------
@@ -220,6 +221,7 @@ def build_parser():
                         "original units)")
     p.add_argument("--n-init", type=_positive_int, default=1, metavar="N",
                    help="restarts per number of segments; the best is kept (default: 1)")
+    _add_algorithm_option(p)
     _add_run_options(p)
 
     # segment-image -------------------------------------------------------------------
@@ -282,6 +284,12 @@ def build_parser():
 # --------------------------------------------------------------------------------------
 # Commands
 # --------------------------------------------------------------------------------------
+
+
+def _add_algorithm_option(p):
+    p.add_argument("--algorithm", choices=["em", "squarem"], default="squarem",
+                   help="squarem: EM accelerated by SQUAREM, the same model in fewer passes over "
+                        "the table; em: plain EM (default: squarem)")
 
 
 def _k_arguments(args):
@@ -354,7 +362,8 @@ def cmd_impute(args, out):
                   columns=args.columns, n_components=args.components,
                   covariance_type=args.covariance,
                   method="multiple" if args.multiple else "mean",
-                  n_imputations=args.multiple or 5, **_run_options(args))
+                  n_imputations=args.multiple or 5, algorithm=args.algorithm,
+                  **_run_options(args))
     s = _run_flow(impute.impute_survey, impute.check_inputs, kwargs)
     filled = sum(1 for c in s["columns"] if s["missing_before"][c])
     out(f"impute-survey: {_published(s)}")
@@ -369,7 +378,7 @@ def cmd_segment(args, out):
     kwargs = dict(source=args.source, dest=args.dest, id_column=args.id_column,
                   features=args.features, criterion=args.criterion, family=args.family,
                   covariance_type=args.covariance, scale=args.scale, n_init=args.n_init,
-                  **_k_arguments(args), **_run_options(args))
+                  algorithm=args.algorithm, **_k_arguments(args), **_run_options(args))
     s = _run_flow(segment.segment_customers, segment.check_inputs, kwargs)
     chosen = (f"k={s['n_components']} chosen by {s['criterion'].upper()} among "
               f"{s['searched'][0]}..{s['searched'][-1]}" if s["searched"] else f"k={s['n_components']}")

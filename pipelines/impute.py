@@ -117,12 +117,12 @@ def plan_imputation(
 
 
 def model_parameters(n_components=1, covariance_type="full", method="mean", n_imputations=5,
-                     max_iter=100, tol=1e-3, random_state=0, **_):
+                     max_iter=100, tol=1e-3, random_state=0, algorithm="squarem", **_):
     """The run's model parameters (those that, with the source, determine its output)."""
     return dict(
         n_components=n_components, covariance_type=covariance_type, method=method,
         n_imputations=n_imputations if method == "multiple" else None,
-        max_iter=max_iter, tol=tol, random_state=random_state,
+        max_iter=max_iter, tol=tol, random_state=random_state, algorithm=algorithm,
     )
 
 
@@ -134,7 +134,8 @@ def check_inputs(source, dest, id_column, columns=None, storage_options=None, **
 
 def _make_model(plan):
     p = plan.parameters
-    common = dict(tol=p["tol"], max_iter=p["max_iter"], random_state=p["random_state"])
+    common = dict(tol=p["tol"], max_iter=p["max_iter"], random_state=p["random_state"],
+                  algorithm=p.get("algorithm", "squarem"))
     if plan.model == "mixed":
         return emdask.MixedMixture(p["n_components"], covariance_type=p["covariance_type"], **common)
     return emdask.EMImputer(p["n_components"], covariance_type=p["covariance_type"], **common)
@@ -238,6 +239,7 @@ def impute_survey(
     max_iter: Annotated[int, Field(ge=1, le=100_000)] = 100,
     tol: Annotated[float, Field(gt=0)] = 1e-3,
     random_state: Annotated[int, Field(ge=0)] = 0,
+    algorithm: Literal["em", "squarem"] = "squarem",
     dask_address: Optional[str] = None,
     keep_versions: Annotated[int, Field(ge=1)] = 5,
     force: bool = False,
@@ -266,6 +268,8 @@ def impute_survey(
         max_iter: Maximum EM iterations.
         tol: Convergence threshold on the change of the mean log-likelihood per row.
         random_state: Seed; the same seed on the same data gives the same output.
+        algorithm: 'squarem' (EM accelerated by SQUAREM: the same model in fewer passes over
+            the table) or 'em' (plain EM).
         dask_address: Dask scheduler to use; default: $DASK_SCHEDULER_ADDRESS, else a local
             cluster on 127.0.0.1 for the run.
         keep_versions: Published versions to keep in ``dest``.
@@ -277,6 +281,7 @@ def impute_survey(
     parameters = model_parameters(
         n_components=n_components, covariance_type=covariance_type, method=method,
         n_imputations=n_imputations, max_iter=max_iter, tol=tol, random_state=random_state,
+        algorithm=algorithm,
     )
     plan = plan_imputation(source, dest, id_column, columns, parameters, storage_options)
     done = None if force else up_to_date(plan.destination, plan.key)

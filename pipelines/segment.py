@@ -131,13 +131,13 @@ def plan_segmentation(
 
 def model_parameters(n_components=None, k_min=2, k_max=8, criterion="bic", family="auto",
                      covariance_type="full", scale=False, n_init=1, max_iter=100, tol=1e-3,
-                     random_state=0, **_):
+                     random_state=0, algorithm="squarem", **_):
     """The run's model parameters (those that, with the source, determine its output)."""
     return dict(
         n_components=n_components, k_min=None if n_components else k_min,
         k_max=None if n_components else k_max, criterion=criterion, family=family,
         covariance_type=covariance_type, scale=scale, n_init=n_init, max_iter=max_iter, tol=tol,
-        random_state=random_state,
+        random_state=random_state, algorithm=algorithm,
     )
 
 
@@ -170,7 +170,8 @@ def fit_scaling(plan: SegmentPlan, version) -> dict:
 def _estimator(plan):
     p = plan.parameters
     common = dict(tol=p["tol"], max_iter=p["max_iter"], random_state=p["random_state"],
-                  n_init=p["n_init"], covariance_type=p["covariance_type"])
+                  n_init=p["n_init"], covariance_type=p["covariance_type"],
+                  algorithm=p.get("algorithm", "squarem"))
     k = plan.candidates[0]
     if plan.family == "mixed":
         return emdask.MixedMixture(k, **common)
@@ -336,6 +337,7 @@ def segment_customers(
     max_iter: Annotated[int, Field(ge=1, le=100_000)] = 100,
     tol: Annotated[float, Field(gt=0)] = 1e-3,
     random_state: Annotated[int, Field(ge=0)] = 0,
+    algorithm: Literal["em", "squarem"] = "squarem",
     dask_address: Optional[str] = None,
     keep_versions: Annotated[int, Field(ge=1)] = 5,
     force: bool = False,
@@ -364,6 +366,8 @@ def segment_customers(
         max_iter: Maximum EM iterations.
         tol: Convergence threshold on the change of the mean log-likelihood per row.
         random_state: Seed; the same seed on the same data gives the same output.
+        algorithm: 'squarem' (EM accelerated by SQUAREM: the same model in fewer passes over
+            the table) or 'em' (plain EM).
         dask_address: Dask scheduler to use; default: $DASK_SCHEDULER_ADDRESS, else a local
             cluster on 127.0.0.1 for the run.
         keep_versions: Published versions to keep in ``dest``.
@@ -375,7 +379,7 @@ def segment_customers(
     parameters = model_parameters(
         n_components=n_components, k_min=k_min, k_max=k_max, criterion=criterion, family=family,
         covariance_type=covariance_type, scale=scale, n_init=n_init, max_iter=max_iter, tol=tol,
-        random_state=random_state,
+        random_state=random_state, algorithm=algorithm,
     )
     plan = plan_segmentation(source, dest, id_column, features, parameters, storage_options)
     done = None if force else up_to_date(plan.destination, plan.key)

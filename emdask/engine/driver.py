@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from .data import one_blas_thread
 from .randomness import row_poisson1
+from .squarem import ALGORITHMS, Squarem
 
 #: Random stream of the bootstrap weights (see :mod:`emdask.engine.randomness`).
 BOOTSTRAP_STREAM = 0xB007
@@ -46,6 +47,14 @@ class EMModel:
     lower_bounds: list = field(default_factory=list)
     n_iter: int = 0
     converged: bool = False
+    #: SQUAREM state (``algorithm='squarem'``); ``None`` for plain EM
+    accelerator: Squarem | None = None
+
+    @property
+    def point(self):
+        """The parameters the next pass evaluates: ``params`` (the EM image of the last
+        accepted point) or, with the accelerator, an extrapolated point."""
+        return self.params if self.accelerator is None else self.accelerator.point(self.params)
 
     @property
     def lower_bound(self):
@@ -64,6 +73,8 @@ class IterationInfo:
     seconds: float
     converged: bool
     params: Any
+    #: ``False`` for a pass that evaluated an extrapolation and rejected it (SQUAREM)
+    accepted: bool = True
 
 
 def bootstrap_weights(seed, start, n_rows):
@@ -128,6 +139,7 @@ def format_iteration(info: IterationInfo) -> str:
     return (
         f"EM iter {info.iteration:4d}{model}  mean log-lik {info.lower_bound: .10g}  "
         f"change {info.change: .3e}  {info.seconds:6.2f}s"
+        + ("" if info.accepted else "  (extrapolation rejected)")
     )
 
 
@@ -142,8 +154,15 @@ def run_em(
     verbose=0,
     print_fn: Callable[[str], None] = print,
     after_pass: Callable[[list], Any] | None = None,
+    algorithm="em",
 ):
     """Iterate EM on every model until each converges or reaches ``max_iter``.
+
+    Every pass evaluates one point per model: its mean log-likelihood and its EM image (the
+    M-step) come from the same statistics. With ``algorithm='squarem'`` the points follow
+    :class:`~emdask.engine.squarem.Squarem` (accelerated EM); ``n_iter`` counts passes in both
+    cases, and ``lower_bounds`` the log-likelihoods of the accepted points (every point, for
+    plain EM). A model's ``params`` are always the EM image of its last accepted point.
 
     Parameters
     ----------
@@ -161,36 +180,55 @@ def run_em(
     after_pass : callable, optional
         Called with ``models`` once every model of a pass has had its M-step and its
         callbacks (a checkpoint writer, for instance), before the fit stops or goes on.
+    algorithm : {'em', 'squarem'}
+        Plain EM, or EM accelerated by SQUAREM (a model that already carries an
+        accelerator, from a checkpoint, keeps it).
 
     Returns
     -------
     list of EMModel
     """
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm={algorithm!r} is not one of {list(ALGORITHMS)}")
+    if algorithm == "squarem":
+        for m in models:
+            if m.accelerator is None:
+                m.accelerator = Squarem()
     stop = False
     while not stop:
         active = [m for m in models if not m.converged and m.n_iter < max_iter]
         if not active:
             break
         start = time.perf_counter()
-        spec = tuple((m.family, m.params, m.bootstrap_seed) for m in active)
+        points = [m.point for m in active]
+        spec = tuple((m.family, p, m.bootstrap_seed) for m, p in zip(active, points))
         all_stats = data.map_reduce(_em_chunk, spec, data.row_starts, combine=_add_tuples)
-        for model, stats in zip(active, all_stats):
-            lower_bound = stats.mean_loglik
-            change = lower_bound - model.lower_bound
-            model.params = model.family.m_step(stats, model.params)
+        for model, point, stats in zip(active, points, all_stats):
+            loglik = stats.mean_loglik
+            image = model.family.m_step(stats, point)
             model.n_iter += 1
-            model.lower_bounds.append(lower_bound)
-            if abs(change) < tol:
-                model.converged = True
+            accepted, params = True, image
+            if model.accelerator is not None:
+                accepted, params = model.accelerator.update(
+                    model.family, point, loglik, image, model.lower_bound
+                )
+            change = 0.0
+            if accepted:
+                change = loglik - model.lower_bound
+                model.params = params
+                model.lower_bounds.append(loglik)
+                if abs(change) < tol:
+                    model.converged = True
             info = IterationInfo(
                 iteration=model.n_iter,
                 model=models.index(model),
                 n_models=len(models),
-                lower_bound=lower_bound,
+                lower_bound=model.lower_bound,
                 change=change,
                 seconds=time.perf_counter() - start,
                 converged=model.converged,
                 params=model.params,
+                accepted=accepted,
             )
             if verbose:
                 print_fn(format_iteration(info))

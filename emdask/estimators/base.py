@@ -16,6 +16,7 @@ import numpy as np
 
 from ..engine import EMModel, map_rows, prepare, run_em
 from ..engine.data import one_blas_thread
+from ..engine.squarem import ALGORITHMS
 from ..exceptions import ConvergenceWarning, DataWarning
 from ..families.base import logsumexp_rows, normalize_log_rows
 
@@ -167,6 +168,8 @@ class BaseMixture:
         _check_number("n_init", self.n_init, kind=numbers.Integral, low=1)
         _check_number("verbose", self.verbose, kind=numbers.Integral, low=0)
         _check_number("split_every", self.split_every, kind=numbers.Integral, low=2)
+        if getattr(self, "algorithm", "em") not in ALGORITHMS:
+            raise ValueError(f"algorithm={self.algorithm!r} is not one of {list(ALGORITHMS)}")
         if self.persist not in ("auto", True, False):
             raise ValueError(f"persist={self.persist!r} must be 'auto', True or False")
         if self._init_methods and self.init_params not in self._init_methods:
@@ -266,6 +269,7 @@ class BaseMixture:
             callbacks=callbacks,
             verbose=self.verbose,
             after_pass=after_pass,
+            algorithm=self.algorithm,
         )
         best = max(models, key=lambda m: m.lower_bound)
         if not best.converged and self.max_iter > 0:

@@ -564,7 +564,10 @@ _COMMON_DOC = """
     split_every : int, default=8
         Fan-in of the tree reduction of the statistics.
     persist : {'auto', True, False}, default='auto'
-        Keep the converted data in memory between iterations."""
+        Keep the converted data in memory between iterations.
+    algorithm : {'em', 'squarem'}, default='squarem'
+        Plain EM, or EM accelerated by SQUAREM (same fixed point, usually far fewer
+        passes; see :class:`emdask.GaussianMixture`)."""
 
 
 class _SimpleTableMixture(_FillMixin, _TableMixture):
@@ -631,6 +634,7 @@ class BernoulliMixture(_SimpleTableMixture):
         verbose=0,
         split_every=8,
         persist="auto",
+        algorithm="squarem",
     ):
         self.n_components = n_components
         self.alpha = alpha
@@ -646,6 +650,7 @@ class BernoulliMixture(_SimpleTableMixture):
         self.verbose = verbose
         self.split_every = split_every
         self.persist = persist
+        self.algorithm = algorithm
 
     def _family_from(self, encoder):
         return BernoulliFamily(
@@ -735,6 +740,7 @@ class PoissonMixture(_SimpleTableMixture):
         verbose=0,
         split_every=8,
         persist="auto",
+        algorithm="squarem",
     ):
         self.n_components = n_components
         self.alpha = alpha
@@ -750,6 +756,7 @@ class PoissonMixture(_SimpleTableMixture):
         self.verbose = verbose
         self.split_every = split_every
         self.persist = persist
+        self.algorithm = algorithm
 
     def _family_from(self, encoder):
         return PoissonFamily(
@@ -839,6 +846,7 @@ class BinomialMixture(_TableMixture):
         verbose=0,
         split_every=8,
         persist="auto",
+        algorithm="squarem",
     ):
         self.n_components = n_components
         self.n_trials = n_trials
@@ -854,6 +862,7 @@ class BinomialMixture(_TableMixture):
         self.verbose = verbose
         self.split_every = split_every
         self.persist = persist
+        self.algorithm = algorithm
 
     def _check_parameters(self):
         super()._check_parameters()
@@ -1031,6 +1040,7 @@ class CategoricalMixture(_FillMixin, _TableMixture):
         verbose=0,
         split_every=8,
         persist="auto",
+        algorithm="squarem",
     ):
         self.n_components = n_components
         self.alpha = alpha
@@ -1047,6 +1057,7 @@ class CategoricalMixture(_FillMixin, _TableMixture):
         self.verbose = verbose
         self.split_every = split_every
         self.persist = persist
+        self.algorithm = algorithm
 
     def _check_parameters(self):
         super()._check_parameters()
@@ -1204,6 +1215,7 @@ class MixedMixture(_FillMixin, _TableMixture):
         verbose=0,
         split_every=8,
         persist="auto",
+        algorithm="squarem",
     ):
         self.n_components = n_components
         self.column_families = column_families
@@ -1221,6 +1233,7 @@ class MixedMixture(_FillMixin, _TableMixture):
         self.verbose = verbose
         self.split_every = split_every
         self.persist = persist
+        self.algorithm = algorithm
 
     def _check_parameters(self):
         super()._check_parameters()

@@ -139,7 +139,14 @@ class EMImputer(GaussianMixture):
         replicates = [EMModel(family, start, bootstrap_seed=int(s)) for s in seeds]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            run_em(data, replicates, tol=self.tol, max_iter=self.max_iter, verbose=self.verbose)
+            run_em(
+                data,
+                replicates,
+                tol=self.tol,
+                max_iter=self.max_iter,
+                verbose=self.verbose,
+                algorithm=self.algorithm,
+            )
         return [m.params for m in replicates]
 
 

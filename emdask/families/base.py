@@ -17,10 +17,24 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Stats", "logsumexp_rows", "normalize_log_rows", "ROW_CHUNK"]
+__all__ = [
+    "Stats",
+    "logsumexp_rows",
+    "normalize_log_rows",
+    "ROW_CHUNK",
+    "log_ratios",
+    "from_log_ratios",
+    "logits",
+    "from_logits",
+    "floored_log",
+]
 
 #: Rows handled at once inside a block: a few hundred kilobytes per component stay in cache.
 ROW_CHUNK = 2048
+
+#: ``log`` of the smallest positive normal float64 (about -708): the floor of a logarithm of
+#: a probability or rate that may be exactly 0.
+LOG_TINY = float(np.log(np.finfo(np.float64).tiny))
 
 
 @dataclass
@@ -93,3 +107,43 @@ def normalize_log_rows(a):
     with np.errstate(under="ignore"):
         resp = np.exp(a - log_norm[:, None])
     return resp, log_norm
+
+
+# --------------------------------------------------------------------------------------
+# Unconstrained coordinates (for accelerated EM, :mod:`emdask.engine.squarem`)
+#
+# Every point of R^n maps back to a valid parameter: a probability vector through its
+# centred log-ratios, a probability through its logit, a positive number through its log.
+# Values of exactly 0 (or 1) map to about ±708, which maps back to 1e-308 (or 1.0).
+# --------------------------------------------------------------------------------------
+
+
+def floored_log(x):
+    """``log(x)``, floored at ``LOG_TINY`` (no ``-inf`` for an exact 0)."""
+    with np.errstate(divide="ignore"):
+        return np.maximum(np.log(x), LOG_TINY)
+
+
+def log_ratios(p, axis=-1):
+    """Centred log-ratios of probability vectors along ``axis`` (inverse: ``from_log_ratios``)."""
+    logp = floored_log(p)
+    return logp - logp.mean(axis=axis, keepdims=True)
+
+
+def from_log_ratios(z, axis=-1):
+    """Probability vectors (softmax along ``axis``) from log-ratios."""
+    z = z - z.max(axis=axis, keepdims=True)
+    with np.errstate(under="ignore"):
+        e = np.exp(z)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def logits(p):
+    """``log(p / (1 - p))`` with both logarithms floored (inverse: ``from_logits``)."""
+    return floored_log(p) - floored_log(1.0 - p)
+
+
+def from_logits(z):
+    """Probabilities from logits."""
+    with np.errstate(over="ignore", under="ignore"):
+        return 1.0 / (1.0 + np.exp(-z))

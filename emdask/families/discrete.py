@@ -41,7 +41,16 @@ from scipy import sparse
 from scipy.special import gammaln
 
 from . import _kernels
-from .base import ROW_CHUNK, Stats, normalize_log_rows
+from .base import (
+    ROW_CHUNK,
+    Stats,
+    floored_log,
+    from_log_ratios,
+    from_logits,
+    log_ratios,
+    logits,
+    normalize_log_rows,
+)
 
 __all__ = [
     "BernoulliFamily",
@@ -137,6 +146,12 @@ class BernoulliPart:
     def n_parameters(self, k):
         return k * self.cols.size
 
+    def to_unconstrained(self, theta):
+        return logits(theta).ravel()
+
+    def from_unconstrained(self, z, like):
+        return from_logits(z).reshape(like.shape)
+
     def sample(self, theta, labels, rng):
         return (rng.random((labels.size, self.cols.size)) < theta[labels]).astype(np.float64)
 
@@ -196,6 +211,12 @@ class BinomialPart:
         return _ratio(
             terms["successes"] + self.alpha, terms["trials"] + 2.0 * self.alpha, theta
         )
+
+    def to_unconstrained(self, theta):
+        return logits(theta).ravel()
+
+    def from_unconstrained(self, z, like):
+        return from_logits(z).reshape(like.shape)
 
     def n_parameters(self, k):
         return k
@@ -319,6 +340,19 @@ class CategoricalPart:
             new[:, j, :L] = _ratio(num, den, theta[:, j, :L])
         return new
 
+    def to_unconstrained(self, theta):
+        return np.concatenate(
+            [log_ratios(theta[:, j, :L]).ravel() for j, L in enumerate(self.n_levels)]
+        )
+
+    def from_unconstrained(self, z, like):
+        k = like.shape[0]
+        theta = np.zeros(like.shape)
+        ends = np.cumsum(k * self.n_levels)
+        for j, (L, chunk) in enumerate(zip(self.n_levels, np.split(z, ends[:-1]))):
+            theta[:, j, :L] = from_log_ratios(chunk.reshape(k, L))
+        return theta
+
     def n_parameters(self, k):
         return int(k * (self.n_levels - 1).sum())
 
@@ -384,6 +418,13 @@ class PoissonPart:
             num = num + (nk[:, None] - den) * theta
             den = np.broadcast_to(nk[:, None], den.shape)
         return _ratio(num + self.alpha, den + self.alpha, theta)
+
+    def to_unconstrained(self, theta):
+        return floored_log(theta).ravel()
+
+    def from_unconstrained(self, z, like):
+        with np.errstate(under="ignore"):
+            return np.exp(z).reshape(like.shape)
 
     def n_parameters(self, k):
         return k * self.cols.size
@@ -458,6 +499,30 @@ class ProductMixtureFamily:
         k = self.n_components
         free_weights = k - 1 if self.fit_weights else 0
         return int(sum(p.n_parameters(k) for p in self.parts) + free_weights)
+
+    # -- unconstrained coordinates (accelerated EM) -------------------------------------------
+
+    def to_unconstrained(self, params):
+        """Flat vector of log-ratio weights (when fitted) and every part's unconstrained
+        parameters (logits, log-ratios, logs); every vector maps back to valid parameters."""
+        pieces = [log_ratios(params.weights)] if self.fit_weights else []
+        pieces += [p.to_unconstrained(t) for p, t in zip(self.parts, self._thetas(params))]
+        return np.concatenate(pieces)
+
+    def from_unconstrained(self, z, like):
+        """Parameters from ``to_unconstrained``'s vector (shapes, and the weights when they
+        are held fixed, taken from ``like``)."""
+        k = self.n_components
+        if self.fit_weights:
+            weights, z = from_log_ratios(z[:k]), z[k:]
+        else:
+            weights = like.weights
+        thetas = []
+        for part, theta in zip(self.parts, self._thetas(like)):
+            n = part.to_unconstrained(theta).size
+            thetas.append(part.from_unconstrained(z[:n], theta))
+            z = z[n:]
+        return self._make(weights, thetas)
 
     # -- E-step -----------------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ import numpy as np
 from scipy import linalg
 
 from . import _kernels
-from .base import ROW_CHUNK, Stats, normalize_log_rows
+from .base import ROW_CHUNK, Stats, from_log_ratios, log_ratios, normalize_log_rows
 
 __all__ = [
     "COVARIANCE_TYPES",
@@ -150,6 +150,71 @@ _N_COV_PARAMETERS = {
     "diag": lambda k, d: k * d,
     "spherical": lambda k, d: k,
 }
+
+
+# --------------------------------------------------------------------------------------
+# Covariances <-> unconstrained coordinates (for accelerated EM), one pair per type:
+# a Cholesky factor with its diagonal as logarithms (full, tied), log-variances (diag,
+# spherical). Any vector maps back to positive-definite covariances.
+# --------------------------------------------------------------------------------------
+
+
+def _free_dense(cov):
+    d = cov.shape[-1]
+    L = np.linalg.cholesky(cov)
+    idx = np.arange(d)
+    L[..., idx, idx] = np.log(L[..., idx, idx])
+    rows, cols = np.tril_indices(d)
+    return L[..., rows, cols].ravel()
+
+
+def _dense_from_free(z, shape):
+    d = shape[-1]
+    rows, cols = np.tril_indices(d)
+    L = np.zeros((int(np.prod(shape[:-2], dtype=int)), d, d))
+    L[:, rows, cols] = z.reshape(L.shape[0], -1)
+    idx = np.arange(d)
+    L[:, idx, idx] = np.exp(L[:, idx, idx])
+    return (L @ np.swapaxes(L, 1, 2)).reshape(shape)
+
+
+def _free_positive(cov):
+    return np.log(cov).ravel()
+
+
+def _positive_from_free(z, shape):
+    return np.exp(z).reshape(shape)
+
+
+#: covariance type -> (to unconstrained, from unconstrained given the covariances' shape)
+_FREE_COVARIANCE = {
+    "full": (_free_dense, _dense_from_free),
+    "tied": (_free_dense, _dense_from_free),
+    "diag": (_free_positive, _positive_from_free),
+    "spherical": (_free_positive, _positive_from_free),
+}
+
+
+def gaussian_to_unconstrained(params):
+    """Means and covariances of ``params`` as one flat vector (weights excluded)."""
+    to_free, _ = _FREE_COVARIANCE[params.covariance_type]
+    return np.concatenate([params.means.ravel(), to_free(params.covariances)])
+
+
+def gaussian_from_unconstrained(z, like, weights):
+    """:class:`GaussianParams` shaped as ``like`` from ``gaussian_to_unconstrained``'s vector.
+
+    Raises
+    ------
+    ValueError
+        If a covariance is numerically singular (the caller rejects the point).
+    """
+    _, from_free = _FREE_COVARIANCE[like.covariance_type]
+    n_means = like.means.size
+    means = z[:n_means].reshape(like.means.shape)
+    cov = from_free(z[n_means:], like.covariances.shape)
+    prec_chol = compute_precision_cholesky(cov, like.covariance_type)
+    return GaussianParams(weights, means, cov, prec_chol, like.covariance_type)
 
 
 # --------------------------------------------------------------------------------------
@@ -382,6 +447,18 @@ class GaussianFamily:
         means = shift + delta
         cov = _M_STEP[self.covariance_type](nk, delta, t["s2"], self.reg_covar)
         return self.make_params(nk / nk.sum(), means, cov)
+
+    # -- unconstrained coordinates (accelerated EM) -----------------------------------------
+
+    def to_unconstrained(self, params):
+        """Flat vector of log-ratio weights, means and covariance Cholesky factors (log
+        diagonals); every vector maps back to valid parameters."""
+        return np.concatenate([log_ratios(params.weights), gaussian_to_unconstrained(params)])
+
+    def from_unconstrained(self, z, like):
+        """Parameters from ``to_unconstrained``'s vector (shapes taken from ``like``)."""
+        k = like.weights.size
+        return gaussian_from_unconstrained(z[k:], like, from_log_ratios(z[:k]))
 
     # -- initialisation ---------------------------------------------------------------------
 

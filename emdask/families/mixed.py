@@ -34,6 +34,8 @@ from .gaussian import (
     _components,
     _prepare,
     compute_precision_cholesky,
+    gaussian_from_unconstrained,
+    gaussian_to_unconstrained,
 )
 
 __all__ = ["MIXED_KINDS", "MixedFamily", "MixedParams", "GaussianPart"]
@@ -102,6 +104,12 @@ class GaussianPart:
 
     def n_parameters(self, k):
         return self._gaussian(k).n_parameters(self.cols.size) - (k - 1)
+
+    def to_unconstrained(self, theta):
+        return gaussian_to_unconstrained(theta)
+
+    def from_unconstrained(self, z, like):
+        return gaussian_from_unconstrained(z, like, like.weights)
 
     def sample(self, theta, labels, rng):
         d = self.cols.size
