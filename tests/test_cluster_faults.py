@@ -38,7 +38,7 @@ from emdask import ConvergenceWarning, GaussianMixture
 COLUMNS = [f"x{j}" for j in range(6)]
 N_PARTS = 32
 KILL_AFTER = 2  # iterations completed before the kill is armed
-MAX_ITER = 5
+MAX_ITER = 12  # passes enough after the kill is armed for the killer to catch one on a loaded machine
 E_STEP = "_em_chunk"  # tasks of one EM pass: E-step statistics of the blocks a worker holds
 REDUCE = "_combine_with"  # ... and one node of the tree reduction of a pass that re-reads
 
