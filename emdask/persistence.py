@@ -225,7 +225,8 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def _write_file_atomic(path, data):
+def write_file_atomic(path, data):
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace`` (whole or not at all)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -273,16 +274,16 @@ def _write_model_dir(path, document, arrays):
     if not path.is_dir() or not any(path.iterdir()):
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         try:
-            _write_file_atomic(tmp / arrays_name, raw)
-            _write_file_atomic(tmp / MODEL_JSON, text)
+            write_file_atomic(tmp / arrays_name, raw)
+            write_file_atomic(tmp / MODEL_JSON, text)
             os.rename(tmp, path)  # replaces an empty directory too
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         _fsync_dir(path.parent)
         return path
-    _write_file_atomic(path / arrays_name, raw)
-    _write_file_atomic(path / MODEL_JSON, text)  # the switch
+    write_file_atomic(path / arrays_name, raw)
+    write_file_atomic(path / MODEL_JSON, text)  # the switch
     _fsync_dir(path)
     for old in path.iterdir():
         if _ARRAYS_FILE.match(old.name) and old.name != arrays_name:

