@@ -227,13 +227,6 @@ class FileSource(Source):
     storage_options: dict = field(default_factory=dict, repr=False, compare=False)
     kind = "files"
 
-    @property
-    def path(self):
-        return self.url
-
-    def _fs(self):
-        return filesystem(self.url, self.storage_options)[0]
-
     def open_table(self):
         import dask.dataframe as dd
 

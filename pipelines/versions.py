@@ -162,10 +162,6 @@ class Published:
         """URL (or local path) of a file of the version."""
         return posixpath.join(self.url, relative) if "://" in self.url else str(Path(self.url) / relative)
 
-    @property
-    def path(self):
-        return Path(self.url) if "://" not in self.url else self.url
-
 
 # --------------------------------------------------------------------------------------
 # A version being written
@@ -257,7 +253,6 @@ class Destination:
     kind = "?"
     url = ""
     storage_options = {}
-    tables = True  # whether it can take a flow's table outputs; False: folders only
 
     def check(self, source=None):
         """Check the destination can take a version without touching the source; writes nothing."""
@@ -592,10 +587,6 @@ class FolderDestination(Destination):
         url = self._version_url(names[0])
         manifest = json.loads(self.fs.cat_file(self._p(VERSIONS, names[0], MANIFEST)))
         return Published(names[0], url, manifest, storage_options=self.storage_options)
-
-    def published_path(self):
-        current = self.published()
-        return None if current is None else current.path
 
     def list_versions(self):
         """Names of the complete versions (with a manifest), oldest first."""
