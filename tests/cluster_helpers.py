@@ -418,19 +418,22 @@ def worker_addresses_by_name(client):
 
 
 class KillWhenRunning(threading.Thread):
-    """Once armed, SIGKILL a worker's process group as soon as the scheduler shows a task
-    with the given key prefix processing on it (checked every few milliseconds).
+    """Once armed, SIGKILL a worker's process group (nanny and worker) while a task with the
+    given key prefix is running on it: a machine lost in the middle of a pass.
 
-    ``seen`` holds the keys the worker was processing when it was killed.
+    Polling the scheduler can miss tasks that take milliseconds, so the worker itself marks
+    the moment: armed (``_arm`` with a ``hold`` token, on that worker only), the next such
+    task to start writes the token file and holds its start until the kill. ``seen`` holds
+    the key of that task.
     """
 
-    def __init__(self, cluster, worker_name, prefix, poll=0.003, timeout=120):
+    def __init__(self, cluster, worker_name, prefix, timeout=120):
         super().__init__(daemon=True, name=f"kill-{worker_name}")
         self.cluster = cluster
         self.worker_name = worker_name
         self.prefix = prefix
-        self.poll = poll
         self.timeout = timeout
+        self.token = Path(cluster.workdir) / f"held-{worker_name}"
         self.armed = threading.Event()
         self.done = threading.Event()
         self.seen = ()
@@ -439,39 +442,43 @@ class KillWhenRunning(threading.Thread):
     def run(self):
         try:
             with self.cluster.client(set_as_default=False) as client:
+                client.register_plugin(self_kill_plugin())
                 address = worker_addresses_by_name(client)[self.worker_name]
                 if not self.armed.wait(self.timeout):
                     return
+                client.run(_arm, self.prefix, str(self.token), True, workers=[address])
                 deadline = time.monotonic() + self.timeout
                 while time.monotonic() < deadline:
-                    keys = client.processing(workers=[address]).get(address, ())
-                    if any(task_prefix(k) == self.prefix for k in keys):
+                    if self.token.exists() and self.token.stat().st_size:
                         self.cluster.kill_node(self.worker_name)
-                        self.seen = tuple(keys)
+                        self.seen = (self.token.read_text().split(" ", 1)[1],)
                         return
-                    time.sleep(self.poll)
+                    time.sleep(0.01)
         except BaseException as exc:  # reported by the test
             self.error = exc
         finally:
             self.done.set()
 
 
-_ARMED = None  # (key prefix, token path) on an armed worker process
+_ARMED = None  # (key prefix, token path, hold) on an armed worker process
+HOLD_SECONDS = 120  # how long a held task start waits for the kill
 
 
-def _arm(prefix, token):
+def _arm(prefix, token, hold=False):
     """Run on workers: the next task with this key prefix that starts on one of them kills
     that worker process — on one worker only, the first to create the ``token`` file (it
-    writes its pid and the task key there)."""
+    writes its pid and the task key there). With ``hold``, the worker does not kill itself:
+    it holds the task's start until something else kills it."""
     global _ARMED
-    _ARMED = (prefix, token)
+    _ARMED = (prefix, token, hold)
     return os.getpid()
 
 
 class SelfKillOnTask(WorkerPlugin):
     """When armed (``_arm``), SIGKILL the worker process the moment a task whose key starts
-    with the armed prefix begins executing on it: a worker dying mid-pass, at an exact point.
-    A restarted worker gets the plugin again, unarmed."""
+    with the armed prefix begins executing on it: a worker dying mid-pass, at an exact point
+    (or, with ``hold``, stop there and wait to be killed from outside). A restarted worker
+    gets the plugin again, unarmed."""
 
     name = "emdask-test-self-kill"
 
@@ -479,7 +486,7 @@ class SelfKillOnTask(WorkerPlugin):
         global _ARMED
         if finish != "executing" or _ARMED is None or task_prefix(key) != _ARMED[0]:
             return
-        token = _ARMED[1]
+        _, token, hold = _ARMED
         _ARMED = None
         try:
             fd = os.open(token, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
@@ -487,6 +494,8 @@ class SelfKillOnTask(WorkerPlugin):
             return
         os.write(fd, f"{os.getpid()} {key}".encode())
         os.close(fd)
+        if hold:
+            time.sleep(HOLD_SECONDS)
         os.kill(os.getpid(), signal.SIGKILL)
 
 

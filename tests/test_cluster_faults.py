@@ -3,8 +3,9 @@
 Each test starts its own cluster (a ``dask scheduler`` and two ``dask worker`` processes on
 127.0.0.1), lets EM run a few iterations, and kills a worker while a pass is running:
 
-* during the E-step: a whole worker machine (nanny and worker) is SIGKILLed once the
-  scheduler shows an E-step task running on it; the fit finishes on the other worker;
+* during the E-step: a whole worker machine (nanny and worker) is SIGKILLed while an E-step
+  task is starting on it (the worker holds that task until the kill); the fit finishes on
+  the other worker;
 * during the reduction: the worker process SIGKILLs itself the moment a combine task starts
   on it (its nanny starts a new one);
 * with in-memory (numpy) input, whose blocks were scattered from the client and cannot be
