@@ -24,6 +24,10 @@ EM                      one pass per iteration for all models; a model that has
 Separate fits would read the table ``summary + initialisation + iterations`` times each;
 the shared search reads it about as often as its slowest single fit.
 
+A candidate with a singular component (its covariance at the ``reg_covar`` floor, or a
+component on fewer rows than its parameters: :mod:`emdask.degeneracy`) owes its criterion to
+a spike of an unbounded likelihood; it is marked in ``table_`` and never chosen.
+
 Criteria (lower is better), with ``L`` the log-likelihood of the rows with an observed cell,
 ``n`` their number and ``p`` the number of free parameters:
 
@@ -43,6 +47,7 @@ import warnings
 import numpy as np
 import pandas as pd
 
+from .degeneracy import describe_singular
 from .engine.driver import EMModel, map_reduce_many, run_em
 from .estimators.base import BaseMixture, seed_from
 from .exceptions import ConvergenceWarning, DataWarning
@@ -69,14 +74,18 @@ class SelectionResult:
     Attributes
     ----------
     best_estimator_ : BaseMixture
-        The fitted candidate with the lowest criterion (the smallest ``n_components`` on a tie).
+        The fitted candidate with the lowest criterion among those that are not singular
+        (the smallest ``n_components`` on a tie).
     best_n_components_ : int
     criterion : str
         ``'bic'``, ``'aic'`` or ``'icl'``: the column of ``table_`` that chose.
     table_ : pandas.DataFrame
         One row per candidate, by ``n_components``: ``bic``, ``aic``, ``icl``,
         ``log_likelihood`` (total over the rows with an observed cell), ``n_parameters``,
-        ``n_iter``, ``converged``.
+        ``n_iter``, ``converged``, ``singular`` and ``singular_reason`` (which components
+        are singular and why, see :mod:`emdask.degeneracy`: such a candidate's criteria
+        come from a spike of an unbounded likelihood, like mclust's ``NA``, and it is never
+        chosen).
     estimators_ : dict of int to BaseMixture
         Every fitted candidate, by ``n_components``.
     n_passes_ : int
@@ -114,6 +123,11 @@ class SelectionResult:
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
         ax.plot(t["n_components"], t[self.criterion], marker="o", color="tab:blue")
+        singular = t[t["singular"]] if "singular" in t else t.iloc[:0]
+        if len(singular):
+            ax.plot(singular["n_components"], singular[self.criterion], marker="x",
+                    markersize=10, color="tab:gray", linestyle="none",
+                    label="singular (never chosen)")
         best = t[t["n_components"] == self.best_n_components_]
         ax.plot(best["n_components"], best[self.criterion], marker="o", markersize=12,
                 markerfacecolor="none", markeredgecolor="tab:red", linestyle="none",
@@ -234,6 +248,7 @@ def select_components(
     rows = []
     for cand, (loglik, n, entropy) in zip(candidates, map_reduce_many(data, tasks)):
         p = cand._n_parameters()
+        singular = cand._singular(n)
         bic = -2.0 * loglik + p * np.log(n)
         rows.append(
             {
@@ -245,13 +260,25 @@ def select_components(
                 "n_parameters": int(p),
                 "n_iter": int(cand.n_iter_),
                 "converged": bool(cand.converged_),
+                "singular": bool(singular),
+                "singular_reason": describe_singular(singular),
             }
         )
     for cand in candidates:
         cand.n_passes_ = data.n_passes
     table = pd.DataFrame(rows)
     values = table[criterion].to_numpy()
-    finite = np.where(np.isfinite(values), values, np.inf)
+    eligible = np.isfinite(values) & ~table["singular"].to_numpy()
+    if not eligible.any():
+        warnings.warn(
+            f"every candidate is singular ({'; '.join(table['singular_reason'])}); the "
+            f"{criterion.upper()} chose among them anyway. Use a larger reg_covar (or alpha) "
+            "on the data's scale, or a simpler model.",
+            DataWarning,
+            stacklevel=2,
+        )
+        eligible = np.isfinite(values)
+    finite = np.where(eligible, values, np.inf)
     best = int(np.argmin(finite))  # first minimum: the smallest k on a tie
     return SelectionResult(
         candidates[best],

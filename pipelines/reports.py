@@ -2,14 +2,46 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
 
 __all__ = [
+    "log_singular_candidates",
+    "warnings_to_log",
     "convergence_plot",
     "create_artifacts",
     "format_duration",
     "summary_markdown",
 ]
+
+
+@contextlib.contextmanager
+def warnings_to_log(logger):
+    """Send the warnings raised inside the block (emdask's data and convergence warnings)
+    to ``logger`` as warnings of the run, one line each, instead of the process's stderr."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            seen = set()
+            for w in caught:
+                text = f"{w.category.__name__}: {w.message}"
+                if text not in seen:
+                    seen.add(text)
+                    logger.warning(text)
+
+
+def log_singular_candidates(logger, table):
+    """Log the candidates of a selection table that are singular (never chosen)."""
+    if "singular" not in table:
+        return
+    for _, row in table[table["singular"]].iterrows():
+        logger.warning(
+            f"k={int(row['n_components'])} is singular and was not considered: "
+            f"{row['singular_reason']}"
+        )
 
 
 def _figure(size=(6, 4)):

@@ -42,7 +42,7 @@ from . import validation
 from .cluster import dask_client
 from .errors import InputError
 from .partitions import label_partition, scaled_table, segment_frame
-from .reports import format_duration
+from .reports import format_duration, log_singular_candidates, warnings_to_log
 from .sources import Source, open_source
 from .tasks import (
     FitResult,
@@ -190,31 +190,33 @@ def fit_segments(plan: SegmentPlan, scaling: dict, version) -> FitResult:
     estimator = _estimator(plan)
     started = time.perf_counter()
     selection = []
-    if len(plan.candidates) == 1:
-        logger.info(f"fitting {estimator!r} on {len(plan.features)} features")
-        checkpoint, keep_a_copy = plan.destination.checkpoint(plan.key)
-        callbacks = [progress_callback(tol=estimator.tol)] + ([keep_a_copy] if keep_a_copy else [])
-        model = estimator.fit(table, columns=plan.features, callbacks=callbacks,
-                              checkpoint=checkpoint, resume=True)
-        n_passes = getattr(model, "n_passes_", 0)
-    else:
-        ks = plan.candidates
-        logger.info(f"fitting k = {ks[0]}..{ks[-1]} together; choosing by {p['criterion'].upper()}")
-        n_init = p["n_init"]
+    with warnings_to_log(logger):
+        if len(plan.candidates) == 1:
+            logger.info(f"fitting {estimator!r} on {len(plan.features)} features")
+            checkpoint, keep_a_copy = plan.destination.checkpoint(plan.key)
+            callbacks = [progress_callback(tol=estimator.tol)] + ([keep_a_copy] if keep_a_copy else [])
+            model = estimator.fit(table, columns=plan.features, callbacks=callbacks,
+                                  checkpoint=checkpoint, resume=True)
+            n_passes = getattr(model, "n_passes_", 0)
+        else:
+            ks = plan.candidates
+            logger.info(f"fitting k = {ks[0]}..{ks[-1]} together; choosing by {p['criterion'].upper()}")
+            n_init = p["n_init"]
 
-        def callback(info):
-            logger.info(f"k={ks[info.model // n_init]:<3d}" + emdask.engine.format_iteration(info))
+            def callback(info):
+                logger.info(f"k={ks[info.model // n_init]:<3d}" + emdask.engine.format_iteration(info))
 
-        result = emdask.select_components(
-            estimator, table, n_components=ks, criterion=p["criterion"],
-            columns=plan.features, callbacks=[callback],
-        )
-        model = result.best_estimator_
-        n_passes = result.n_passes_
-        result.table_.to_csv(version.local / "selection.csv", index=False)
-        result.plot(str(version.local / f"{p['criterion']}.png"))
-        selection = json.loads(result.table_.to_json(orient="records"))
-        logger.info(f"{p['criterion'].upper()} chose k={result.best_n_components_}")
+            result = emdask.select_components(
+                estimator, table, n_components=ks, criterion=p["criterion"],
+                columns=plan.features, callbacks=[callback],
+            )
+            model = result.best_estimator_
+            n_passes = result.n_passes_
+            result.table_.to_csv(version.local / "selection.csv", index=False)
+            result.plot(str(version.local / f"{p['criterion']}.png"))
+            selection = json.loads(result.table_.to_json(orient="records"))
+            log_singular_candidates(logger, result.table_)
+            logger.info(f"{p['criterion'].upper()} chose k={result.best_n_components_}")
     seconds = time.perf_counter() - started
     path = save_model(model, str(version.local / "model"))
     logger.info(

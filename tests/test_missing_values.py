@@ -242,5 +242,5 @@ def test_score_and_bic_use_the_observed_data_likelihood():
 def test_component_with_fewer_rows_than_parameters_warns():
     rng = np.random.default_rng(0)
     X = np.vstack([rng.normal(0, 1, (200, 6)), rng.normal(50, 1, (5, 6))])
-    with pytest.warns(DataWarning, match="fewer rows than .*parameters.*covariance_type"):
+    with pytest.warns(DataWarning, match=r"component 1 \(.*5\.0 rows for 27 parameters.*covariance_type"):
         GaussianMixture(2, random_state=0).fit(X)

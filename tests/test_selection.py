@@ -116,7 +116,8 @@ def test_bic_picks_four_and_matches_a_scipy_computation():
     assert res.best_estimator_ is res.estimators_[4]
     t = res.table_
     assert list(t.columns) == ["n_components", "bic", "aic", "icl", "log_likelihood",
-                               "n_parameters", "n_iter", "converged"]
+                               "n_parameters", "n_iter", "converged", "singular",
+                               "singular_reason"]
     assert list(t["n_components"]) == list(range(1, 8))
     best = res.best_estimator_
     comp, ll = mixture_logpdf(X, best.weights_, best.means_, best.covariances_)

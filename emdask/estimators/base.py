@@ -16,6 +16,7 @@ import numpy as np
 
 from ..engine import EMModel, map_rows, prepare, run_em
 from ..engine.data import one_blas_thread
+from ..degeneracy import describe_singular, singular_components
 from ..engine.squarem import ALGORITHMS
 from ..exceptions import ConvergenceWarning, DataWarning
 from ..families.base import logsumexp_rows, normalize_log_rows
@@ -277,10 +278,32 @@ class BaseMixture:
                 "Best performing initialization did not converge. Try different init "
                 "parameters, or increase max_iter, tol, or check for degenerate data.",
                 ConvergenceWarning,
-                stacklevel=2,
+                stacklevel=3,  # the caller of fit (one_blas_thread wraps it)
             )
         self._finish_fit(best, data)
+        self._warn_singular(data.n_rows - data.summary.n_empty_rows, stacklevel=4)
         return self
+
+    def _singular(self, n_rows):
+        """Singular components of the fitted model (see :mod:`emdask.degeneracy`)."""
+        return singular_components(self, n_rows)
+
+    #: what to do about a singular component, for the warning
+    _singular_advice = (
+        "Use fewer components or a simpler covariance_type, or a larger reg_covar on the "
+        "data's scale; a column of few repeated values (integers) invites such spikes."
+    )
+
+    def _warn_singular(self, n_rows, stacklevel=2):
+        singular = self._singular(n_rows)
+        if singular:
+            warnings.warn(
+                f"the fit is singular: {describe_singular(singular)}. Its likelihood there "
+                "is a spike, not structure; its estimates and criteria (BIC) are not to be "
+                f"trusted. {self._singular_advice}",
+                DataWarning,
+                stacklevel=stacklevel,
+            )
 
     def _finish_fit(self, best, data):
         """Set the fitted attributes from the best :class:`~emdask.engine.EMModel`."""

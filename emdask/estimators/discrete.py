@@ -35,7 +35,7 @@ import dask.dataframe as dd
 
 from ..engine import prepare
 from ..engine.encoding import TableEncoder, infer_kind, is_categorical_dtype, scan_columns
-from ..engine.kmeans import sample_rows_many
+from ..engine.kmeans import sample_rows_many, sq_distances
 from ..exceptions import DataWarning
 from ..families.discrete import (
     MISSING_MODES,
@@ -60,7 +60,7 @@ __all__ = [
     "PoissonMixture",
 ]
 
-INIT_METHODS = ("random_from_data", "random")
+INIT_METHODS = ("k-means++", "random_from_data", "random")
 #: Rows sampled (one pass) to start EM: seed rows and the spread of Gaussian columns.
 INIT_SAMPLE = 2000
 #: Random stream of the draws of ``sample_imputations``.
@@ -185,6 +185,49 @@ def _start_gaussian(k, mean, var, seeds, covariance_type, reg_covar, rng):
     return means, diag
 
 
+def _seeding_space(sample, kinds):
+    """The sample in a space where squared distances compare rows of mixed kinds: numbers
+    (real, counts) standardized, binary cells as 0/1, a categorical cell one-hot and scaled
+    so that two different levels are at distance 1. Missing cells stay NaN."""
+    cols = []
+    for j, kind in enumerate(kinds):
+        x = sample[:, j]
+        if kind == "categorical":
+            seen = ~np.isnan(x)
+            levels = np.unique(x[seen])
+            onehot = (x[:, None] == levels[None, :]) / np.sqrt(2.0)
+            onehot[~seen] = np.nan
+            cols.append(onehot)
+        elif kind == "binary":
+            cols.append(x[:, None])
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # an all-missing column
+                mean, sd = np.nanmean(x), np.nanstd(x)
+            cols.append(((x - mean) / (sd if sd > 0 else 1.0))[:, None])
+    return np.hstack(cols) if cols else np.zeros((sample.shape[0], 0))
+
+
+def _spread_seeds(sample, kinds, k, rng):
+    """``k`` rows of the sample chosen by k-means++ seeding (Arthur & Vassilvitskii, 2007):
+    the first uniformly, each next one with probability proportional to its squared
+    distance to the nearest row already chosen (in :func:`_seeding_space`). Small groups of
+    unusual rows — the components random rows miss — get seeds."""
+    Z = _seeding_space(sample, kinds)
+    n = Z.shape[0]
+    chosen = [int(rng.integers(n))]
+    d2 = sq_distances(Z, np.nan_to_num(Z[chosen[0]])[None, :])[:, 0]
+    for _ in range(1, min(k, n)):
+        total = d2.sum()
+        if total > 0:
+            nxt = int(rng.choice(n, p=d2 / total))
+        else:  # every row equals a seed already: any other row
+            nxt = int(rng.choice(np.setdiff1d(np.arange(n), chosen)))
+        chosen.append(nxt)
+        d2 = np.minimum(d2, sq_distances(Z, np.nan_to_num(Z[nxt])[None, :])[:, 0])
+    return sample[chosen]
+
+
 def _marginals(counts, n_levels, sample_codes):
     """Smoothed level frequencies of each categorical column (from the level scan when it
     ran, else from the sample)."""
@@ -271,6 +314,10 @@ class _TableMixture(BaseMixture):
     """
 
     _init_methods = INIT_METHODS
+    _singular_advice = (
+        "Use fewer components or a larger alpha (pseudo-count); for Gaussian columns a "
+        "larger reg_covar on the data's scale."
+    )
     #: pick the columns of a frame when ``columns=None``
     _default_column = staticmethod(_is_number_dtype)
     _what = "numeric"
@@ -472,7 +519,11 @@ class _TableMixture(BaseMixture):
                 continue
             sample = samples[seed]
             rng = np.random.default_rng([int(seed), 0x5EED])
-            seeds = sample[: est.n_components] if est.init_params == "random_from_data" else None
+            seeds = None
+            if est.init_params == "random_from_data":
+                seeds = sample[: est.n_components]
+            elif est.init_params == "k-means++":
+                seeds = _spread_seeds(sample, est._encoder().kinds, est.n_components, rng)
             starts.append(est._start(data, family, est._encoder(), sample, seeds, rng))
         return starts
 
@@ -554,10 +605,16 @@ _COMMON_DOC = """
     max_iter : int, default=100
     n_init : int, default=1
         Restarts; they share each pass over the data and the best is kept.
-    init_params : {'random_from_data', 'random'}, default='random_from_data'
-        ``'random_from_data'`` starts each component from a random row blended half and half
-        with the column marginals; ``'random'`` draws the parameters at random about the
-        marginals. Either way one pass draws a uniform sample of rows.
+    init_params : {'k-means++', 'random_from_data', 'random'}, default='k-means++'
+        ``'k-means++'`` starts each component from a row of a uniform sample chosen by
+        k-means++ seeding (each next row with probability proportional to its squared
+        distance to the rows already chosen, numbers standardized and levels one-hot),
+        blended half and half with the column marginals: small groups of unusual rows get a
+        component to start from, which uniformly drawn rows miss (``benchmarks/starts.py``:
+        on the epil seizure counts, 65% of restarts reach the best optimum against 2.5% for
+        ``'random_from_data'``). ``'random_from_data'`` takes uniformly drawn rows instead;
+        ``'random'`` draws the parameters at random about the marginals. Each way one pass
+        draws the sample; restarts and candidates share it.
     weights_init : array-like of shape (n_components,), optional
     random_state : int, RandomState or Generator, optional
     verbose : int, default=0
@@ -627,7 +684,7 @@ class BernoulliMixture(_SimpleTableMixture):
         tol=1e-3,
         max_iter=100,
         n_init=1,
-        init_params="random_from_data",
+        init_params="k-means++",
         weights_init=None,
         probabilities_init=None,
         random_state=None,
@@ -733,7 +790,7 @@ class PoissonMixture(_SimpleTableMixture):
         tol=1e-3,
         max_iter=100,
         n_init=1,
-        init_params="random_from_data",
+        init_params="k-means++",
         weights_init=None,
         rates_init=None,
         random_state=None,
@@ -839,7 +896,7 @@ class BinomialMixture(_TableMixture):
         tol=1e-3,
         max_iter=100,
         n_init=1,
-        init_params="random_from_data",
+        init_params="k-means++",
         weights_init=None,
         probabilities_init=None,
         random_state=None,
@@ -1033,7 +1090,7 @@ class CategoricalMixture(_FillMixin, _TableMixture):
         tol=1e-3,
         max_iter=100,
         n_init=1,
-        init_params="random_from_data",
+        init_params="k-means++",
         weights_init=None,
         probabilities_init=None,
         random_state=None,
@@ -1209,7 +1266,7 @@ class MixedMixture(_FillMixin, _TableMixture):
         tol=1e-3,
         max_iter=100,
         n_init=1,
-        init_params="random_from_data",
+        init_params="k-means++",
         weights_init=None,
         random_state=None,
         verbose=0,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import operator
-import warnings
 
 import numpy as np
 
@@ -17,7 +16,6 @@ from ..families.gaussian import (
     covariances_from_precisions,
     precisions_from_cholesky,
 )
-from ..exceptions import DataWarning
 from .base import BaseMixture, _check_number
 
 __all__ = ["GaussianMixture"]
@@ -327,24 +325,3 @@ class GaussianMixture(BaseMixture):
             else np.asarray(self.precisions_cholesky_),
             self.covariance_type,
         )
-
-    def _finish_fit(self, best, data):
-        super()._finish_fit(best, data)
-        self._warn_small_components(data.n_rows - data.summary.n_empty_rows)
-
-    def _warn_small_components(self, n_rows):
-        """Warn when a component rests on fewer rows than it has parameters."""
-        d = self.n_features_in_
-        per_component = {"full": d + d * (d + 1) / 2, "tied": d, "diag": 2 * d, "spherical": d + 1}
-        needed = per_component[self.covariance_type]
-        rows = self.weights_ * n_rows
-        small = np.flatnonzero(rows < needed)
-        if small.size:
-            warnings.warn(
-                f"component(s) {small.tolist()} rest on fewer rows than their {needed:g} "
-                f"parameters ({', '.join(f'{r:.1f}' for r in rows[small])} rows); their "
-                "estimates are unreliable. Use a simpler covariance_type ('diag' or "
-                "'spherical'), fewer components, or a larger reg_covar.",
-                DataWarning,
-                stacklevel=4,
-            )
