@@ -315,3 +315,29 @@ def test_parameters_are_validated_by_prefect(api, tmp_path):
     with pytest.raises(ParameterTypeError, match="method"):
         impute_survey(src, str(tmp_path / "out"), "rid", method="median")
     assert not (tmp_path / "out").exists()
+
+
+def test_segment_marks_and_logs_singular_candidates(api, dask_address, tmp_path, caplog):
+    # two groups of customers, and 40 of them with exactly 7 visits and similar spend: a
+    # component on them has a visits variance of only reg_covar (a spike, never chosen)
+    rng = np.random.default_rng(11)
+    n = 600
+    group = rng.random(n) < 0.5
+    df = pd.DataFrame({
+        "cid": np.arange(n),
+        "spend": np.where(group, rng.normal(40, 8, n), rng.normal(120, 15, n)),
+        "visits": np.round(np.where(group, rng.normal(3, 1.5, n), rng.normal(12, 3, n))),
+    })
+    df.loc[:39, ["spend", "visits"]] = np.column_stack([rng.normal(80, 2, 40), np.full(40, 7.0)])
+    src = write_dataset(df, tmp_path / "customers", npartitions=2)
+    dest = tmp_path / "segments"
+    with caplog.at_level("WARNING"):
+        s = segment_customers(src, str(dest), "cid", k_min=1, k_max=5, covariance_type="diag",
+                              dask_address=dask_address)
+    selection = pd.read_csv(published_dir(dest) / "selection.csv", keep_default_na=False)
+    marked = selection[selection["singular"]]
+    assert len(marked), selection  # the spike is found by some candidate ...
+    assert s["n_components"] not in set(marked["n_components"])  # ... and never chosen
+    for k, why in zip(marked["n_components"], marked["singular_reason"]):
+        assert "reg_covar floor" in why or "rows for" in why
+        assert f"k={k} is singular and was not considered" in caplog.text
