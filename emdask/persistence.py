@@ -101,6 +101,7 @@ MAX_COMPRESSION_RATIO = 100
 _RATIO_FLOOR = 64 * 2**10
 #: Room for the header of one ``.npy`` member (numpy keeps it under 64 KiB).
 _NPY_HEADER_MAX = 65536 + 16
+_READ_CHUNK = 2**20
 #: How far from 1 mixing weights, or a categorical column's level probabilities, may sum.
 SUM_TOLERANCE = 1e-4
 #: Integers in a model file fit in 64 bits.
@@ -554,12 +555,18 @@ def _read_member(zf, info, key, entry, nbytes, file):
                 f"{tuple(shape)} of {dtype} needs {nbytes}",
                 arrays=True,
             )
-        data = f.read(nbytes) if nbytes else b""
-        if len(data) != nbytes or f.read(1):
+        out = np.empty(shape, dtype=dtype, order="F" if fortran else "C")
+        flat = memoryview(out.reshape(-1, order="A").view(np.uint8))
+        done = 0
+        while done < nbytes:  # into the array, a chunk at a time: no second copy
+            chunk = f.read(min(nbytes - done, _READ_CHUNK))
+            if not chunk:
+                break
+            flat[done : done + len(chunk)] = chunk
+            done += len(chunk)
+        if done != nbytes or f.read(1):
             raise file.error(key, f"does not hold the {nbytes} bytes of its shape", arrays=True)
-    if not nbytes:
-        return np.empty(shape, dtype=dtype)
-    return np.frombuffer(bytearray(data), dtype=dtype).reshape(shape, order="F" if fortran else "C")
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -693,7 +700,7 @@ def _is_number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _check_declared(cls, mapping, allowed, section, file, *, arrays=False):
+def _check_declared(cls, mapping, allowed, section, file):
     """Only attributes ``cls`` declares, and none that could shadow a method."""
     for name in mapping:
         data_attribute = (
@@ -708,7 +715,6 @@ def _check_declared(cls, mapping, allowed, section, file, *, arrays=False):
                 repr(name) if not isinstance(name, str) or not name.isidentifier() else name,
                 f"in {section} is not a fitted attribute of {cls.__name__}, which declares "
                 f"{list(allowed)}",
-                arrays=arrays,
             )
 
 
