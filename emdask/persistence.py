@@ -784,10 +784,18 @@ def _check_meta(est, raw, names, section, file):
 
     ``names``: a function giving the model's column names (called once the metadata is
     known to describe a bounded number of columns)."""
-    from .estimators.discrete import CategoricalMixture, MixedMixture
+    from .estimators.discrete import BinomialMixture, CategoricalMixture, MixedMixture
     from .families.mixed import MIXED_KINDS
 
     cls = type(est)
+    if isinstance(est, BinomialMixture):
+        columns = 1 if est.n_trials is not None else 2
+        if est.n_features_in_ != columns:
+            raise file.error(
+                "n_features_in_",
+                f"= {est.n_features_in_}, but a BinomialMixture with n_trials={est.n_trials} "
+                f"models {columns} column(s) (successes{'' if columns == 1 else ', trials'})",
+            )
     if not isinstance(raw, dict):
         raise file.error(section, "must be an object")
     _check_declared(cls, raw, cls._fitted_meta, section, file)
@@ -885,11 +893,14 @@ def _covariances_problem(covariance_type):
         asym = np.abs(mats - np.swapaxes(mats, 1, 2)) > 1e-8 * scale
         if asym.any():
             return f"is not symmetric ({which(int(np.flatnonzero(asym.any(axis=(1, 2)))[0]))})"
-        for i, m in enumerate(mats):
-            try:
-                np.linalg.cholesky(m)
-            except np.linalg.LinAlgError:
-                return f"is not positive definite ({which(i)})"
+        try:
+            np.linalg.cholesky(mats)
+        except np.linalg.LinAlgError:
+            for i, m in enumerate(mats):
+                try:
+                    np.linalg.cholesky(m)
+                except np.linalg.LinAlgError:
+                    return f"is not positive definite ({which(i)})"
         return None
 
     return problem
@@ -922,10 +933,12 @@ def _precisions_cholesky_problem(covariance_type):
 
 
 def _precisions_problem(covariance_type, cholesky_key):
-    from .families.gaussian import precisions_from_cholesky
-
     def problem(p, arrays):
-        expected = precisions_from_cholesky(arrays[cholesky_key], covariance_type)
+        u = arrays[cholesky_key]
+        if covariance_type in ("full", "tied"):
+            expected = u @ np.swapaxes(u, -1, -2)
+        else:
+            expected = u**2
         scale = float(np.abs(expected).max()) if expected.size else 0.0
         if not np.allclose(p, expected, rtol=1e-6, atol=1e-9 * scale):
             return f"is not the precision U Uᵀ of {cholesky_key}"

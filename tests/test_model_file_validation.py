@@ -260,6 +260,9 @@ def test_n_features_in_must_agree_with_the_arrays_and_names(tmp_path):
     edit_json(path, lambda d: d["fitted"].update(n_features_in_=0))
     message = refused(path, r"n_features_in_ = 0 must be a positive integer")
     names_file(message, path, json_file=True)
+    _, path = saved(tmp_path / "b", "binomial-fixed")
+    edit_json(path, lambda d: (d["fitted"].pop("feature_names_in_"), d["fitted"].update(n_features_in_=2, _columns=["successes", "trials"])))
+    refused(path, r"n_features_in_ = 2, but a BinomialMixture with n_trials=9 models 1 column")
 
 
 def test_a_huge_n_components_is_refused_against_the_arrays(tmp_path):
