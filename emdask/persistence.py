@@ -404,9 +404,9 @@ def _read_document(path):
             )
         try:
             kind = np.dtype(dtype).kind
-        except TypeError:
+        except (TypeError, ValueError, SyntaxError):
             kind = None
-        if kind is None or kind not in _ARRAY_KINDS or np.dtype(dtype).hasobject:
+        if kind is None or kind not in _ARRAY_KINDS:
             raise ModelFileError(
                 f"{json_path}: array {key} has dtype {dtype!r}; model files hold arrays of "
                 "numbers only"
