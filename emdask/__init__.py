@@ -13,8 +13,8 @@ from .estimators.discrete import (
     MixedMixture,
     PoissonMixture,
 )
-from .exceptions import ConvergenceWarning, DataWarning, WorkersPaused
-from .persistence import ModelFileError, load, register_estimator, save
+from .exceptions import ConvergenceWarning, DataWarning, ModelFileError, WorkersPaused
+from .persistence import load, register_estimator, save
 from .selection import SelectionResult, select_components
 from .pooling import PooledEstimate, pool
 
