@@ -37,7 +37,7 @@ from . import validation
 from .cluster import dask_client
 from .errors import InputError, ValidationError
 from .partitions import filled_marks
-from .reports import format_duration
+from .reports import format_duration, warnings_to_log
 from .sources import Source, open_source
 from .tasks import (
     FitResult,
@@ -153,8 +153,9 @@ def fit_imputer(plan: ImputePlan, version) -> FitResult:
     started = time.perf_counter()
     checkpoint, keep_a_copy = plan.destination.checkpoint(plan.key)
     callbacks = [progress_callback(tol=model.tol)] + ([keep_a_copy] if keep_a_copy else [])
-    model.fit(plan.source.open_table(), columns=plan.columns, callbacks=callbacks,
-              checkpoint=checkpoint, resume=True)
+    with warnings_to_log(logger):
+        model.fit(plan.source.open_table(), columns=plan.columns, callbacks=callbacks,
+                  checkpoint=checkpoint, resume=True)
     seconds = time.perf_counter() - started
     path = save_model(model, str(version.local / "model"))
     logger.info(
