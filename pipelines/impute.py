@@ -23,7 +23,7 @@ A published version of a folder destination holds (an Iceberg or Delta destinati
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
@@ -72,6 +72,21 @@ class ImputePlan:
     model: str  # "gaussian" (EMImputer) or "mixed" (MixedMixture)
     key: str
     parameters: dict = field(default_factory=dict)
+
+
+def _model_for(plan, dtypes, parsed):
+    """The plan with its model chosen again once the profile has told which text columns
+    hold numbers stored as text: those are numeric, and a table of numbers only is modelled
+    by EMImputer."""
+    kinds = validation.column_kinds(dtypes)
+    non_gaussian = [
+        c for c in plan.columns
+        if c not in parsed and (kinds[c] == "categorical" or pd.api.types.is_bool_dtype(dtypes[c]))
+    ]
+    if plan.model == "mixed" and not non_gaussian:
+        get_run_logger().info(f"column(s) {parsed} hold numbers stored as text; read as numbers")
+        return replace(plan, model="gaussian")
+    return plan
 
 
 def _mixed_available():
@@ -153,7 +168,7 @@ def fit_imputer(plan: ImputePlan, version) -> FitResult:
     started = time.perf_counter()
     checkpoint, keep_a_copy = plan.destination.checkpoint(plan.key)
     callbacks = [progress_callback(tol=model.tol)] + ([keep_a_copy] if keep_a_copy else [])
-    with warnings_to_log(logger):
+    with warnings_to_log(logger), validation.data_errors_as_input():
         model.fit(plan.source.open_table(), columns=plan.columns, callbacks=callbacks,
                   checkpoint=checkpoint, resume=True)
     seconds = time.perf_counter() - started
@@ -178,6 +193,54 @@ def _fill(model, table):
     return model.transform(table) if isinstance(model, emdask.EMImputer) else model.impute(table)
 
 
+#: dask's placeholder category of a column whose categories its metadata does not know
+UNKNOWN_CATEGORIES = "__UNKNOWN_CATEGORIES__"
+
+
+def _partition_categories(part, columns):
+    return {c: list(part[c].cat.categories) for c in columns}
+
+
+def _categories(table):
+    """The categories of every ``category`` column whose categories the table's metadata
+    does not know (Parquet dictionaries), in one pass over those columns: first-seen order,
+    so the declared order of the source comes first."""
+    import dask
+
+    unknown = [
+        c for c, dtype in table.dtypes.items()
+        if isinstance(dtype, pd.CategoricalDtype) and not table[c].cat.known
+    ]
+    if not unknown:
+        return {}
+    parts = dask.compute(*[
+        dask.delayed(_partition_categories)(p, unknown) for p in table[unknown].to_delayed()
+    ])
+    return {c: list(dict.fromkeys(v for part in parts for v in part[c])) for c in unknown}
+
+
+def _set_categories(part, categories):
+    out = part.copy()
+    for c, levels in categories.items():
+        extra = [v for v in out[c].cat.categories if v not in set(levels) and v != UNKNOWN_CATEGORIES]
+        out[c] = out[c].cat.set_categories(list(levels) + extra)
+    return out
+
+
+def _with_categories(frame, categories):
+    """``frame`` with the same categories in every partition and in its metadata: the
+    Parquet writer sizes a column's dictionary indices from the metadata, and a partition
+    of more levels than that (int8 codes hold 127) could not be written."""
+    categories = {
+        c: v for c, v in categories.items()
+        if c in frame.columns and isinstance(frame.dtypes[c], pd.CategoricalDtype)
+    }
+    if not categories:
+        return frame
+    meta = _set_categories(frame._meta, categories)
+    return frame.map_partitions(_set_categories, categories, meta=meta)
+
+
 @io_task
 def write_filled(plan: ImputePlan, fit: FitResult, version) -> list:
     """Fill the missing cells; the workers write the table (or its m imputations) and the fill marks."""
@@ -186,18 +249,22 @@ def write_filled(plan: ImputePlan, fit: FitResult, version) -> list:
     p = plan.parameters
     model = load_model(fit.model_path, fit.model_class)
     table = plan.source.open_table()
-    if p["method"] == "multiple":
-        copies = model.sample_imputations(
-            table, n_imputations=p["n_imputations"], random_state=p["random_state"]
-        )
-        outputs = [(f"imputations/{i + 1}", t) for i, t in enumerate(copies)]
-    else:
-        outputs = [("data", _fill(model, table))]
+    categories = _categories(table)
+    with validation.data_errors_as_input():
+        if p["method"] == "multiple":
+            copies = model.sample_imputations(
+                table, n_imputations=p["n_imputations"], random_state=p["random_state"]
+            )
+            outputs = [(f"imputations/{i + 1}", t) for i, t in enumerate(copies)]
+        else:
+            outputs = [("data", _fill(model, table))]
+    outputs = [(name, _with_categories(frame, categories)) for name, frame in outputs]
     meta = filled_marks(table._meta, plan.id_column, plan.columns)
     marks = table.map_partitions(filled_marks, plan.id_column, plan.columns, meta=meta)
     write_index = table.index.name is not None and plan.destination.kind == "folder"
     tables = [(name, frame, name == "data", write_index) for name, frame in outputs]
-    dask.compute(*parquet_writes(version, tables + [("filled", marks, False, False)]))
+    with validation.data_errors_as_input():
+        dask.compute(*parquet_writes(version, tables + [("filled", marks, False, False)]))
     names = [name for name, _ in outputs]
     get_run_logger().info(f"wrote {', '.join(names)} and filled to {version.url}")
     return names
@@ -290,6 +357,7 @@ def impute_survey(
         return {**_summary(done), "up_to_date": True}
     with dask_client(dask_address):
         profile = profile_source(plan.source, plan.id_column, plan.columns)
+        plan = _model_for(plan, plan.source.open_table().dtypes, validation.numbers_as_text(profile))
         with plan.destination.new_version(plan.key, keep_versions) as version:
             fit = fit_imputer(plan, version)
             outputs = write_filled(plan, fit, version)

@@ -155,7 +155,8 @@ def fit_scaling(plan: SegmentPlan, version) -> dict:
     table = plan.source.open_table()
     model = emdask.GaussianMixture(1, covariance_type="diag", init_params="random", tol=1e-9,
                                    max_iter=5, random_state=0)
-    model.fit(table, columns=plan.scaled)
+    with validation.data_errors_as_input():
+        model.fit(table, columns=plan.scaled)
     scale = np.sqrt(model.covariances_[0])
     scaling = {
         c: [float(m), float(s) if s > 0 else 1.0]
@@ -190,7 +191,7 @@ def fit_segments(plan: SegmentPlan, scaling: dict, version) -> FitResult:
     estimator = _estimator(plan)
     started = time.perf_counter()
     selection = []
-    with warnings_to_log(logger):
+    with warnings_to_log(logger), validation.data_errors_as_input():
         if len(plan.candidates) == 1:
             logger.info(f"fitting {estimator!r} on {len(plan.features)} features")
             checkpoint, keep_a_copy = plan.destination.checkpoint(plan.key)
@@ -248,7 +249,8 @@ def write_segments(plan: SegmentPlan, fit: FitResult, scaling: dict, version) ->
     segments = table.map_partitions(
         label_partition, model, plan.id_column, plan.features, scaling, meta=meta
     )
-    dask.compute(*parquet_writes(version, [("segments", segments, True, False)]))
+    with validation.data_errors_as_input():
+        dask.compute(*parquet_writes(version, [("segments", segments, True, False)]))
     return version.table_url("segments", primary=True)
 
 

@@ -9,10 +9,13 @@ fill was asked for.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
+
+from emdask.engine import columns as column_rules
 
 from .errors import InputError, ValidationError
 from .sources import open_source, storage_options_for
@@ -22,6 +25,8 @@ __all__ = [
     "TableProfile",
     "check_table_columns",
     "column_kinds",
+    "data_errors_as_input",
+    "numbers_as_text",
     "profile_table",
     "validate_filled",
     "validate_segments",
@@ -102,6 +107,16 @@ def check_table_columns(dtypes, id_column, columns=None, *, what="columns"):
     return chosen
 
 
+@contextmanager
+def data_errors_as_input():
+    """Report a column the model refuses (its type or range: :class:`emdask.engine.columns.DataError`)
+    as bad input, so the run stops with its message and is not retried."""
+    try:
+        yield
+    except column_rules.DataError as exc:
+        raise InputError(str(exc)) from None
+
+
 @dataclass
 class TableProfile:
     """Rows, missing cells and types of a table, from one pass."""
@@ -110,6 +125,8 @@ class TableProfile:
     partitions: int
     missing: dict = field(default_factory=dict)  # column -> missing cells
     dtypes: dict = field(default_factory=dict)  # column -> dtype name
+    #: text column -> {"observed", "numbers": values that parse as numbers, "bad": one that does not}
+    text: dict = field(default_factory=dict)
 
     def missing_rate(self):
         return {c: (n / self.rows if self.rows else 0.0) for c, n in self.missing.items()}
@@ -118,12 +135,64 @@ class TableProfile:
         return asdict(self)
 
 
+def _text_part(values):
+    observed = int(values.notna().sum())
+    if column_rules.is_boolean_values(values):
+        return {"observed": observed, "numbers": 0, "bad": None, "booleans": observed}
+    parsed, bad = column_rules.parse_numbers(values)
+    numbers = int((~np.isnan(parsed)).sum())
+    return {"observed": observed, "numbers": numbers, "bad": bad, "booleans": 0}
+
+
 def _profile_part(part, id_column, columns):
     return {
         "rows": len(part),
         "missing": {c: int(part[c].isna().sum()) for c in columns},
         "id_missing": int(part[id_column].isna().sum()),
+        "text": {c: _text_part(part[c]) for c in columns if column_rules.is_text_dtype(part[c].dtype)},
     }
+
+
+def _combine_text(results, columns):
+    text = {}
+    for c in columns:
+        parts = [r["text"][c] for r in results if c in r["text"]]
+        if not parts:
+            continue
+        bad = next((p["bad"] for p in parts if p["bad"] is not None), None)
+        text[c] = {
+            "observed": sum(p["observed"] for p in parts),
+            "numbers": sum(p["numbers"] for p in parts),
+            "booleans": sum(p["booleans"] for p in parts),
+            "bad": None if bad is None else str(bad),
+        }
+    return text
+
+
+def numbers_as_text(profile):
+    """Text columns of a profile that hold numbers stored as text (every observed value
+    parses as a number).
+
+    Raises
+    ------
+    InputError
+        A text column of which most observed values are numbers but one is not, naming the
+        column and the value: the column was meant as numbers, and a model would otherwise
+        take it for a column of labels.
+    """
+    parsed = []
+    for c, t in profile.text.items():
+        if t["observed"] == 0 or t["booleans"]:
+            continue
+        if t["bad"] is None:
+            parsed.append(c)
+        elif t["numbers"] * 2 > t["observed"]:
+            raise InputError(
+                f"column {c!r} holds numbers stored as text, but {t['bad']!r} is not a number "
+                f"({t['observed'] - t['numbers']} of {t['observed']} values are not); fix or "
+                "blank those cells, or store the column as a category to model it as labels"
+            )
+    return parsed
 
 
 def profile_table(source, id_column, columns):
@@ -168,6 +237,7 @@ def profile_table(source, id_column, columns):
         partitions=ddf.npartitions,
         missing=missing,
         dtypes={c: str(ddf.dtypes[c]) for c in columns},
+        text=_combine_text(results, columns),
     )
 
 
@@ -209,7 +279,12 @@ def _check_filled_part(src, out_path, mask_path, id_column, fill_columns, number
         problems.append(f"{where}: the index differs from the source's")
     for c in src.columns:
         observed = src[c].notna().to_numpy()
-        if not _same_cells(_values(src[c])[observed], _values(out[c])[observed]):
+        before = src[c]
+        if c in fill_columns and column_rules.is_text_dtype(before.dtype) and (
+            pd.api.types.is_float_dtype(out[c].dtype)
+        ):  # numbers stored as text are published parsed
+            before = pd.Series(column_rules.to_float(before, c), index=before.index)
+        if not _same_cells(_values(before)[observed], _values(out[c])[observed]):
             problems.append(f"{where}: observed cells of column {c!r} changed")
     missing_after = {c: int(out[c].isna().sum()) for c in fill_columns}
     if mask_path is not None:

@@ -32,6 +32,7 @@ import dask.array as da
 import dask.dataframe as dd
 
 from ..exceptions import WorkersPaused
+from . import columns as column_rules
 
 __all__ = ["BlockData", "DataSummary", "prepare", "map_rows", "select_columns", "current_client"]
 
@@ -85,7 +86,10 @@ def is_numeric(dtype):
 def select_columns(dtypes, columns=None, *, what="numeric"):
     """Names of the columns to model, checked against a frame's ``dtypes``.
 
-    With ``columns=None`` every numeric (or boolean) column is taken.
+    With ``columns=None`` every numeric (or boolean) column is taken. A text column named in
+    ``columns`` is read as numbers stored as text (see :mod:`emdask.engine.columns`): every
+    value is parsed when the column is converted, and one that is not a number is an error
+    naming the column and the value.
     """
     names = list(dtypes.index)
     if columns is None:
@@ -102,7 +106,10 @@ def select_columns(dtypes, columns=None, *, what="numeric"):
     absent = [c for c in chosen if c not in dtypes.index]
     if absent:
         raise KeyError(f"column(s) {absent} not in the table; available columns: {names}")
-    bad = [c for c in chosen if not is_numeric(dtypes[c])]
+    bad = [
+        c for c in chosen
+        if not is_numeric(dtypes[c]) and not column_rules.is_text_dtype(dtypes[c])
+    ]
     if bad:
         raise TypeError(
             f"column(s) {bad} are not numeric ({', '.join(str(dtypes[c]) for c in bad)}); "
@@ -117,7 +124,15 @@ def select_columns(dtypes, columns=None, *, what="numeric"):
 def frame_to_float(df, columns, *, any_order=False):
     """The chosen columns of a pandas frame as a float64 array: C-contiguous, or with
     ``any_order`` in whichever contiguous layout pandas gives without a copy (a frame of
-    float64 columns hands over its column-major block as it is)."""
+    float64 columns hands over its column-major block as it is). Text columns are parsed as
+    numbers (:func:`emdask.engine.columns.to_float`)."""
+    text = [c for c in columns if column_rules.is_text_dtype(df[c].dtype)]
+    if text:
+        # the layout a frame of float64 columns would give, so results match to the bit
+        out = np.empty((len(df), len(columns)), order="F" if any_order else "C")
+        for j, c in enumerate(columns):
+            out[:, j] = column_rules.to_float(df[c], c)
+        return out
     out = df[columns].to_numpy(dtype=np.float64, na_value=np.nan)
     if any_order and (out.flags.c_contiguous or out.flags.f_contiguous):
         return out
@@ -575,6 +590,7 @@ class BlockData:
                 f"column(s) {inf} contain infinite values; replace them with finite "
                 "values or NaN (missing) before fitting"
             )
+        column_rules.check_range(names, s.col_min, s.col_max)
         empty = [names[j] for j in np.flatnonzero(s.nan_count == s.n_rows)]
         if empty:
             raise ValueError(
@@ -744,9 +760,21 @@ def _fill_frame(part, columns, fn, partition_info=None):
     filled = fn(block, partition_info["number"] if partition_info else 0)
     out = part.copy()
     for j, col in enumerate(columns):
-        if np.isnan(block[:, j]).any() or out[col].dtype != np.float64:
-            out[col] = filled[:, j]
+        mask = np.isnan(block[:, j])
+        if mask.any():
+            out[col] = column_rules.restore(part[col], mask, filled[mask, j])
+        elif column_rules.is_text_dtype(part[col].dtype):
+            out[col] = block[:, j]  # numbers stored as text come back parsed
     return out
+
+
+def _filled_dtype(dtype):
+    """The dtype of a modelled column once filled (see :mod:`emdask.engine.columns`)."""
+    if column_rules.is_text_dtype(dtype):
+        return np.dtype(np.float64)
+    if pd.api.types.is_bool_dtype(dtype) or pd.api.types.is_integer_dtype(dtype):
+        return dtype
+    return np.dtype(np.float64) if not pd.api.types.is_float_dtype(dtype) else dtype
 
 
 def map_fill(X, columns, fn):
@@ -755,7 +783,9 @@ def map_fill(X, columns, fn):
 
     The output has the input's type: numpy in, numpy out; a pandas frame gives a copy with
     the same index, column order and untouched other columns; a dask DataFrame or array
-    gives a lazy one with the same partitions. Columns modelled are returned as float64.
+    gives a lazy one with the same partitions. Modelled columns keep their dtype (integer
+    fills rounded, boolean ones thresholded at 0.5); text columns of numbers come back parsed,
+    as float64 (see :mod:`emdask.engine.columns`).
     """
     if isinstance(X, dd.DataFrame):
         missing = [c for c in columns if c not in X.columns]
@@ -763,7 +793,7 @@ def map_fill(X, columns, fn):
             raise KeyError(f"column(s) {missing} seen during fit are not in X")
         meta = X._meta.copy()
         for col in columns:
-            meta[col] = meta[col].astype(np.float64)
+            meta[col] = meta[col].astype(_filled_dtype(meta[col].dtype))
         return X.map_partitions(_fill_frame, columns, fn, meta=meta)
     if isinstance(X, da.Array):
         arr = X.rechunk({1: -1}) if X.numblocks[1] > 1 else X

@@ -9,12 +9,15 @@ later passes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 
+from .columns import NonFiniteParameters
 from .data import one_blas_thread
 from .randomness import row_poisson1
 from .squarem import ALGORITHMS, Squarem
@@ -133,6 +136,50 @@ def map_reduce_many(data, tasks, *, split_every=None):
     return list(data.map_reduce(_many_chunk, spec, combine=combine, split_every=split_every))
 
 
+def _non_finite(value, name=""):
+    """``(name, array)`` of the first array in ``value`` (a dataclass of arrays, possibly
+    nested, or holding a dict of arrays) with a non-finite number, else ``None``."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items = [(f.name, getattr(value, f.name)) for f in dataclasses.fields(value)]
+    elif isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, np.ndarray) and value.dtype.kind in "fc":
+        return None if np.isfinite(value).all() else (name, value)
+    else:
+        return None
+    for key, item in items:
+        found = _non_finite(item, str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def check_finite(params, *, iteration=None, model=None, k=None, what="parameter"):
+    """Stop with :class:`~emdask.engine.columns.NonFiniteParameters` when an array of
+    ``params`` (a dataclass of arrays: parameters or E-step statistics) holds a non-finite
+    number, naming the component (the first axis of a per-component array), the array and
+    the iteration."""
+    found = _non_finite(params)
+    if found is None:
+        return
+    name, value = found
+    if k is None:
+        weights = getattr(params, "weights", None)
+        k = None if weights is None else np.shape(weights)[0]
+    where = ""
+    if k is not None and value.ndim and value.shape[0] == k:
+        bad = ~np.isfinite(value.reshape(k, -1)).all(axis=1)
+        where = f" of component {int(np.flatnonzero(bad)[0])}"
+    after = "" if iteration is None else f" at EM iteration {iteration}"
+    of = "" if model is None else f" (model {model})"
+    raise NonFiniteParameters(
+        f"the fit stopped{after}{of}: the {what} {name!r}{where} is not finite (NaN or "
+        "infinite), as the data overflow float64 arithmetic from this starting point; rescale "
+        "the numeric columns (e.g. standardize them), check them for extreme values, or "
+        "start elsewhere"
+    )
+
+
 def format_iteration(info: IterationInfo) -> str:
     """The one-line progress report for an iteration."""
     model = f"  model {info.model}" if info.n_models > 1 else ""
@@ -205,7 +252,14 @@ def run_em(
         all_stats = data.map_reduce(_em_chunk, spec, data.row_starts, combine=_add_tuples)
         for model, point, stats in zip(active, points, all_stats):
             loglik = stats.mean_loglik
-            image = model.family.m_step(stats, point)
+            number = models.index(model) if len(models) > 1 else None
+            try:
+                image = model.family.m_step(stats, point)
+            except (ValueError, np.linalg.LinAlgError):
+                k = np.shape(getattr(point, "weights", ()))[0] or None
+                check_finite(stats, iteration=model.n_iter + 1, model=number, k=k,
+                             what="E-step statistic")
+                raise
             model.n_iter += 1
             accepted, params = True, image
             if model.accelerator is not None:
@@ -214,6 +268,7 @@ def run_em(
                 )
             change = 0.0
             if accepted:
+                check_finite(params, iteration=model.n_iter, model=number)
                 change = loglik - model.lower_bound
                 model.params = params
                 model.lower_bounds.append(loglik)

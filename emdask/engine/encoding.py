@@ -16,6 +16,9 @@ values:
 
 A level not seen during fit, met later by ``predict`` or ``score``, is an error
 (``handle_unknown='error'``) or is treated as a missing cell (``handle_unknown='missing'``).
+
+What a column may hold, how text is parsed as numbers and how fills go back into a column's
+own dtype are the rules of :mod:`emdask.engine.columns`, shared with the Gaussian models.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import dask.array as da
 import dask.dataframe as dd
 
 from ..exceptions import DataWarning
+from . import columns as column_rules
 from .data import BlockData
 
 __all__ = [
@@ -38,6 +42,7 @@ __all__ = [
     "TableEncoder",
     "infer_kind",
     "is_categorical_dtype",
+    "numbers_as_text",
     "scan_columns",
 ]
 
@@ -167,7 +172,7 @@ def _combine_scans(a, b):
     return {"counts": counts, "ranges": ranges}
 
 
-def scan_columns(X, names, categorical=(), ranged=(), *, split_every=8):
+def scan_columns(X, names, categorical=(), ranged=(), *, split_every=8, parse_text=False):
     """Levels (with counts) of categorical columns and value ranges of others, in one pass.
 
     Parameters
@@ -177,6 +182,9 @@ def scan_columns(X, names, categorical=(), ranged=(), *, split_every=8):
         Names of the model's columns (``x0, x1, ...`` for arrays).
     categorical, ranged : sequence of str
         Columns whose levels, and columns whose (min, max), are wanted.
+    parse_text : bool
+        Whether text columns of numbers will be read as numbers (:func:`numbers_as_text`),
+        so their many levels draw no warning.
 
     Returns
     -------
@@ -226,7 +234,10 @@ def scan_columns(X, names, categorical=(), ranged=(), *, split_every=8):
             raise ValueError(
                 f"column {name!r} has no observed value; drop it from the columns to fit"
             )
-        if len(ordered) > LEVELS_WARNING:
+        numbers = parse_text and (dtype is None or column_rules.is_text_dtype(dtype)) and (
+            len(ordered) > LEVELS_WARNING and column_rules.numeric_levels(ordered)
+        )
+        if len(ordered) > LEVELS_WARNING and not numbers:
             warnings.warn(
                 f"column {name!r} has {len(ordered)} levels; a categorical model estimates "
                 f"n_components × (levels - 1) probabilities for it. Keep its "
@@ -238,6 +249,23 @@ def scan_columns(X, names, categorical=(), ranged=(), *, split_every=8):
         levels[name] = ordered
         counts[name] = np.array([seen.get(v, 0) for v in ordered], dtype=np.float64)
     return levels, counts, dict(scan["ranges"]), n_passes
+
+
+def numbers_as_text(names, kinds, levels, dtypes, given=None):
+    """``kinds`` with every text column whose observed levels all parse as numbers read as
+    ``'real'`` (numbers stored as text); columns whose kind the user gave (``given``) and
+    ``category`` columns are kept as they are."""
+    given = given or {}
+    out = list(kinds)
+    for j, name in enumerate(names):
+        if (
+            out[j] == "categorical"
+            and name not in given
+            and column_rules.is_text_dtype(dtypes[name])
+            and column_rules.numeric_levels(levels.get(name, []))
+        ):
+            out[j] = "real"
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -320,6 +348,8 @@ class TableEncoder:
         return out
 
     def _to_float(self, values, name, kind):
+        if isinstance(values, pd.Series) and column_rules.is_text_dtype(values.dtype):
+            return column_rules.to_float(values, name, self.model)
         try:
             if isinstance(values, pd.Series):
                 return values.to_numpy(dtype=np.float64, na_value=np.nan)
@@ -466,6 +496,20 @@ class TableEncoder:
             out[:, j] = self.decode(j, block[:, j])
         return out
 
+    def _parsed(self, j, dtype):
+        return self.kinds[j] not in ("categorical", "binary") and column_rules.is_text_dtype(dtype)
+
+    def filled_meta(self, meta):
+        """The empty frame (dask ``meta``) of :meth:`fill`'s output for a frame like ``meta``:
+        text columns of numbers become float64; everything else keeps its dtype."""
+        if not (isinstance(meta, pd.DataFrame) and self.named):
+            return meta
+        out = meta.copy()
+        for j, name in enumerate(self.columns):
+            if self._parsed(j, meta[name].dtype):
+                out[name] = out[name].astype(np.float64)
+        return out
+
     def fill(self, part, filled):
         """``part`` with its missing model cells set from ``filled`` (model values, one column
         per model column); observed cells, index, other columns and dtypes are kept."""
@@ -475,6 +519,8 @@ class TableEncoder:
                 s = part[name]
                 mask = np.asarray(s.isna())
                 if not mask.any():
+                    if self._parsed(j, s.dtype):  # numbers stored as text come back parsed
+                        out[name] = column_rules.to_float(s, name, self.model)
                     continue
                 out[name] = _fill_series(s, mask, self.decode(j, filled[mask, j]), self.kinds[j])
             return out
@@ -499,15 +545,4 @@ class TableEncoder:
 
 
 def _fill_series(s, mask, values, kind):
-    dtype = s.dtype
-    if isinstance(dtype, pd.CategoricalDtype):
-        new = [v for v in dict.fromkeys(values) if v not in set(dtype.categories)]
-        if new:
-            s = s.cat.add_categories(new)
-    elif pd.api.types.is_bool_dtype(dtype):
-        values = np.asarray(values, dtype=np.float64) >= 0.5
-    elif _is_integer_dtype(dtype):
-        values = np.round(np.asarray(values, dtype=np.float64)).astype(np.int64)
-    out = s.copy()
-    out[mask] = values
-    return out
+    return column_rules.restore(s, mask, values)

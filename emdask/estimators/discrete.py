@@ -34,7 +34,9 @@ import dask.array as da
 import dask.dataframe as dd
 
 from ..engine import prepare
-from ..engine.encoding import TableEncoder, infer_kind, is_categorical_dtype, scan_columns
+from ..engine.encoding import (
+    TableEncoder, infer_kind, is_categorical_dtype, numbers_as_text, scan_columns,
+)
 from ..engine.kmeans import sample_rows_many, sq_distances
 from ..exceptions import DataWarning
 from ..families.discrete import (
@@ -272,7 +274,7 @@ def _fill_part(part, encoder, fill, partition_info=None):
     number = partition_info["number"] if partition_info else 0
     block = encoder.transform_block(part)
     if not np.isnan(block).any():
-        return part.copy() if hasattr(part, "copy") else np.array(part, copy=True)
+        return encoder.fill(part, block)  # nothing to fill; text numbers come back parsed
     return encoder.fill(part, fill(block, number))
 
 
@@ -287,7 +289,7 @@ def _map_fill(X, encoder, fill):
             absent = [c for c in encoder.columns if c not in X.columns]
             if absent:
                 raise KeyError(f"column(s) {absent} seen during fit are not in X")
-        return X.map_partitions(_fill_part, encoder, fill, meta=X._meta)
+        return X.map_partitions(_fill_part, encoder, fill, meta=encoder.filled_meta(X._meta))
     if isinstance(X, da.Array):
         arr = X.rechunk({1: -1}) if X.numblocks[1] > 1 else X
         return arr.map_blocks(_fill_blocks, encoder, fill, dtype=arr.dtype)
@@ -321,6 +323,8 @@ class _TableMixture(BaseMixture):
     #: pick the columns of a frame when ``columns=None``
     _default_column = staticmethod(_is_number_dtype)
     _what = "numeric"
+    #: whether text columns of numbers are read as numbers (else they stay categorical)
+    _parse_text = False
 
     # -- encoder --------------------------------------------------------------------------
 
@@ -338,9 +342,11 @@ class _TableMixture(BaseMixture):
         names, named, dtypes = _table_columns(X, columns, self._default_column, self._what)
         kinds, cat, ranged = self._column_kinds(names, dtypes)
         levels, counts, ranges, n_passes = scan_columns(
-            X, names, cat, ranged, split_every=self.split_every
+            X, names, cat, ranged, split_every=self.split_every, parse_text=self._parse_text
         )
         kinds = self._kinds_after_scan(names, kinds, ranges)
+        if self._parse_text:
+            kinds = numbers_as_text(names, kinds, levels, dtypes, self.column_families)
         encoder = TableEncoder(
             names,
             kinds,
@@ -1199,13 +1205,15 @@ class MixedMixture(_FillMixin, _TableMixture):
     ====================================== ==============
     bool, boolean                          ``bernoulli``
     category, string, object               ``categorical``
+    string, object: numbers stored as text ``gaussian``
     integer with values in {0, 1}          ``bernoulli``
     integer with values >= 0               ``poisson``
     float, other integer                   ``gaussian``
     ====================================== ==============
 
-    (integer ranges come from the same pass that gathers the categorical levels). The map
-    used is kept in ``column_families_``.
+    (integer ranges and whether every value of a text column parses as a number come from
+    the same pass that gathers the categorical levels; see :mod:`emdask.engine.columns`).
+    The map used is kept in ``column_families_``.
 
     Parameters
     ----------
@@ -1252,6 +1260,7 @@ class MixedMixture(_FillMixin, _TableMixture):
     _fitted_meta = ("column_families_", "categories_")
     _default_column = staticmethod(lambda dtype: True)
     _what = "modellable"
+    _parse_text = True
 
     def __init__(
         self,

@@ -6,7 +6,7 @@ import operator
 
 import numpy as np
 
-from ..engine.driver import map_reduce_many
+from ..engine.driver import check_finite, map_reduce_many
 from ..engine.kmeans import kmeans_parallel_many, kmeans_plusplus, sample_rows_many
 from ..families.gaussian import (
     COVARIANCE_TYPES,
@@ -296,7 +296,11 @@ class GaussianMixture(BaseMixture):
             precisions = np.asarray(self.precisions_init, dtype=np.float64)
             cov = covariances_from_precisions(precisions, self.covariance_type)
             return family.make_params(self.weights_init, self.means_init, cov)
-        params = family.params_from_stats(stats, centers)
+        try:
+            params = family.params_from_stats(stats, centers)
+        except ValueError:  # a start so far from the data that its statistics overflow
+            check_finite(stats, k=self.n_components, what="starting statistic")
+            raise
         weights, means, cov = params.weights, params.means, params.covariances
         if self.weights_init is not None:
             weights = np.asarray(self.weights_init, dtype=np.float64)

@@ -82,8 +82,10 @@ class EMImputer(GaussianMixture):
         Returns
         -------
         Same type as ``X``: numpy array, pandas DataFrame (same index and column order;
-        other columns untouched; modelled columns as float64), or a lazy dask collection
-        with the same partitions.
+        other columns untouched; modelled columns keep their dtype, an integer column
+        filled with the conditional mean rounded to the nearest integer, a text column of
+        numbers parsed to float64: see :mod:`emdask.engine.columns`), or a lazy dask
+        collection with the same partitions.
         """
         self._check_fitted()
         family, params = self._make_family(), self._fitted_params()
