@@ -1,7 +1,10 @@
 """Warnings and errors raised by emdask."""
 
 
-class ConvergenceWarning(UserWarning):
+from sklearn.exceptions import ConvergenceWarning as _SklearnConvergenceWarning
+
+
+class ConvergenceWarning(_SklearnConvergenceWarning):
     """EM stopped at ``max_iter`` before the mean log-likelihood settled within ``tol``."""
 
 

@@ -223,6 +223,7 @@ def select_components(
         max_iter=estimator.max_iter,
         callbacks=callbacks,
         verbose=estimator.verbose,
+        verbose_interval=estimator.verbose_interval,
         algorithm=estimator.algorithm,
     )
 

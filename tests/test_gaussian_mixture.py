@@ -199,7 +199,7 @@ def test_initialisations_find_well_separated_components(init):
 def test_verbose_prints_one_line_per_iteration_and_callbacks_hear_each(capsys):
     X = blobs(14, n=300, d=2)
     heard = []
-    gm = GaussianMixture(2, verbose=1, random_state=0, max_iter=5, tol=0)
+    gm = GaussianMixture(2, verbose=2, random_state=0, max_iter=5, tol=0)
     with pytest.warns(ConvergenceWarning):
         gm.fit(X, callbacks=[heard.append])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("EM iter")]

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from functools import partial, reduce
 
 import numpy as np
+from scipy import sparse
 import pandas as pd
 
 from threadpoolctl import threadpool_limits
@@ -146,16 +147,56 @@ def _array_to_float(a):
     return np.ascontiguousarray(a)
 
 
-def _check_numpy(X, name="X"):
+def check_2d(X, name="X", *, allow_object=False):
+    """``X`` as a 2-D numpy array of real values, or a clear error: sparse matrices and
+    complex numbers are refused; an object array of numbers is converted to float64 (kept
+    as it is with ``allow_object``: labels of categorical columns)."""
+    if sparse.issparse(X):
+        raise TypeError(
+            f"{name} is a sparse matrix ({type(X).__name__}); sparse input is not supported: "
+            "pass X.toarray() (NaN marks a missing cell, so an implicit 0 is not missing)"
+        )
     X = np.asarray(X)
     if X.ndim != 2:
         raise ValueError(
-            f"{name} must be 2-D (rows × columns), got shape {X.shape}; reshape a single "
-            "column with X.reshape(-1, 1)"
+            f"{name} must be 2-D (rows × columns), got shape {X.shape}. Reshape your data "
+            "with X.reshape(-1, 1) for a single column or X.reshape(1, -1) for a single row"
         )
-    if not (np.issubdtype(X.dtype, np.number) or X.dtype == bool) or np.iscomplexobj(X):
+    if np.iscomplexobj(X):
+        raise ValueError(f"Complex data not supported: {name} has dtype {X.dtype}")
+    if X.dtype == object and allow_object:
+        if any(isinstance(v, complex) for v in X.flat):
+            raise ValueError(f"Complex data not supported: {name} holds complex numbers")
+        return X
+    if X.dtype == object:
+        try:
+            X = X.astype(np.float64)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(
+                f"{name} has dtype object and a value that is not a number ({exc}); convert "
+                "it, or model text columns of a DataFrame with CategoricalMixture or "
+                "MixedMixture"
+            ) from None
+    if not allow_object and not (np.issubdtype(X.dtype, np.number) or X.dtype == bool):
         raise TypeError(f"{name} has dtype {X.dtype}; only real numeric arrays can be fitted")
     return X
+
+
+def _check_numpy(X, name="X"):
+    return check_2d(X, name)
+
+
+def reject_infinite(block, names):
+    """``block`` unchanged, or a ValueError naming the columns holding ``±inf`` (per-row
+    methods: a missing cell is NaN, an infinite one is an error as in ``fit``)."""
+    bad = np.isinf(block).any(axis=0)
+    if bad.any():
+        cols = [names[j] if names is not None else f"x{j}" for j in np.flatnonzero(bad)]
+        raise ValueError(
+            f"column(s) {cols} contain infinite values (inf); replace them with finite "
+            "values or NaN (missing)"
+        )
+    return block
 
 
 # --------------------------------------------------------------------------------------
@@ -583,7 +624,10 @@ class BlockData:
         if s.n_rows == 0:
             raise ValueError("the table is empty (0 rows); nothing to fit")
         if self.n_features == 0:
-            raise ValueError("no column to fit (0 columns selected)")
+            raise ValueError(
+                f"no column to fit: X has 0 feature(s) (shape=({s.n_rows}, 0)) while a "
+                "minimum of 1 is required."
+            )
         inf = [names[j] for j in np.flatnonzero(s.inf_count)]
         if inf:
             raise ValueError(

@@ -52,6 +52,8 @@ class EMModel:
     converged: bool = False
     #: SQUAREM state (``algorithm='squarem'``); ``None`` for plain EM
     accelerator: Squarem | None = None
+    #: the lower bound the first pass is compared with (a warm start: the previous fit's)
+    previous_bound: float = -math.inf
 
     @property
     def point(self):
@@ -61,7 +63,7 @@ class EMModel:
 
     @property
     def lower_bound(self):
-        return self.lower_bounds[-1] if self.lower_bounds else -math.inf
+        return self.lower_bounds[-1] if self.lower_bounds else self.previous_bound
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,7 @@ def run_em(
     max_iter=100,
     callbacks=(),
     verbose=0,
+    verbose_interval=10,
     print_fn: Callable[[str], None] = print,
     after_pass: Callable[[list], Any] | None = None,
     algorithm="em",
@@ -223,7 +226,9 @@ def run_em(
         Each is called with an :class:`IterationInfo` after every model's M-step; a
         callback that returns ``True`` stops the fit after the current iteration.
     verbose : int
-        ``>= 1`` prints one line per iteration and model.
+        ``1`` prints a line per model every ``verbose_interval`` iterations and at its
+        last one; ``>= 2`` every iteration.
+    verbose_interval : int
     after_pass : callable, optional
         Called with ``models`` once every model of a pass has had its M-step and its
         callbacks (a checkpoint writer, for instance), before the fit stops or goes on.
@@ -285,7 +290,10 @@ def run_em(
                 params=model.params,
                 accepted=accepted,
             )
-            if verbose:
+            last = model.converged or model.n_iter >= max_iter
+            if verbose >= 2 or (
+                verbose and (model.n_iter % verbose_interval == 0 or last)
+            ):
                 print_fn(format_iteration(info))
             for callback in callbacks:
                 if callback(info) is True:

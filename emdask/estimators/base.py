@@ -13,9 +13,11 @@ import numbers
 import warnings
 
 import numpy as np
+from sklearn.base import BaseEstimator, DensityMixin
+from sklearn.exceptions import NotFittedError
 
 from ..engine import EMModel, map_rows, prepare, run_em
-from ..engine.data import one_blas_thread
+from ..engine.data import one_blas_thread, reject_infinite
 from ..degeneracy import describe_singular, singular_components
 from ..engine.squarem import ALGORITHMS
 from ..exceptions import ConvergenceWarning, DataWarning
@@ -57,7 +59,7 @@ def _score_chunk(block, index, family, params):
     return np.array([ll[informative].sum(), informative.sum()], dtype=np.float64)
 
 
-class BaseMixture:
+class BaseMixture(DensityMixin, BaseEstimator):
     """Base class for mixture estimators (scikit-learn conventions).
 
     The fitted state of an estimator is, in full: its constructor arguments
@@ -123,6 +125,11 @@ class BaseMixture:
                 shown.append(f"{name}={value!r}")
         return f"{type(self).__name__}({', '.join(shown)})"
 
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = True  # a missing cell, marginalized out
+        return tags
+
     # -- hooks for subclasses -------------------------------------------------------------------
 
     def _make_family(self):
@@ -168,6 +175,8 @@ class BaseMixture:
         _check_number("max_iter", self.max_iter, kind=numbers.Integral, low=0)
         _check_number("n_init", self.n_init, kind=numbers.Integral, low=1)
         _check_number("verbose", self.verbose, kind=numbers.Integral, low=0)
+        _check_number("verbose_interval", getattr(self, "verbose_interval", 10),
+                      kind=numbers.Integral, low=1)
         _check_number("split_every", self.split_every, kind=numbers.Integral, low=2)
         if getattr(self, "algorithm", "em") not in ALGORITHMS:
             raise ValueError(f"algorithm={self.algorithm!r} is not one of {list(ALGORITHMS)}")
@@ -180,8 +189,9 @@ class BaseMixture:
 
     def _check_fitted(self):
         if not hasattr(self, "converged_"):
-            raise AttributeError(
-                f"This {type(self).__name__} instance is not fitted yet; call fit first"
+            raise NotFittedError(
+                f"This {type(self).__name__} instance is not fitted yet. Call 'fit' with "
+                "appropriate arguments before using this estimator."
             )
 
     def _check_data(self, data):
@@ -240,6 +250,7 @@ class BaseMixture:
         family = self._make_family()
         seed = seed_from(self.random_state)
         models = None
+        previous = -np.inf
         if resume:
             from ..persistence import read_checkpoint
 
@@ -252,10 +263,12 @@ class BaseMixture:
                         f"fitted on {self.n_features_in_}"
                     )
                 starts = [self._fitted_params()]
+                # as scikit-learn: the convergence test goes on from the previous fit's bound
+                previous = float(self.lower_bound_)
             else:
                 jobs = [(self, family, seed + i) for i in range(self.n_init)]
                 starts = type(self)._initialize_jobs(data, jobs)
-            models = [EMModel(family, params) for params in starts]
+            models = [EMModel(family, params, previous_bound=previous) for params in starts]
         after_pass = None
         if checkpoint is not None:
             from ..persistence import CheckpointWriter
@@ -269,6 +282,7 @@ class BaseMixture:
             max_iter=self.max_iter,
             callbacks=callbacks,
             verbose=self.verbose,
+            verbose_interval=self.verbose_interval,
             after_pass=after_pass,
             algorithm=self.algorithm,
         )
@@ -361,10 +375,11 @@ class BaseMixture:
     def _rows(self, X, fn, n_out=None, dtype=np.float64, out_columns=None):
         self._check_fitted()
         family, params = self._make_family(), self._fitted_params()
+        columns = self._columns_of(X)
         return map_rows(
             X,
-            self._columns_of(X),
-            lambda block: fn(family.weighted_log_prob(block, params)),
+            columns,
+            lambda block: fn(family.weighted_log_prob(reject_infinite(block, columns), params)),
             n_out=n_out,
             dtype=dtype,
             out_columns=out_columns,

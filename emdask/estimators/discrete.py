@@ -34,6 +34,7 @@ import dask.array as da
 import dask.dataframe as dd
 
 from ..engine import prepare
+from ..engine.data import check_2d
 from ..engine.encoding import (
     TableEncoder, infer_kind, is_categorical_dtype, numbers_as_text, scan_columns,
 )
@@ -111,13 +112,17 @@ def _table_columns(X, columns, default, what):
         raise TypeError("X is a Series; pass a DataFrame (e.g. s.to_frame()) instead")
     if columns is not None:
         raise ValueError("columns= selects columns of a DataFrame; slice the array instead")
-    shape = X.shape if isinstance(X, da.Array) else np.shape(X)
+    if not isinstance(X, da.Array):
+        X = check_2d(X, allow_object=True)
+    shape = X.shape
     if len(shape) != 2:
         raise ValueError(
-            f"X must be 2-D (rows × columns), got shape {shape}; reshape a single column with "
-            "X.reshape(-1, 1)"
+            f"X must be 2-D (rows × columns), got shape {shape}. Reshape your data with "
+            "X.reshape(-1, 1) for a single column"
         )
-    dtype = X.dtype if isinstance(X, da.Array) else np.asarray(X).dtype
+    if np.iscomplexobj(X):
+        raise ValueError(f"Complex data not supported: X has dtype {X.dtype}")
+    dtype = X.dtype
     names = [f"x{j}" for j in range(shape[1])]
     return names, False, {c: dtype for c in names}
 
@@ -486,7 +491,30 @@ class _TableMixture(BaseMixture):
 
     def _rows(self, X, fn, n_out=None, dtype=np.float64, out_columns=None):
         self._check_fitted()
-        return super()._rows(self._encoder().transform(X), fn, n_out, dtype, out_columns)
+        return super()._rows(self._encoder().transform(self._checked(X)), fn, n_out, dtype,
+                             out_columns)
+
+    def _checked(self, X):
+        """An array-like ``X`` as a 2-D array with the fitted number of columns (frames and
+        dask collections are checked by column name when encoded)."""
+        if isinstance(X, (pd.DataFrame, dd.DataFrame, da.Array)):
+            return X
+        if isinstance(X, (pd.Series, dd.Series)):
+            raise TypeError("X is a Series; pass a DataFrame (e.g. s.to_frame()) instead")
+        X = check_2d(X, allow_object=True)
+        if X.shape[1] != self.n_features_in_:
+            raise ValueError(
+                f"X has {X.shape[1]} features, but {type(self).__name__} is expecting "
+                f"{self.n_features_in_} features as input"
+            )
+        return X
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        # category labels of any type; the discrete families check their values' domain
+        # (0/1, counts, levels) themselves
+        tags.input_tags.string = self._what in ("categorical", "modellable")
+        return tags
 
     def _weights_start(self):
         if self.weights_init is not None:
@@ -573,7 +601,7 @@ class _FillMixin:
         """
         self._check_fitted()
         fill = _Impute(self._make_family(), self._fitted_params())
-        return _map_fill(X, self._encoder(), fill)
+        return _map_fill(self._checked(X), self._encoder(), fill)
 
     def sample_imputations(self, X, n_imputations=5, random_state=None):
         """Multiple imputation: ``n_imputations`` completed copies of ``X``.
@@ -624,6 +652,9 @@ _COMMON_DOC = """
     weights_init : array-like of shape (n_components,), optional
     random_state : int, RandomState or Generator, optional
     verbose : int, default=0
+        ``1`` prints a line every ``verbose_interval`` iterations and at the last one;
+        ``2`` every iteration.
+    verbose_interval : int, default=10
     split_every : int, default=8
         Fan-in of the tree reduction of the statistics.
     persist : {'auto', True, False}, default='auto'
@@ -695,6 +726,7 @@ class BernoulliMixture(_SimpleTableMixture):
         probabilities_init=None,
         random_state=None,
         verbose=0,
+        verbose_interval=10,
         split_every=8,
         persist="auto",
         algorithm="squarem",
@@ -711,6 +743,7 @@ class BernoulliMixture(_SimpleTableMixture):
         self.probabilities_init = probabilities_init
         self.random_state = random_state
         self.verbose = verbose
+        self.verbose_interval = verbose_interval
         self.split_every = split_every
         self.persist = persist
         self.algorithm = algorithm
@@ -801,6 +834,7 @@ class PoissonMixture(_SimpleTableMixture):
         rates_init=None,
         random_state=None,
         verbose=0,
+        verbose_interval=10,
         split_every=8,
         persist="auto",
         algorithm="squarem",
@@ -817,6 +851,7 @@ class PoissonMixture(_SimpleTableMixture):
         self.rates_init = rates_init
         self.random_state = random_state
         self.verbose = verbose
+        self.verbose_interval = verbose_interval
         self.split_every = split_every
         self.persist = persist
         self.algorithm = algorithm
@@ -907,6 +942,7 @@ class BinomialMixture(_TableMixture):
         probabilities_init=None,
         random_state=None,
         verbose=0,
+        verbose_interval=10,
         split_every=8,
         persist="auto",
         algorithm="squarem",
@@ -923,6 +959,7 @@ class BinomialMixture(_TableMixture):
         self.probabilities_init = probabilities_init
         self.random_state = random_state
         self.verbose = verbose
+        self.verbose_interval = verbose_interval
         self.split_every = split_every
         self.persist = persist
         self.algorithm = algorithm
@@ -1101,6 +1138,7 @@ class CategoricalMixture(_FillMixin, _TableMixture):
         probabilities_init=None,
         random_state=None,
         verbose=0,
+        verbose_interval=10,
         split_every=8,
         persist="auto",
         algorithm="squarem",
@@ -1118,6 +1156,7 @@ class CategoricalMixture(_FillMixin, _TableMixture):
         self.probabilities_init = probabilities_init
         self.random_state = random_state
         self.verbose = verbose
+        self.verbose_interval = verbose_interval
         self.split_every = split_every
         self.persist = persist
         self.algorithm = algorithm
@@ -1279,6 +1318,7 @@ class MixedMixture(_FillMixin, _TableMixture):
         weights_init=None,
         random_state=None,
         verbose=0,
+        verbose_interval=10,
         split_every=8,
         persist="auto",
         algorithm="squarem",
@@ -1297,6 +1337,7 @@ class MixedMixture(_FillMixin, _TableMixture):
         self.weights_init = weights_init
         self.random_state = random_state
         self.verbose = verbose
+        self.verbose_interval = verbose_interval
         self.split_every = split_every
         self.persist = persist
         self.algorithm = algorithm

@@ -75,7 +75,10 @@ class GaussianMixture(BaseMixture):
     warm_start : bool, default=False
         Start ``fit`` from the previous solution (for data arriving in batches).
     verbose : int, default=0
-        ``>= 1`` prints one line per iteration: iteration, mean log-likelihood, change, time.
+        ``1`` prints a line every ``verbose_interval`` iterations and at the last one
+        (iteration, mean log-likelihood, change, time); ``2`` prints every iteration.
+    verbose_interval : int, default=10
+        Iterations between two printed lines with ``verbose=1``.
     split_every : int, default=8
         Fan-in of the tree reduction of the statistics.
     persist : {'auto', True, False}, default='auto'
@@ -137,6 +140,7 @@ class GaussianMixture(BaseMixture):
         random_state=None,
         warm_start=False,
         verbose=0,
+        verbose_interval=10,
         split_every=8,
         persist="auto",
         algorithm="squarem",
@@ -154,6 +158,7 @@ class GaussianMixture(BaseMixture):
         self.random_state = random_state
         self.warm_start = warm_start
         self.verbose = verbose
+        self.verbose_interval = verbose_interval
         self.split_every = split_every
         self.persist = persist
         self.algorithm = algorithm

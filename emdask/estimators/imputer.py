@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 import dask.dataframe as dd
+from sklearn.base import TransformerMixin
 
 from ..engine import EMModel, map_fill, run_em
 from ..engine.data import is_numeric, one_blas_thread
@@ -23,7 +24,7 @@ _BOOTSTRAP_SEEDS = 0x1A7E
 _DRAW_STREAM = 0xD4A
 
 
-class EMImputer(GaussianMixture):
+class EMImputer(TransformerMixin, GaussianMixture):
     """Impute missing cells by their conditional expectation under a Gaussian mixture.
 
     The model is fitted by EM on the incomplete rows themselves (no complete-case
@@ -75,6 +76,24 @@ class EMImputer(GaussianMixture):
         return super().fit(X, y, columns=columns, callbacks=callbacks, **kwargs)
 
     # -- filling ----------------------------------------------------------------------------
+
+    def get_feature_names_out(self, input_features=None):
+        """Names of the output columns: the input's (an imputer keeps its columns)."""
+        self._check_fitted()
+        names = getattr(self, "feature_names_in_", None)
+        if names is None:
+            names = np.asarray([f"x{j}" for j in range(self.n_features_in_)], dtype=object)
+        if input_features is not None:
+            given = np.asarray(list(input_features), dtype=object)
+            if len(given) != len(names) or (
+                hasattr(self, "feature_names_in_") and not np.array_equal(given, names)
+            ):
+                raise ValueError(
+                    f"input_features {list(given)} are not the {len(names)} columns seen "
+                    f"during fit ({list(names)})"
+                )
+            names = given
+        return np.asarray(names, dtype=object)
 
     def transform(self, X):
         """``X`` with every missing cell of the modelled columns at its conditional mean.
@@ -147,6 +166,7 @@ class EMImputer(GaussianMixture):
                 tol=self.tol,
                 max_iter=self.max_iter,
                 verbose=self.verbose,
+                verbose_interval=self.verbose_interval,
                 algorithm=self.algorithm,
             )
         return [m.params for m in replicates]
