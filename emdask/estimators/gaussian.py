@@ -8,6 +8,7 @@ import numpy as np
 
 from ..engine.driver import check_finite, map_reduce_many
 from ..engine.kmeans import kmeans_parallel_many, kmeans_plusplus, sample_rows_many
+from ..engine.randomness import row_uniforms
 from ..families.gaussian import (
     COVARIANCE_TYPES,
     GaussianFamily,
@@ -34,10 +35,18 @@ def _assignment_chunk(block, index, family, centers):
     return family.assignment_stats(block[informative], centers, labels[informative])
 
 
-def _random_resp_chunk(block, index, family, shift, seed):
-    rng = np.random.default_rng([int(seed), int(index), 0xA11CE])
+#: Random stream of the ``init_params='random'`` responsibilities.
+RANDOM_RESP_STREAM = 0xA11CE
+
+
+def _random_resp_chunk(block, index, family, shift, seed, starts):
+    """Statistics of random responsibilities: each row's draws depend on the seed and its
+    global position only, so the start is the same however the table is partitioned."""
+    k = shift.shape[0]
+    n = block.shape[0]
+    u = row_uniforms(seed, RANDOM_RESP_STREAM, int(starts[index]) * k, n * k).reshape(n, k)
     informative = ~np.isnan(block).all(axis=1)
-    resp = rng.random((int(informative.sum()), shift.shape[0]))
+    resp = u[informative] + 1e-12  # never a row of zeros
     resp /= resp.sum(axis=1, keepdims=True)
     return family.responsibility_stats(block[informative], resp, shift)
 
@@ -284,7 +293,9 @@ class GaussianMixture(BaseMixture):
             if kind == "random":
                 base = np.tile(shift, (k, 1))
                 centers[j] = base
-                tasks.append((_random_resp_chunk, (family, base, seed), operator.add))
+                tasks.append(
+                    (_random_resp_chunk, (family, base, seed, data.row_starts), operator.add)
+                )
             else:
                 tasks.append((_assignment_chunk, (family, centers[j]), operator.add))
             owners.append(j)
