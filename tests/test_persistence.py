@@ -4,6 +4,7 @@ import importlib
 import json
 import pkgutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -285,3 +286,22 @@ def test_other_families_round_trip_exactly(cls, tmp_path):
     loaded = emdask.load(model.save(tmp_path / "m"))
     assert_same_state(model, loaded)
     np.testing.assert_array_equal(loaded.predict_proba(X), model.predict_proba(X))
+
+
+# -- files written by earlier versions --------------------------------------------------------
+
+_MODELS = Path(__file__).parent / "data" / "models"
+
+
+@pytest.mark.parametrize("name, table", [
+    ("faithful-gaussian", lambda: pd.read_csv(Path(__file__).parent / "data" / "faithful.csv")),
+    ("survey-categorical", lambda: pd.read_csv(
+        Path(__file__).parent / "data" / "survey.csv", keep_default_na=False, na_values=[""]
+    )[["Sex", "W.Hnd", "Fold", "Clap", "Exer", "Smoke", "M.I"]].astype("category")),
+])
+def test_model_files_of_the_previous_release_load_and_predict_as_they_did(name, table):
+    """tests/data/models holds models saved, with the posterior probabilities they gave,
+    by emdask before its estimators became scikit-learn estimators."""
+    model = emdask.load(_MODELS / name)
+    expected = pd.read_csv(_MODELS / f"{name}-proba.csv").to_numpy()
+    np.testing.assert_allclose(model.predict_proba(table()), expected, rtol=1e-10, atol=1e-12)
