@@ -20,7 +20,7 @@ warm: $(STAMP)
 	$(PY) -m emdask.warm
 
 test: warm
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 demo: warm
 	$(PY) -m pipelines.cli demo
