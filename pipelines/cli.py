@@ -241,6 +241,10 @@ def build_parser():
                    help="weight of position against colour with --position (default: 1.0)")
     p.add_argument("--covariance", choices=["full", "diag", "tied", "spherical"], default="full",
                    help="covariance of the pixel features within a segment (default: full)")
+    p.add_argument("--max-pixels", type=_positive_int, default=None, metavar="N",
+                   help="largest image (width x height) to take, checked from the header before "
+                        "any work; raise it for trusted images (default: Pillow's "
+                        "Image.MAX_IMAGE_PIXELS, 89478485)")
     _add_run_options(p, what="pixels")
 
     # coin, demo, serve ----------------------------------------------------------------
@@ -393,7 +397,7 @@ def cmd_segment_image(args, out):
 
     kwargs = dict(image=args.image, out=args.out, position=args.position,
                   position_weight=args.position_weight, covariance_type=args.covariance,
-                  **_k_arguments(args), **_run_options(args))
+                  max_pixels=args.max_pixels, **_k_arguments(args), **_run_options(args))
     s = _run_flow(image.segment_image, image.check_inputs, kwargs)
     chosen = (f"k={s['n_components']} chosen by BIC among {s['searched'][0]}..{s['searched'][-1]}"
               if s["searched"] else f"k={s['n_components']}")

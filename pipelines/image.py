@@ -1,16 +1,25 @@
 """The ``segment-image`` flow: segment an image into regions by colour (and position).
 
-Story: check the image → fit a Gaussian mixture on its pixels (RGB, optionally x and y) as a
-chunked Dask array whose chunks the workers decode from the image's URL (every candidate k at
-once and the best by BIC when k is not given) → label every pixel → write the labelled image,
-each segment in its mean colour, and the label array → validate → commit the new version in
-one step → report.
+Story: check the image from its header (size within ``max_pixels``, file intact) → one worker
+decodes it once, band by band (whole rows, about :data:`CHUNK_PIXELS` pixels each), staging every
+band's RGB pixels beside the new version → fit a Gaussian mixture on the pixels (RGB, optionally x
+and y) as a chunked Dask array whose chunks the workers read from the staged bands (every
+candidate k at once and the best by BIC when k is not given) → the workers label their bands →
+one worker streams the labelled bands into the label array and the segment map → validate →
+commit the new version in one step → report.
+
+Memory is bounded by the band, not the image: neither the flow process nor any worker holds the
+whole image (except a worker decoding a format it cannot stream; see
+:mod:`pipelines.partitions`), and the EM passes read the staged uint8 bands instead of keeping
+float64 pixels in the workers' memory. The staged bands take at most 4 bytes a pixel (3 for the
+RGB bands, 1 for the label bands) and are removed before the commit.
 
 The image is a local path or an object-store URL; ``OUT`` a local or object-store folder.
 A published version of ``OUT`` holds::
 
-    segments.png               the image, every pixel in its segment's mean colour
-    labels.npy                 segment of every pixel, shape (height, width)
+    segments.png               the image, every pixel in its segment's mean colour (a palette
+                               PNG: palette = segment colours, pixel value = label)
+    labels.npy                 segment of every pixel, uint8, shape (height, width)
     model/                     the fitted GaussianMixture (emdask.load reads it)
     convergence.png            mean log-likelihood per EM iteration
     bic.png, selection.csv     criterion against k, when k was searched
@@ -20,6 +29,7 @@ A published version of ``OUT`` holds::
 from __future__ import annotations
 
 import json
+import posixpath
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +43,16 @@ import emdask
 
 from .cluster import dask_client
 from .errors import InputError, ValidationError, one_line
-from .partitions import image_features, image_rows, read_image
+from .partitions import (
+    CorruptImage,
+    image_features,
+    image_header,
+    label_band,
+    pixel_band,
+    stage_image,
+    verify_image,
+    write_segment_files,
+)
 from .reports import format_duration
 from .sources import filesystem, file_token, is_local
 from .tasks import (
@@ -54,7 +73,7 @@ from .versions import Destination, Published, open_destination, run_key
 __all__ = ["ImagePlan", "check_inputs", "image_features", "model_parameters", "segment_image"]
 
 FLOW_NAME = "segment-image"
-#: Pixels per chunk of the Dask array the model is fitted on.
+#: Pixels per band (whole rows, at least one): the chunk the workers decode, fit and label.
 CHUNK_PIXELS = 500_000
 
 
@@ -77,6 +96,12 @@ class ImagePlan:
     def pixels(self):
         return self.width * self.height
 
+    @property
+    def bands(self):
+        """``(first row, end row)`` of every band, top to bottom."""
+        rows = max(1, CHUNK_PIXELS // self.width)
+        return [(a, min(a + rows, self.height)) for a in range(0, self.height, rows)]
+
 
 def model_parameters(n_components=None, k_min=2, k_max=8, position=False, position_weight=1.0,
                      covariance_type="full", max_iter=100, tol=1e-3, random_state=0, **_):
@@ -89,28 +114,65 @@ def model_parameters(n_components=None, k_min=2, k_max=8, position=False, positi
     )
 
 
-def check_inputs(image, out, storage_options=None, **options):
+def check_inputs(image, out, storage_options=None, max_pixels=None, **options):
     """Check a run's inputs as its first task does, without running it; raises InputError."""
-    return plan_image.fn(image, out, model_parameters(**options), storage_options)
+    return plan_image.fn(image, out, model_parameters(**options), storage_options, max_pixels)
 
 
-def _open_image(url, storage_options=None):
-    from PIL import UnidentifiedImageError
+def pixel_limit(max_pixels=None):
+    """The largest image (width × height) a run takes: ``max_pixels``, by default Pillow's own
+    decompression-bomb limit ``PIL.Image.MAX_IMAGE_PIXELS`` (89,478,485 pixels), or None."""
+    from PIL import Image
+
+    return int(max_pixels) if max_pixels else Image.MAX_IMAGE_PIXELS
+
+
+def _read_header(url, storage_options=None):
+    import struct
+
+    from PIL import Image, UnidentifiedImageError
 
     try:
-        return read_image(url, storage_options)
-    except (UnidentifiedImageError, SyntaxError, ValueError) as exc:
+        return image_header(url, storage_options)
+    except (UnidentifiedImageError, SyntaxError, ValueError, EOFError, struct.error,
+            Image.DecompressionBombError) as exc:
         raise InputError(
             f"{url} is not an image Pillow can read (PNG, JPEG, ...): {one_line(exc)}"
-        ) from exc
+        ) from None
     except OSError as exc:
-        raise InputError(f"cannot read image {url}: {one_line(exc)}") from exc
+        raise InputError(f"cannot read image {url}: {one_line(exc)}") from None
+
+
+def _check_limit(url, width, height, max_pixels):
+    limit = pixel_limit(max_pixels)
+    if limit is not None and width * height > limit:
+        raise InputError(
+            f"image {url} has {width * height:,} pixels ({width}x{height}), more than the limit "
+            f"of {limit:,} pixels; raise --max-pixels (flow parameter max_pixels) above "
+            f"{width * height:,} to segment it, if the image is trusted"
+        )
+
+
+def _verify(url, storage_options=None):
+    import struct
+
+    from PIL import Image
+
+    try:
+        verify_image(url, storage_options)
+    except (SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError) as exc:
+        raise InputError(f"image {url} is damaged: {one_line(exc)}") from None
+    except OSError as exc:
+        if "truncated" in str(exc).lower():  # Pillow's "Truncated File Read"
+            raise InputError(f"image {url} is damaged: {one_line(exc)}") from None
+        raise InputError(f"cannot read image {url}: {one_line(exc)}") from None
 
 
 @io_task
 def plan_image(image: str, out: str, parameters: dict,
-               storage_options: Optional[dict] = None) -> ImagePlan:
-    """Check the image opens and the output folder can receive a new version."""
+               storage_options: Optional[dict] = None,
+               max_pixels: Optional[int] = None) -> ImagePlan:
+    """Check the image from its header (no pixel decoded) and the output folder."""
     text = str(image).strip()
     if not text:
         raise InputError("image is empty; give a PNG or JPEG file")
@@ -123,8 +185,9 @@ def plan_image(image: str, out: str, parameters: dict,
         raise InputError(f"cannot reach image {text}: {one_line(exc)}") from None
     if not found:
         raise InputError(f"image {text} does not exist or is not a file; give a PNG or JPEG file")
-    img = _open_image(text, storage_options)
-    width, height = img.size
+    width, height, mode, fmt = _read_header(text, storage_options)
+    _check_limit(text, width, height, max_pixels)
+    _verify(text, storage_options)
     if width * height < 2:
         raise InputError(f"image {image} has {width * height} pixel(s); nothing to segment")
     p = parameters
@@ -144,44 +207,76 @@ def plan_image(image: str, out: str, parameters: dict,
     info = fs.info(path)
     token = file_token(info) or _digest(fs, path)
     key = run_key(FLOW_NAME, p, [text, int(info.get("size") or 0), token], emdask.__version__)
-    return ImagePlan(text, destination, width, height, img.mode, img.format or "", candidates,
+    return ImagePlan(text, destination, width, height, mode, fmt, candidates,
                      key, p, dict(storage_options or {}))
 
 
 def _digest(fs, path):
     import hashlib
 
-    return "sha256:" + hashlib.sha256(fs.cat_file(path)).hexdigest()
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
 
 
-def _pixel_array(plan):
-    """The image's pixel features as a Dask array whose chunks the workers decode from its URL."""
+def _join(folder, name):
+    return posixpath.join(folder, name) if "://" in str(folder) else str(Path(folder) / name)
+
+
+def _position_weight(plan):
+    return plan.parameters["position_weight"] if plan.parameters["position"] else None
+
+
+@io_task
+def stage_pixels(plan: ImagePlan, version) -> list:
+    """Decode the image once on a worker, band by band, staging each band's RGB pixels in the
+    version's ``work/`` folder; returns the bands' URLs."""
+    import dask
+
+    started = time.perf_counter()
+    folder = _join(_join(version.url, "work"), "pixels")
+    try:
+        urls = dask.delayed(stage_image, pure=False)(
+            plan.image, plan.bands, folder, plan.storage_options).compute()
+    except CorruptImage as exc:
+        raise InputError(f"image {plan.image} is damaged: {exc}") from None
+    get_run_logger().info(f"decoded {plan.pixels:,} pixels into {len(urls)} bands of up to "
+                          f"{plan.bands[0][1] * plan.width:,} pixels in "
+                          f"{format_duration(time.perf_counter() - started)}")
+    return urls
+
+
+def _pixel_array(plan, bands):
+    """The image's pixel features as a Dask array whose chunks the workers read from the
+    staged bands."""
     import dask
     import dask.array as da
 
-    weight = plan.parameters["position_weight"] if plan.parameters["position"] else None
+    weight = _position_weight(plan)
     d = 5 if weight else 3
-    rows = max(1, CHUNK_PIXELS // plan.width)
-    bounds = list(range(0, plan.height, rows)) + [plan.height]
     chunks = [
         da.from_delayed(
-            dask.delayed(image_rows)(plan.image, a, b, weight, plan.storage_options),
+            dask.delayed(pixel_band)(url, a, plan.height, weight, plan.storage_options),
             shape=((b - a) * plan.width, d), dtype=np.float32,
         )
-        for a, b in zip(bounds[:-1], bounds[1:])
+        for url, (a, b) in zip(bands, plan.bands)
     ]
     return da.concatenate(chunks, axis=0)
 
 
 @step_task
-def fit_pixels(plan: ImagePlan, version) -> FitResult:
+def fit_pixels(plan: ImagePlan, bands: list, version) -> FitResult:
     """Fit a Gaussian mixture on the pixels (every candidate k at once when k is searched)."""
     logger = get_run_logger()
     p = plan.parameters
-    X = _pixel_array(plan)
+    X = _pixel_array(plan, bands)
+    # persist=False: every pass reads the staged uint8 bands again rather than keeping the
+    # pixels as float64 (8 times their size) in the workers' memory
     estimator = emdask.GaussianMixture(
         plan.candidates[0], covariance_type=p["covariance_type"], tol=p["tol"],
-        max_iter=p["max_iter"], random_state=p["random_state"],
+        max_iter=p["max_iter"], random_state=p["random_state"], persist=False,
     )
     started = time.perf_counter()
     selection = []
@@ -224,37 +319,79 @@ def segment_colours(model):
 
 
 @io_task
-def write_labels(plan: ImagePlan, fit: FitResult, version) -> dict:
-    """Label every pixel, then write the label array and the image in segment mean colours."""
-    from PIL import Image
+def write_labels(plan: ImagePlan, bands: list, fit: FitResult, version) -> dict:
+    """The workers label their bands; one worker streams them into the label array and the
+    segment map (each segment in its mean colour); the staged bands are then removed."""
+    import dask
+
+    from .sources import filesystem
 
     model = load_model(fit.model_path)
-    labels = model.predict(_pixel_array(plan)).compute()
-    dtype = np.uint8 if fit.n_components <= 256 else np.uint16
-    labels = labels.astype(dtype).reshape(plan.height, plan.width)
-    np.save(version.local / "labels.npy", labels)
-    Image.fromarray(segment_colours(model)[labels]).save(version.local / "segments.png")
-    return {"labels": "labels.npy", "image": "segments.png"}
+    work = _join(version.url, "work")
+    shared = dask.delayed(model, traverse=False)
+    weight = _position_weight(plan)
+    label_urls = [_join(_join(work, "labels"), f"band-{i:05d}.npy") for i in range(len(bands))]
+    fs, root = filesystem(_join(work, "labels"), plan.storage_options)
+    fs.makedirs(root, exist_ok=True)
+    counts = dask.compute(*[
+        dask.delayed(label_band, pure=False)(url, a, plan.height, weight, shared, out,
+                                             plan.storage_options)
+        for url, (a, _), out in zip(bands, plan.bands, label_urls)
+    ])
+    dask.delayed(write_segment_files, pure=False)(
+        label_urls, plan.width, plan.height, segment_colours(model),
+        _join(version.url, "labels.npy"), _join(version.url, "segments.png"),
+        plan.storage_options,
+    ).compute()
+    fs, root = filesystem(work, plan.storage_options)
+    fs.rm(root, recursive=True)
+    total = np.sum(counts, axis=0)
+    return {"labels": "labels.npy", "image": "segments.png", "counts": [int(c) for c in total]}
+
+
+#: Bytes of labels.npy counted at a time by the validation (bincount takes 8 bytes a label).
+_VALIDATE_BYTES = 2**18
 
 
 @io_task
-def validate_labels(plan: ImagePlan, fit: FitResult, version) -> list:
-    """Check the label array and the labelled image: right shape, labels in range."""
-    from PIL import Image
+def validate_labels(plan: ImagePlan, fit: FitResult, version, counts: list) -> list:
+    """Check the label array and the segment map, reading them as streams: right shape, labels
+    in range and counted as the workers counted them, the map's PNG intact."""
+    from .partitions import open_image
+    from .sources import filesystem
 
-    labels = np.load(version.local / "labels.npy")
-    if labels.shape != (plan.height, plan.width):
-        raise ValidationError(
-            f"labels.npy has shape {labels.shape}, the image is {plan.height}x{plan.width}"
-        )
-    if labels.max() >= fit.n_components:
+    fs, path = filesystem(_join(version.url, "labels.npy"), plan.storage_options)
+    found = np.zeros(256, np.int64)
+    with fs.open(path, "rb") as f:
+        major, _ = np.lib.format.read_magic(f)
+        read_header = (np.lib.format.read_array_header_1_0 if major == 1
+                       else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read_header(f)
+        if shape != (plan.height, plan.width) or fortran or dtype != np.uint8:
+            raise ValidationError(f"labels.npy holds {dtype} of shape {shape}; the image is "
+                                  f"{plan.height}x{plan.width}")
+        left = plan.pixels
+        while left:
+            block = f.read(min(left, _VALIDATE_BYTES))
+            if not block:
+                raise ValidationError(f"labels.npy ends {left:,} pixels short")
+            found += np.bincount(np.frombuffer(block, np.uint8), minlength=256)
+            left -= len(block)
+    if found[fit.n_components:].any():
         raise ValidationError(f"labels.npy has labels outside 0..{fit.n_components - 1}")
-    with Image.open(version.local / "segments.png") as img:
-        if img.size != (plan.width, plan.height):
-            raise ValidationError(f"segments.png is {img.size}, not {(plan.width, plan.height)}")
-    counts = np.bincount(labels.ravel(), minlength=fit.n_components)
-    get_run_logger().info(f"validated labels: pixels per segment {counts.tolist()}")
-    return [int(c) for c in counts]
+    found = [int(c) for c in found[:fit.n_components]]
+    if found != list(counts):
+        raise ValidationError(f"labels.npy counts {found} pixels per segment; the workers "
+                              f"labelled {list(counts)}")
+    fs, path = filesystem(_join(version.url, "segments.png"), plan.storage_options)
+    with fs.open(path, "rb") as f:
+        img = open_image(f)
+        if img.size != (plan.width, plan.height) or img.mode != "P":
+            raise ValidationError(f"segments.png is a {img.mode} image of {img.size}, not a "
+                                  f"palette image of {(plan.width, plan.height)}")
+        img.verify()
+    get_run_logger().info(f"validated labels: pixels per segment {found}")
+    return found
 
 
 @flow(name=FLOW_NAME, validate_parameters=True)
@@ -270,6 +407,7 @@ def segment_image(
     max_iter: Annotated[int, Field(ge=1, le=100_000)] = 100,
     tol: Annotated[float, Field(gt=0)] = 1e-3,
     random_state: Annotated[int, Field(ge=0)] = 0,
+    max_pixels: Optional[Annotated[int, Field(ge=1)]] = None,
     dask_address: Optional[str] = None,
     keep_versions: Annotated[int, Field(ge=1)] = 5,
     force: bool = False,
@@ -278,8 +416,9 @@ def segment_image(
     """Segment an image by colour (and position) and publish the labelled image as a version of ``out``.
 
     Args:
-        image: PNG or JPEG file, a local path or an object-store URL (any size Pillow reads;
-            millions of pixels are fine).
+        image: PNG or JPEG file, a local path or an object-store URL. Non-interlaced 8-bit PNGs
+            are decoded band by band in bounded memory; other images are decoded whole, once,
+            on one worker.
         out: Local or object-store folder whose versions this run publishes (see
             ``pipelines.versions``).
         n_components: Number of segments; default: chosen by BIC among k_min..k_max.
@@ -291,6 +430,9 @@ def segment_image(
         max_iter: Maximum EM iterations.
         tol: Convergence threshold on the change of the mean log-likelihood per pixel.
         random_state: Seed; the same seed on the same image gives the same output.
+        max_pixels: Largest image (width × height) taken, checked from the image's header
+            before anything is decoded; default: Pillow's decompression-bomb limit
+            ``PIL.Image.MAX_IMAGE_PIXELS`` (89,478,485 pixels). Raise it for trusted images.
         dask_address: Dask scheduler to use; default: $DASK_SCHEDULER_ADDRESS, else a local
             cluster on 127.0.0.1 for the run.
         keep_versions: Published versions to keep in ``out``.
@@ -304,15 +446,16 @@ def segment_image(
         position_weight=position_weight, covariance_type=covariance_type,
         max_iter=max_iter, tol=tol, random_state=random_state,
     )
-    plan = plan_image(image, out, parameters, storage_options)
+    plan = plan_image(image, out, parameters, storage_options, max_pixels)
     done = None if force else up_to_date(plan.destination, plan.key)
     if done is not None:
         return {**_summary(done), "up_to_date": True}
     with dask_client(dask_address):
         with plan.destination.new_version(plan.key, keep_versions) as version:
-            fit = fit_pixels(plan, version)
-            outputs = write_labels(plan, fit, version)
-            counts = validate_labels(plan, fit, version)
+            bands = stage_pixels(plan, version)
+            fit = fit_pixels(plan, bands, version)
+            outputs = write_labels(plan, bands, fit, version)
+            counts = validate_labels(plan, fit, version, outputs.pop("counts"))
             plot = plot_convergence(
                 str(version.local / "convergence.png"), fit.lower_bounds,
                 f"GaussianMixture on pixels, k={fit.n_components}: EM convergence",
