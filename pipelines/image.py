@@ -53,7 +53,7 @@ from .partitions import (
     verify_image,
     write_segment_files,
 )
-from .reports import format_duration
+from .reports import format_duration, log_singular_candidates, warnings_to_log
 from .sources import filesystem, file_token, is_local
 from .tasks import (
     FitResult,
@@ -280,24 +280,26 @@ def fit_pixels(plan: ImagePlan, bands: list, version) -> FitResult:
     )
     started = time.perf_counter()
     selection = []
-    if len(plan.candidates) == 1:
-        logger.info(f"fitting {estimator!r} on {plan.pixels:,} pixels")
-        model = estimator.fit(X, callbacks=[progress_callback(tol=estimator.tol)])
-        n_passes = model.n_passes_
-    else:
-        ks = plan.candidates
-        logger.info(f"fitting k = {ks[0]}..{ks[-1]} together on {plan.pixels:,} pixels; choosing by BIC")
+    with warnings_to_log(logger):
+        if len(plan.candidates) == 1:
+            logger.info(f"fitting {estimator!r} on {plan.pixels:,} pixels")
+            model = estimator.fit(X, callbacks=[progress_callback(tol=estimator.tol)])
+            n_passes = model.n_passes_
+        else:
+            ks = plan.candidates
+            logger.info(f"fitting k = {ks[0]}..{ks[-1]} together on {plan.pixels:,} pixels; choosing by BIC")
 
-        def callback(info):
-            logger.info(f"k={ks[info.model]:<3d}" + emdask.engine.format_iteration(info))
+            def callback(info):
+                logger.info(f"k={ks[info.model]:<3d}" + emdask.engine.format_iteration(info))
 
-        result = emdask.select_components(estimator, X, n_components=ks, criterion="bic",
-                                          callbacks=[callback])
-        model, n_passes = result.best_estimator_, result.n_passes_
-        result.table_.to_csv(version.local / "selection.csv", index=False)
-        result.plot(str(version.local / "bic.png"))
-        selection = json.loads(result.table_.to_json(orient="records"))
-        logger.info(f"BIC chose k={result.best_n_components_}")
+            result = emdask.select_components(estimator, X, n_components=ks, criterion="bic",
+                                              callbacks=[callback])
+            model, n_passes = result.best_estimator_, result.n_passes_
+            result.table_.to_csv(version.local / "selection.csv", index=False)
+            result.plot(str(version.local / "bic.png"))
+            selection = json.loads(result.table_.to_json(orient="records"))
+            log_singular_candidates(logger, result.table_)
+            logger.info(f"BIC chose k={result.best_n_components_}")
     seconds = time.perf_counter() - started
     path = save_model(model, str(version.local / "model"))
     return FitResult(
