@@ -3,18 +3,25 @@
 Every command that computes runs its Prefect flow, so each run is recorded by Prefect (on
 the API in ``PREFECT_API_URL``, or a local ephemeral one). EM progress appears as one log
 line per iteration; a short summary follows. Bad input stops the command before any work
-with a one-line error and exit status 2; a run that fails later exits with status 1.
+with a one-line error and exit status 2; a run that fails later exits with status 1; Ctrl-C
+stops any command, 'emdask serve' included, within seconds, with status 130.
+
+Before any service starts, a command checks what metadata can answer (the source's files and
+their schemas, the columns, the destination, the Dask scheduler's address); only then does it
+start the local Prefect API (:mod:`pipelines.lifecycle`: it dies with the command, even on
+``kill -9``) and run the flow, whose first pass checks what needs the data (rows, ids).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 __all__ = ["build_parser", "main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+#: Status of a command stopped by Ctrl-C (SIGINT), as shells report a process killed by it.
+EXIT_INTERRUPTED = 130
 
 
 class CommandError(Exception):
@@ -157,7 +164,8 @@ def build_parser():
         description="EM on tables too large for one machine: Prefect flows over Dask.",
         epilog="Each command runs a Prefect flow; runs are recorded by the Prefect API in "
                "PREFECT_API_URL, or by a local ephemeral one. 'emdask COMMAND --help' "
-               "documents each command.",
+               "documents each command. Exit status: 0 done, 1 the run failed, 2 bad input "
+               "(found before any work), 130 stopped by Ctrl-C.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -310,10 +318,23 @@ def _run_options(args):
                 storage_options=dict(args.storage_options) if args.storage_options else None)
 
 
+def _start_prefect_api():
+    """Start the local Prefect API (when no PREFECT_API_URL is set) guarded to die with this
+    process; see :mod:`pipelines.lifecycle`."""
+    from .lifecycle import LocalApiError, start_local_api
+
+    try:
+        start_local_api()
+    except LocalApiError as exc:
+        raise CommandError(str(exc), EXIT_FAILED) from None
+
+
 def _run_flow(flow_fn, check, kwargs):
-    """Validate the parameters as Prefect does, check the inputs, then run the flow."""
+    """Validate the parameters as Prefect does and check the inputs (metadata, destination,
+    scheduler), before any service starts; then start the Prefect API and run the flow."""
     from prefect.exceptions import ParameterTypeError
 
+    from .cluster import check_scheduler
     from .errors import InputError, redact
 
     try:
@@ -322,8 +343,10 @@ def _run_flow(flow_fn, check, kwargs):
         raise CommandError(_first_line(exc)) from None
     try:
         check(**kwargs)
+        check_scheduler(kwargs.get("dask_address"))
     except InputError as exc:
         raise CommandError(redact(str(exc))) from None
+    _start_prefect_api()
     try:
         return flow_fn(**kwargs)
     except InputError as exc:
@@ -411,6 +434,7 @@ def cmd_segment_image(args, out):
 def cmd_coin(args, out):
     from .coin import coin_examples
 
+    _start_prefect_api()
     try:
         text = coin_examples()
     except Exception as exc:
@@ -427,6 +451,8 @@ def cmd_demo(args, out):
             raise ValueError
     except ValueError:
         raise CommandError(f"--image-size {args.image_size!r} is not WIDTHxHEIGHT, e.g. 1600x1000") from None
+    demo.prepare_environment(args.output)  # the demo's Prefect database, before its API starts
+    _start_prefect_api()
     demo.run_demo(args.output, customers=args.customers, survey_rows=args.survey_rows,
                   image_size=size, out=out)
 
@@ -439,11 +465,14 @@ def cmd_serve(args, out):
     except serve.ConfigError as exc:
         raise CommandError(str(exc)) from None
     names = ", ".join(s.name for s in specs if not args.only or s.name in args.only)
+    _start_prefect_api()
     out(f"serving {names} (Ctrl-C to stop)")
     try:
         serve.serve(args.config, only=args.only, limit=args.limit)
     except serve.ConfigError as exc:
         raise CommandError(str(exc)) from None
+    # Prefect's serve returns only once interrupted (it catches the KeyboardInterrupt)
+    raise KeyboardInterrupt
 
 
 COMMANDS = {
@@ -456,12 +485,35 @@ COMMANDS = {
 }
 
 
+def _leave_interrupted(status):
+    """End the program at once after Ctrl-C: the exit handlers run (Prefect records what it
+    still has to and stops its local API; logs are flushed), the interpreter's teardown, which
+    takes seconds once Prefect is loaded, does not. A second Ctrl-C is ignored meanwhile."""
+    import atexit
+    import os
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(status)
+
+
 def main(argv=None):
-    """Entry point of the ``emdask`` console script; returns the exit status."""
+    """Entry point of the ``emdask`` console script; returns the exit status.
+
+    0: done; 1: the run failed; 2: bad input, found before any work (one line on stderr);
+    130: stopped by Ctrl-C (SIGINT), for every command ('emdask serve' runs until then).
+    """
+    from .lifecycle import configure_environment
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    # no usage data leaves the machine from a local ephemeral API
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    configure_environment()  # before Prefect is imported: its settings read the environment
 
     def out(line):
         print(line, flush=True)
@@ -472,8 +524,10 @@ def main(argv=None):
         print(f"emdask {args.command}: error: {exc}", file=sys.stderr, flush=True)
         return exc.status
     except KeyboardInterrupt:
-        print(f"emdask {args.command}: interrupted", file=sys.stderr)
-        return 130
+        print(f"emdask {args.command}: interrupted", file=sys.stderr, flush=True)
+        if argv is None:  # the program itself (not a caller passing arguments): leave now
+            _leave_interrupted(EXIT_INTERRUPTED)
+        return EXIT_INTERRUPTED
     return EXIT_OK
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["make_customers", "make_image", "make_survey", "run_demo"]
+__all__ = ["make_customers", "make_image", "make_survey", "prepare_environment", "run_demo"]
 
 
 # --------------------------------------------------------------------------------------
@@ -149,13 +149,10 @@ def _write_parquet(df, path, npartitions):
 # --------------------------------------------------------------------------------------
 
 
-def run_demo(output="demo-output", customers=1_000_000, survey_rows=100_000,
-             image_size=(1600, 1000), out=print):
-    """Generate the data, run the three flows against one local Dask cluster, print a summary."""
-    started = time.perf_counter()
+def prepare_environment(output="demo-output"):
+    """The demo's environment (before Prefect is imported): a local Iceberg catalog under
+    OUTPUT, and, with no PREFECT_API_URL, the local Prefect database there too."""
     output = Path(output).resolve()
-    data, published = output / "data", output / "published"
-    data.mkdir(parents=True, exist_ok=True)
     # a local Iceberg catalog, configured the way pyiceberg reads any catalog
     iceberg = output / "iceberg"
     iceberg.mkdir(parents=True, exist_ok=True)
@@ -168,6 +165,17 @@ def run_demo(output="demo-output", customers=1_000_000, survey_rows=100_000,
         # a local ephemeral API whose database stays with the demo's outputs
         os.environ.setdefault("PREFECT_HOME", str(output / ".prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def run_demo(output="demo-output", customers=1_000_000, survey_rows=100_000,
+             image_size=(1600, 1000), out=print):
+    """Generate the data, run the three flows against one local Dask cluster, print a summary."""
+    started = time.perf_counter()
+    output = Path(output).resolve()
+    data, published = output / "data", output / "published"
+    data.mkdir(parents=True, exist_ok=True)
+    prepare_environment(output)
+    iceberg = output / "iceberg"
 
     from PIL import Image
 

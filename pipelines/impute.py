@@ -102,6 +102,7 @@ def plan_imputation(
     info = open_source(source, storage_options)
     dtypes = info.open_table().dtypes
     chosen = validation.check_table_columns(dtypes, id_column, columns, what="columns")
+    validation.check_not_empty(info)
     kinds = validation.column_kinds(dtypes)
     non_gaussian = [
         c for c in chosen

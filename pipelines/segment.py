@@ -91,6 +91,7 @@ def plan_segmentation(
     info = open_source(source, storage_options)
     dtypes = info.open_table().dtypes
     chosen = validation.check_table_columns(dtypes, id_column, features, what="features")
+    validation.check_not_empty(info)
     kinds = validation.column_kinds(dtypes)
     non_gaussian = [
         c for c in chosen if kinds[c] == "categorical" or pd.api.types.is_bool_dtype(dtypes[c])

@@ -193,6 +193,9 @@ class Source:
     """A table to read: what every kind of source offers the flows."""
 
     kind = "?"
+    #: Rows of the table when its metadata tells them (Parquet footers, an Iceberg snapshot's
+    #: summary, a count the database made), else None: the flow's first pass counts them.
+    rows = None
 
     def open_table(self):  # pragma: no cover - every kind defines it
         """The table as a lazy Dask DataFrame, the same partitions every time."""
@@ -225,6 +228,7 @@ class FileSource(Source):
     root: str = ""
     fingerprint: tuple = ()
     storage_options: dict = field(default_factory=dict, repr=False, compare=False)
+    rows: int | None = field(default=None, compare=False)
     kind = "files"
 
     def open_table(self):
@@ -272,7 +276,8 @@ def _hidden(relative):
 
 
 def _check_schemas(fs, files, shown):
-    """Every Parquet file of a source has the same columns, of the same types.
+    """Every Parquet file of a source has the same columns, of the same types; returns the
+    number of rows the files hold.
 
     Dask reads a dataset through one file's schema: a column present in some files only would
     be dropped, and a column of another type would fail late or be misread. Only footers are
@@ -282,19 +287,22 @@ def _check_schemas(fs, files, shown):
     from concurrent.futures import ThreadPoolExecutor
 
     files = [f for f in files if not posixpath.basename(f).startswith("_")]
-    if len(files) < 2:
-        return
 
-    def schema(path):
+    def footer(path):
         with fs.open(path, "rb") as fh:
             try:
-                return pq.read_schema(fh)
+                metadata = pq.read_metadata(fh)
+                return metadata.schema.to_arrow_schema(), metadata.num_rows
             except Exception as exc:
                 raise InputError(f"source {shown}: {posixpath.basename(path)} is not a readable "
                                  f"Parquet file ({one_line(exc)}); replace or remove it") from None
 
     with ThreadPoolExecutor(8) as pool:
-        schemas = list(pool.map(schema, files))
+        footers = list(pool.map(footer, files))
+    rows = sum(n for _, n in footers)
+    if len(files) < 2:
+        return rows
+    schemas = [schema for schema, _ in footers]
     root = posixpath.commonpath(files)
 
     def name(i):
@@ -320,6 +328,48 @@ def _check_schemas(fs, files, shown):
                 f"source {shown}: column {column!r} is {t1} in {name(f1[0])} but {t2} in "
                 f"{name(f2[0])}; rewrite the files with one type per column"
             )
+    return rows
+
+
+def _check_csv_headers(fs, files, shown):
+    """Every CSV file of a source has the same header (only first lines are read): Dask reads
+    them all through the first one's columns."""
+    import csv
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fsspec.core import OpenFile
+    from fsspec.utils import infer_compression
+
+    if len(files) < 2:
+        return
+
+    def header(path):
+        try:
+            with OpenFile(fs, path, mode="rt", compression=infer_compression(path),
+                          newline="") as fh:
+                return next(csv.reader([fh.readline()]), [])
+        except Exception as exc:
+            raise InputError(f"source {shown}: {posixpath.basename(path)} is not a readable CSV "
+                             f"file ({one_line(exc)}); replace or remove it") from None
+
+    with ThreadPoolExecutor(8) as pool:
+        headers = list(pool.map(header, files))
+    root = posixpath.commonpath(files)
+    first = posixpath.relpath(files[0], root)
+    for path, columns in zip(files[1:], headers[1:]):
+        if columns != headers[0]:
+            name = posixpath.relpath(path, root)
+            missing = [c for c in headers[0] if c not in columns]
+            extra = [c for c in columns if c not in headers[0]]
+            if missing:
+                what = f"{name} lacks column(s) {missing} of {first}"
+            elif extra:
+                what = f"{name} has column(s) {extra} that {first} has not"
+            else:
+                what = f"{name} has the columns of {first} in another order"
+            raise InputError(
+                f"source {shown}: {what}; every file of a source must have the same header"
+            )
 
 
 def _open_files(url, storage_options):
@@ -336,10 +386,11 @@ def _open_files(url, storage_options):
                 raise InputError(f"source {shown} matches both CSV and Parquet files; narrow the pattern")
             files = tuple(_url(fs, f) for f in found)
             fmt = kinds.pop()
-            if fmt == "parquet":
-                _check_schemas(fs, found, shown)
+            rows = _check_schemas(fs, found, shown) if fmt == "parquet" else None
+            if fmt == "csv":
+                _check_csv_headers(fs, found, shown)
             return FileSource(shown, fmt, files, "", tuple(map(tuple, _fingerprint(fs, found, ""))),
-                              dict(storage_options or {}))
+                              dict(storage_options or {}), rows=rows)
         if not fs.exists(path):
             raise InputError(
                 f"source {shown} does not exist; give a Parquet dataset (directory or .parquet "
@@ -357,11 +408,12 @@ def _open_files(url, storage_options):
                     f"source {shown} is a directory of CSV files; give a glob such as "
                     f"'{posixpath.join(str(shown), '*.csv')}'"
                 )
-            _check_schemas(fs, found, shown)
+            rows = _check_schemas(fs, found, shown)
             return FileSource(shown, "parquet", tuple(_url(fs, f) for f in found), path,
                               tuple(map(tuple, _fingerprint(fs, found, path, listing))),
-                              dict(storage_options or {}))
+                              dict(storage_options or {}), rows=rows)
         fmt = "csv" if _is_csv(path) else "parquet"
+        rows = None
         if fmt == "parquet":
             with fs.open(path, "rb") as fh:
                 if fh.read(4) != b"PAR1":
@@ -369,8 +421,10 @@ def _open_files(url, storage_options):
                         f"source {shown} is neither a Parquet file nor a .csv file; convert it or "
                         "give the right path"
                     )
+            rows = _check_schemas(fs, [path], shown)
         return FileSource(shown, fmt, (_url(fs, path),), "",
-                          tuple(map(tuple, _fingerprint(fs, [path], ""))), dict(storage_options or {}))
+                          tuple(map(tuple, _fingerprint(fs, [path], ""))), dict(storage_options or {}),
+                          rows=rows)
     except InputError:
         raise
     except PermissionError as exc:
@@ -443,6 +497,7 @@ class IcebergSource(Source):
     snapshot_id: int
     table_uuid: str
     location: str
+    rows: int | None = field(default=None, compare=False)
     kind = "iceberg"
 
     def load(self):
@@ -505,7 +560,16 @@ def _open_iceberg(url):
         known = [s.snapshot_id for s in table.snapshots()][-5:]
         raise InputError(f"source {url}: no snapshot {snapshot} in the table; recent snapshots: {known}")
     return IcebergSource(str(url), name, namespace, table_name, int(snapshot),
-                         str(table.metadata.table_uuid), table.location())
+                         str(table.metadata.table_uuid), table.location(),
+                         rows=_snapshot_rows(table.snapshot_by_id(snapshot)))
+
+
+def _snapshot_rows(snapshot):
+    """Rows of an Iceberg snapshot, from its summary (None when it does not say)."""
+    try:
+        return int(snapshot.summary["total-records"])
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
 
 
 # -- Delta Lake -------------------------------------------------------------------------
@@ -545,6 +609,7 @@ class DeltaSource(Source):
     files: tuple
     columns: tuple
     storage_options: dict = field(default_factory=dict, repr=False, compare=False)
+    rows: int | None = field(default=None, compare=False)
     kind = "delta"
 
     def open_table(self):
@@ -602,7 +667,8 @@ def _open_delta(url, version, storage_options):
     import pyarrow as pa
 
     columns = tuple(pa.schema(arrow).names)
-    return DeltaSource(shown, table_uri, int(dt.version()), files, columns, dict(storage_options or {}))
+    return DeltaSource(shown, table_uri, int(dt.version()), files, columns, dict(storage_options or {}),
+                       rows=0 if not files else None)
 
 
 # -- PostgreSQL -------------------------------------------------------------------------
@@ -659,6 +725,7 @@ class PostgresSource(Source):
     partition_on: str | None = None
     ranges: tuple = ()
     watermark: str | None = None
+    rows: int | None = field(default=None, compare=False)
     kind = "postgresql"
 
     def open_table(self):
@@ -723,7 +790,7 @@ def _open_postgres(url):
                 raise InputError(f"source {shown}: partition_on={column!r} is not a column name")
             if column is None:
                 cur.execute(f"SELECT count(*) FROM ({base}) AS src")
-                cur.fetchall()
+                rows = cur.fetchall()[0][0]
                 ranges = ()
             else:
                 q = _quote_identifier(column)
@@ -741,7 +808,8 @@ def _open_postgres(url):
         raise
     except Exception as exc:
         raise InputError(f"cannot read source {shown}: {one_line(exc)}") from None
-    return PostgresSource(shown, conninfo, base, column, ranges, ours.get("watermark") or None)
+    return PostgresSource(shown, conninfo, base, column, ranges, ours.get("watermark") or None,
+                          rows=None if rows is None else int(rows))
 
 
 # --------------------------------------------------------------------------------------

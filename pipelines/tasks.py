@@ -1,14 +1,20 @@
 """Prefect tasks every flow shares: profile, plot, commit, report.
 
 Tasks take and return URLs, paths and small objects; tables stay in the warehouse and on the
-Dask cluster. Only input/output tasks retry, and never on bad input (:class:`InputError`).
+Dask cluster. Only input/output tasks retry, and only on I/O errors (:func:`is_transient`):
+never on bad input (:class:`InputError`), output that fails validation
+(:class:`ValidationError`) or any other deterministic error. Those end the run with a one-line
+log record, no traceback.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 
+import prefect.exceptions
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -21,11 +27,13 @@ from .sources import filesystem, storage_options_for
 from .versions import ConcurrentCommitError
 
 __all__ = [
+    "DETERMINISTIC",
     "FitResult",
     "base_manifest",
     "commit_version",
     "convergence_bar",
     "io_task",
+    "is_transient",
     "load_model",
     "parquet_writes",
     "plot_convergence",
@@ -38,23 +46,79 @@ __all__ = [
 ]
 
 
-def _retry_unless_bad_input(task, task_run, state):
-    """Retry failed I/O, but not bad input or output that fails validation: they would fail again."""
-    try:
-        state.result(raise_on_failure=True)
-    except (InputError, ValidationError, ConcurrentCommitError):
+#: Failures that a second attempt meets again: bad input, output that fails its checks, a
+#: destination another run changed. Never retried; logged in one line, without a traceback.
+DETERMINISTIC = (InputError, ValidationError, ConcurrentCommitError)
+#: OS errors that say something about the input or the machine, not the moment.
+_LASTING_OS_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+                      PermissionError)
+_LASTING_ERRNOS = frozenset(getattr(errno, name) for name in (
+    "ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "ENAMETOOLONG", "EFBIG") if hasattr(errno, name))
+#: Errors of network clients (botocore, aiohttp, Google's, httpx, urllib3, http.client) that
+#: are not OSErrors, named so that none of those packages needs importing.
+_TRANSIENT_NAMES = frozenset({
+    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+    "ServerDisconnectedError", "ClientPayloadError", "ServiceUnavailable", "TooManyRequests",
+    "InternalServerError", "BadGateway", "GatewayTimeout", "RemoteProtocolError", "ProtocolError",
+    "IncompleteRead",
+})
+
+
+def is_transient(exc):
+    """Whether ``exc`` is an I/O failure (of the network, a store, a worker's connection) that a
+    second attempt may well not meet; bad input, bugs and a full disk are not."""
+    if isinstance(exc, DETERMINISTIC):
         return False
-    except Exception:
+    if isinstance(exc, OSError):  # ConnectionError, TimeoutError, socket and store errors
+        return not isinstance(exc, _LASTING_OS_ERRORS) and exc.errno not in _LASTING_ERRNOS
+    return any(k.__name__ in _TRANSIENT_NAMES for k in type(exc).__mro__)
+
+
+def _retry_io_errors(task, task_run, state):
+    """Prefect's retry condition of :func:`io_task`: retry I/O errors, nothing else."""
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if exc is None:
+        try:
+            exc = state.result(raise_on_failure=False)
+        except Exception as raised:  # a result that cannot be read: the exception itself
+            exc = raised
+    return isinstance(exc, BaseException) and is_transient(exc)
+
+
+#: Interrupts: Ctrl-C, and the SIGTERM Prefect's runner stops a flow run with.
+_INTERRUPTS = (KeyboardInterrupt, getattr(prefect.exceptions, "TerminationSignal", KeyboardInterrupt))
+
+
+class _OneLineFailures(logging.Filter):
+    """Prefect logs the exception that ends a flow or task run with its traceback; a
+    deterministic failure's message says all there is, and so does an interrupt's ("aborted
+    by an interrupt signal"): their tracebacks are left out."""
+
+    def filter(self, record):
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, DETERMINISTIC + _INTERRUPTS):
+            record.exc_info = None
+            record.exc_text = None
         return True
-    return True
+
+
+def _quiet_expected_failures():
+    for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.engine"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _OneLineFailures) for f in logger.filters):
+            logger.addFilter(_OneLineFailures())
+
+
+_quiet_expected_failures()
 
 
 def io_task(fn=None, **kwargs):
-    """``@task`` for reading and writing: a few retries, never cached."""
+    """``@task`` for reading and writing: a few retries of I/O errors (:func:`is_transient`),
+    never cached."""
     options = dict(
         retries=2,
         retry_delay_seconds=2,
-        retry_condition_fn=_retry_unless_bad_input,
+        retry_condition_fn=_retry_io_errors,
         cache_policy=NO_CACHE,
     )
     options.update(kwargs)
@@ -142,6 +206,7 @@ def up_to_date(destination, key):
     """The published version when it already holds this exact run, else None (logged)."""
     found = destination.find(key)
     if found is not None:
+        destination.clean_up()  # what ended runs left, as a run that computes would
         destination.drop_checkpoint(key)  # left by a run killed right after its commit
         get_run_logger().info(
             f"{found.url} already holds this run (same source and parameters); nothing to do. "
@@ -167,10 +232,13 @@ def plot_convergence(path: str, lower_bounds: list, title: str) -> str:
     return str(reports.convergence_plot(path, lower_bounds, title=title))
 
 
-@step_task
+@io_task
 def commit_version(version, manifest: dict):
-    """Write the manifest and make the new version visible in one step (no retry: a commit
-    is not repeated blindly)."""
+    """Write the manifest and make the new version visible in one step.
+
+    A commit is idempotent (:meth:`pipelines.versions.Version.commit`): a retry after an I/O
+    error, even one that hid whether the visible step took effect, publishes the version once.
+    """
     published = version.commit(manifest)
     where = f"{published.table} (sidecar {published.url})" if published.table else published.url
     get_run_logger().info(f"published version {published.name} to {where}")

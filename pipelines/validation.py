@@ -1,7 +1,8 @@
 """Checks of a flow's data: the input table's columns and ids, and each output against its source.
 
-Inputs are checked before any work (:func:`check_table_columns` on metadata, then
-:func:`profile_table` in one pass); outputs are checked before the commit, partition by
+Inputs are checked before any work, on metadata (:func:`check_table_columns`,
+:func:`check_not_empty`), then by :func:`profile_table` in the first pass over the data (rows,
+ids present and unique); outputs are checked before the commit, partition by
 partition on the workers, each output partition against the source partition it came from:
 same rows and ids in order, observed cells unchanged bit for bit, no cell left missing where a
 fill was asked for.
@@ -23,6 +24,7 @@ from .versions import partition_files
 
 __all__ = [
     "TableProfile",
+    "check_not_empty",
     "check_table_columns",
     "column_kinds",
     "data_errors_as_input",
@@ -115,6 +117,16 @@ def data_errors_as_input():
         yield
     except column_rules.DataError as exc:
         raise InputError(str(exc)) from None
+
+
+def _empty(source):
+    return InputError(f"source {source.url} is an empty table (0 rows); nothing to do")
+
+
+def check_not_empty(source):
+    """Raise InputError when the source's metadata says it has no row (unknown: no check)."""
+    if getattr(source, "rows", None) == 0:
+        raise _empty(source)
 
 
 @dataclass
@@ -219,7 +231,7 @@ def profile_table(source, id_column, columns):
         )
     rows = sum(r["rows"] for r in results)
     if rows == 0:
-        raise InputError(f"source {open_source(source).url} is an empty table (0 rows); nothing to do")
+        raise _empty(open_source(source))
     id_missing = sum(r["id_missing"] for r in results)
     if id_missing:
         raise InputError(

@@ -22,15 +22,23 @@ Every flow goes through one context manager::
 
 Leaving the block without a commit (an error, a failed validation, an interrupt) removes
 everything the run wrote; the published version stays as it was. A process killed outright
-leaves files that nothing references (a version folder, or a table's data folder and sidecar):
-the next publish to the destination removes those in which nothing was written for
+leaves files that nothing references: its staging folder (small files, on the flow process's
+disk) and its version (a version folder, or a table's data folder and sidecar). Each run marks
+both with who writes them (:data:`RUN_MARK`: machine, process and its start time), and the next
+run on the destination removes the leftovers of runs that have ended: at once when that run was
+on the same machine (its process is gone), else once nothing was written in them for
 :data:`STALE_AFTER` seconds.
+
+A commit is idempotent: one whose visible step failed, or failed to say whether it took
+effect, can be repeated; it finds the version already published, or publishes it. A version
+that the destination publishes is never removed by a failed run's clean-up.
 
 Folder layout (local disk and object stores alike)::
 
     DEST/
       CURRENT                 the published version's name, then the names published before it
-      versions/NAME/          manifest.json (written last), data tables, model/, plots
+      versions/NAME/          manifest.json (written last), data tables, model/, plots;
+                              .emdask-run while it is being written
       .checkpoints/KEY/       (local destinations) the EM state of a run still fitting
 
 ``CURRENT`` is replaced by compare-and-swap: ``os.replace`` under a file lock on the local
@@ -53,6 +61,7 @@ import os
 import posixpath
 import re
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -62,6 +71,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError, ValidationError, one_line, redact
+from .lifecycle import signals_deferred
 from .sources import (
     delta_storage_options,
     filesystem,
@@ -81,6 +91,8 @@ __all__ = [
     "Destination",
     "MANIFEST",
     "Published",
+    "RUN_MARK",
+    "STAGING_PREFIX",
     "Version",
     "open_destination",
     "run_key",
@@ -92,8 +104,17 @@ CHECKPOINTS = ".checkpoints"
 SIDECAR = "_emdask"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "emdask-dataset-version"
-#: Age (seconds) after which an unreferenced version folder is taken as left by a killed run.
+#: Idle time (seconds) after which an unreferenced version of a run on another machine (or of
+#: one that left no mark) is taken as left by a killed run.
 STALE_AFTER = 6 * 3600
+#: File naming the process that writes a version or a staging folder (JSON).
+RUN_MARK = ".emdask-run"
+#: Name prefix of the staging folders of versions being written (in the temporary directory).
+STAGING_PREFIX = "emdask-staging-"
+#: Staging folders of earlier releases: ``emdask-NAME-XXXX``.
+_OLD_STAGING = re.compile(r"^emdask-\d{8}T\d{12}Z-[0-9a-f]{8}-")
+#: A run marks its staging folder as it makes it: one left unmarked this long was abandoned.
+_UNMARKED_STAGING_AFTER = 60
 _VERSION_NAME = re.compile(r"^(\d{8}T\d{12})Z-[0-9a-f]{8}$")
 _SWAP_ATTEMPTS = 20
 
@@ -126,6 +147,120 @@ def _name_age(name):
         return None
     made = datetime.strptime(m.group(1), "%Y%m%dT%H%M%S%f").replace(tzinfo=timezone.utc)
     return (datetime.now(timezone.utc) - made).total_seconds()
+
+
+def _proc_stat(pid):
+    """(state, start time in clock ticks since boot) of a process from ``/proc``; None when
+    there is no such process; raises OSError where ``/proc`` cannot tell."""
+    try:
+        text = Path(f"/proc/{int(pid)}/stat").read_text()
+    except FileNotFoundError:
+        if not Path("/proc/self/stat").exists():
+            raise
+        return None
+    fields = text[text.rindex(")") + 2:].split()  # the name may hold spaces and parentheses
+    return fields[0], int(fields[19])
+
+
+def _boot_id():
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _pid_namespace():
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def run_mark():
+    """Who writes a version: this machine, this boot, this process and when it started."""
+    try:
+        start = _proc_stat(os.getpid())[1]
+    except (OSError, TypeError, ValueError, IndexError):
+        start = None
+    return {"host": socket.gethostname(), "boot": _boot_id(), "pid_namespace": _pid_namespace(),
+            "pid": os.getpid(), "start": start}
+
+
+def _run_state(mark):
+    """``"ended"``, ``"running"`` or None (this process cannot tell) for the run a
+    :func:`run_mark` names.
+
+    Only a process of the same machine, boot and process namespace can be told: it has ended
+    when it is gone, a zombie, or its id names another process now. Another machine or
+    container, or a system without ``/proc``, cannot tell.
+    """
+    if not isinstance(mark, dict) or mark.get("host") != socket.gethostname():
+        return None
+    boot, namespace = _boot_id(), _pid_namespace()
+    if boot is None or namespace is None or mark.get("boot") != boot \
+            or mark.get("pid_namespace") != namespace:
+        return None
+    try:
+        found = _proc_stat(int(mark["pid"]))
+    except (KeyError, TypeError, ValueError, OSError, IndexError):
+        return None
+    if found is None:
+        return "ended"
+    state, start = found
+    if mark.get("start") is not None and start != mark["start"]:
+        return "ended"  # the id names another process now
+    return "ended" if state in ("Z", "X") else "running"
+
+
+def _mark_bytes():
+    return json.dumps(run_mark()).encode()
+
+
+def _read_mark(fs, path):
+    try:
+        return json.loads(fs.cat_file(path))
+    except Exception:  # no mark (a run of an earlier release, or killed before writing it)
+        return None
+
+
+def _sweep_staging(root=None):
+    """Remove the staging folders of ended runs (on this machine's temporary directory)."""
+    root = Path(root or tempfile.gettempdir())
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return
+    for path in entries:
+        if not path.is_dir():
+            continue
+        if path.name.startswith(STAGING_PREFIX):
+            try:
+                mark = json.loads((path / RUN_MARK).read_text())
+            except (OSError, ValueError):
+                mark = None
+            idle_after = STALE_AFTER if mark is not None else _UNMARKED_STAGING_AFTER
+        elif _OLD_STAGING.match(path.name):
+            mark, idle_after = None, STALE_AFTER
+        else:
+            continue
+        state = _run_state(mark)
+        if state is not None:
+            gone = state == "ended"
+        else:  # another machine's (a shared temporary directory), or unmarked
+            try:
+                gone = _local_idle_for(path) > idle_after
+            except OSError:
+                gone = False
+        if gone:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _local_idle_for(path):
+    newest = path.stat().st_mtime
+    for child in path.rglob("*"):
+        with contextlib.suppress(OSError):
+            newest = max(newest, child.stat().st_mtime)
+    return time.time() - newest
 
 
 def _json_default(value):
@@ -177,7 +312,8 @@ class Version:
         ``YYYYmmddTHHMMSSffffffZ-KEY8``.
     local : pathlib.Path
         Scratch folder of the flow process for small files (model, plots, profile); copied
-        into the version at the commit.
+        into the version at the commit. It lies in the run's staging folder
+        (``$TMPDIR/emdask-staging-NAME-*``), marked with :data:`RUN_MARK`.
     storage_options : dict
         fsspec options for writing :meth:`table_url` from the workers.
     """
@@ -187,7 +323,10 @@ class Version:
         self.key = key
         self.keep_versions = max(1, int(keep_versions))
         self.name = version_name(key)
-        self.local = Path(tempfile.mkdtemp(prefix=f"emdask-{self.name}-"))
+        self.staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{self.name}-"))
+        (self.staging / RUN_MARK).write_bytes(_mark_bytes())
+        self.local = self.staging / "files"
+        self.local.mkdir()
         self.storage_options = destination.storage_options
         self.published = None
         self.base = None  # what the destination held when the version started
@@ -213,7 +352,11 @@ class Version:
         return partition_files(self._tables[name][0], self.storage_options)
 
     def commit(self, manifest):
-        """Write the manifest and make the version visible in one step; returns :class:`Published`."""
+        """Write the manifest and make the version visible in one step; returns :class:`Published`.
+
+        Idempotent: after a failure (an I/O error, even one that hid whether the visible step
+        took effect) it can be called again; the version is published once.
+        """
         if self.published is not None:
             raise RuntimeError(f"version {self.name} is committed already")
         manifest = {**manifest, "outputs": manifest.get("outputs", {})}
@@ -224,7 +367,7 @@ class Version:
         self.destination._discard(self)
 
     def close(self):
-        shutil.rmtree(self.local, ignore_errors=True)
+        shutil.rmtree(self.staging, ignore_errors=True)
 
 
 def partition_files(url, storage_options=None):
@@ -339,9 +482,18 @@ class Destination:
 
     @contextlib.contextmanager
     def new_version(self, key, keep_versions=5):
-        """A :class:`Version` to write; removed unless committed, checkpoint dropped either way."""
+        """A :class:`Version` to write; removed unless committed, checkpoint dropped either way.
+
+        What ended runs left (staging folders, unpublished versions) is removed first.
+        """
         version = Version(self, key, keep_versions)
-        version.base = self._begin()
+        try:
+            version.base = self._begin()
+            self.clean_up()
+            self._mark(version)
+        except BaseException:
+            version.close()
+            raise
         failed = True
         try:
             yield version
@@ -349,7 +501,8 @@ class Destination:
                 raise RuntimeError(f"version {version.name} was left without a commit")
             failed = False
         finally:
-            version.close()
+            with signals_deferred():  # a second Ctrl-C (or the runner's SIGTERM) waits for it
+                version.close()
             # a run that ends, published or failed, leaves no checkpoint; only a process
             # killed outright leaves one, for the next run to resume from
             self.drop_checkpoint(key)
@@ -360,6 +513,31 @@ class Destination:
     def _begin(self):
         """What the destination holds as a version starts (a table's snapshot or version)."""
         return None
+
+    def clean_up(self):
+        """Remove what ended runs left (:meth:`sweep`, and staging folders on this machine);
+        never fails: a clean-up is no reason to fail a run."""
+        with contextlib.suppress(Exception):
+            _sweep_staging()
+        with contextlib.suppress(Exception):
+            self.sweep()
+
+    def sweep(self):
+        """Remove what ended runs left: versions that are not published and whose run has
+        ended (see :func:`_run_state`) or, when that cannot be told, in which nothing was
+        written for :data:`STALE_AFTER` seconds."""
+
+    def _mark(self, version):
+        """Mark the version's files with the run writing them (:data:`RUN_MARK`)."""
+
+    def _left_over(self, fs, path, name, mark):
+        """Whether the unpublished version ``name`` at ``path``, written by the run ``mark``
+        names (None: no mark), is a leftover of an ended run."""
+        state = _run_state(mark)
+        if state is not None:
+            return state == "ended"  # a run still running may fit for hours, writing nothing
+        age = _name_age(name)
+        return age is not None and age > STALE_AFTER and _idle_for(fs, path) > STALE_AFTER
 
     # -- shared by the backends ------------------------------------------------------
 
@@ -537,25 +715,34 @@ class FolderDestination(Destination):
         path = self._p(CURRENT)
         if self.local:
             try:
-                text = Path(path).read_text()
+                data = Path(path).read_bytes()
             except FileNotFoundError:
                 return [], None
-            return self._parse_pointer(text), text
+            names = self._parse_pointer(data)
+            return names, data.decode()
         try:
             info = self.fs.info(path, refresh=True) if "refresh" in _params(self.fs.info) else self.fs.info(path)
             data = self.fs.cat_file(path)
         except FileNotFoundError:
             return [], None
         token = _object_token(info)
-        return self._parse_pointer(data.decode()), token
+        return self._parse_pointer(data), token
 
-    def _parse_pointer(self, text):
-        names = [n.strip() for n in text.splitlines() if n.strip()]
-        for name in names[:1]:
-            if not _VERSION_NAME.match(name):
-                raise InputError(
-                    f"{self._p(CURRENT)} does not name a version ({name!r}); it was edited by hand"
-                )
+    def _parse_pointer(self, data):
+        """The names CURRENT holds (bytes or text), newest first; InputError when its first
+        line names no version (edited by hand, or damaged)."""
+        try:
+            text = data.decode() if isinstance(data, bytes) else data
+            names = [n.strip() for n in text.splitlines() if n.strip()]
+            first = names[0] if names else None
+        except UnicodeDecodeError:
+            names, first = [], data[:40]
+        if first is not None and not (isinstance(first, str) and _VERSION_NAME.match(first)):
+            raise InputError(
+                f"{self._p(CURRENT)} does not name a version ({first[:80]!r}); it was edited "
+                f"by hand or damaged: write the name of a folder of {self._p(VERSIONS)} on its "
+                "first line"
+            )
         return [n for n in names if _VERSION_NAME.match(n)]
 
     def _swap_pointer(self, text, token):
@@ -598,46 +785,60 @@ class FolderDestination(Destination):
         names = sorted(posixpath.basename(p.rstrip("/")) for p in entries)
         return [n for n in names if _VERSION_NAME.match(n) and self.fs.exists(self._p(VERSIONS, n, MANIFEST))]
 
+    def _mark(self, version):
+        _write_bytes(self.fs, self._p(VERSIONS, version.name, RUN_MARK), _mark_bytes())
+
     def _commit(self, version, manifest):
+        published = Published(version.name, self._version_url(version.name),
+                              {"format": MANIFEST_FORMAT, "version": version.name, **manifest},
+                              storage_options=self.storage_options)
+        names, _ = self._read_pointer()
+        if version.name in names:  # a repeated commit whose first attempt took effect
+            return published
         target = self._p(VERSIONS, version.name)
         self.fs.makedirs(target, exist_ok=True)
         self._upload_local(version, self.fs, target)
         _write_bytes(self.fs, self._p(VERSIONS, version.name, MANIFEST),
                      manifest_text(version.name, manifest).encode())
-        for _ in range(_SWAP_ATTEMPTS):
-            names, token = self._read_pointer()
-            history = [version.name] + [n for n in names if n != version.name]
+        try:
+            history = self._publish(version.name)
+        except (_Conflict, ConcurrentCommitError, InputError):
+            raise
+        except Exception:
+            # the write of CURRENT failed, or failed to say whether it took effect: the
+            # pointer tells (a version it names is published, whatever the error said)
             try:
-                self._swap_pointer("\n".join(history) + "\n", token)
-                break
-            except _Conflict:
-                time.sleep(0.05)
-        else:
-            raise ConcurrentCommitError(
-                f"{self.url}: CURRENT kept changing under {_SWAP_ATTEMPTS} attempts to publish "
-                f"{version.name}; too many runs publish here at once"
-            )
+                history, _ = self._read_pointer()
+            except Exception:
+                history = []
+            if version.name not in history:
+                raise
+        with contextlib.suppress(Exception):
+            self.fs.rm_file(self._p(VERSIONS, version.name, RUN_MARK))
         with contextlib.suppress(Exception):
             self._prune(history, version.keep_versions)
-        return Published(version.name, self._version_url(version.name),
-                         {"format": MANIFEST_FORMAT, "version": version.name, **manifest},
-                         storage_options=self.storage_options)
+        return published
+
+    def _publish(self, name):
+        """Make ``name`` the published version by compare-and-swap of CURRENT; the new history."""
+        for _ in range(_SWAP_ATTEMPTS):
+            names, token = self._read_pointer()
+            history = [name] + [n for n in names if n != name]
+            try:
+                self._swap_pointer("\n".join(history) + "\n", token)
+                return history
+            except _Conflict:
+                time.sleep(0.05)
+        raise ConcurrentCommitError(
+            f"{self.url}: CURRENT kept changing under {_SWAP_ATTEMPTS} attempts to publish "
+            f"{name}; too many runs publish here at once"
+        )
 
     def _prune(self, history, keep_versions):
-        """Remove versions published before the newest ``keep_versions``, and stale leftovers."""
+        """Remove versions published before the newest ``keep_versions``, and leftovers."""
         for name in history[keep_versions:]:
             self._remove_tree(self.fs, self._p(VERSIONS, name))
-        published = set(history)
-        try:
-            entries = self.fs.ls(self._p(VERSIONS), detail=False)
-        except FileNotFoundError:
-            return
-        for entry in entries:
-            name = posixpath.basename(entry.rstrip("/"))
-            age = _name_age(name)
-            if (name not in published and age is not None and age > STALE_AFTER
-                    and _idle_for(self.fs, self._p(VERSIONS, name)) > STALE_AFTER):
-                self._remove_tree(self.fs, self._p(VERSIONS, name))
+        self._sweep(set(history))
         if len(history) > keep_versions:
             names, token = self._read_pointer()
             trimmed = [n for n in names if n not in history[keep_versions:]]
@@ -645,7 +846,33 @@ class FolderDestination(Destination):
                 with contextlib.suppress(_Conflict):
                     self._swap_pointer("\n".join(trimmed) + "\n", token)
 
+    def sweep(self):
+        names, _ = self._read_pointer()
+        self._sweep(set(names))
+
+    def _sweep(self, published):
+        try:
+            entries = self.fs.ls(self._p(VERSIONS), detail=False)
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            name = posixpath.basename(entry.rstrip("/"))
+            if name in published or not _VERSION_NAME.match(name):
+                continue
+            path = self._p(VERSIONS, name)
+            with contextlib.suppress(Exception):
+                mark = _read_mark(self.fs, posixpath.join(path, RUN_MARK))
+                if self._left_over(self.fs, path, name, mark) \
+                        and name not in self._read_pointer()[0]:  # not published meanwhile
+                    self._remove_tree(self.fs, path)
+
     def _discard(self, version):
+        try:
+            names, _ = self._read_pointer()
+        except Exception:
+            names = [version.name]  # cannot tell: keep the files
+        if version.name in names:  # published after all: never removed by a clean-up
+            return
         self._remove_tree(self.fs, self._p(VERSIONS, version.name))
         if self.local:
             for empty in (Path(self.root) / VERSIONS, Path(self.root)):
@@ -816,26 +1043,46 @@ class _TableDestination(Destination):
         manifest = json.loads(fs.cat_file(posixpath.join(path, MANIFEST)))
         return Published(name, url, manifest, table=self.url, storage_options=self.storage_options)
 
+    def _mark(self, version):
+        fs, side_path = filesystem(self._sidecar(version.name), self.storage_options)
+        _write_bytes(fs, posixpath.join(side_path, RUN_MARK), _mark_bytes())
+
     def _commit(self, version, manifest):
+        sidecar = self._sidecar(version.name)
+        published = Published(version.name, sidecar,
+                              {"format": MANIFEST_FORMAT, "version": version.name, **manifest},
+                              table=self.url, storage_options=self.storage_options)
+        if self._published_name() == version.name:  # a repeated commit whose first took effect
+            return published
         primary = [n for n, (url, p) in version._tables.items() if p]
         if len(primary) != 1:
             raise RuntimeError(f"a table destination commits one table; {len(primary)} marked primary")
         files = version.table_files(primary[0])
         if not files:
             raise ValidationError(f"{version.name}: no data file was written for the table")
-        sidecar = self._sidecar(version.name)
         fs, side_path = filesystem(sidecar, self.storage_options)
         fs.makedirs(side_path, exist_ok=True)
         self._upload_local(version, fs, side_path)
         _write_bytes(fs, posixpath.join(side_path, MANIFEST), manifest_text(version.name, manifest).encode())
         properties = {"emdask.version": version.name, "emdask.run-key": version.key,
                       "emdask.manifest": posixpath.join(sidecar, MANIFEST)}
-        self._commit_files(version, files, properties)
+        try:
+            self._commit_files(version, files, properties)
+        except ConcurrentCommitError:
+            raise
+        except Exception:
+            # failed, or failed to say whether it took effect: the table tells
+            try:
+                done = self._published_name() == version.name
+            except Exception:
+                done = False
+            if not done:
+                raise
+        with contextlib.suppress(Exception):
+            fs.rm_file(posixpath.join(side_path, RUN_MARK))
         with contextlib.suppress(Exception):
             self._prune(version.keep_versions)
-        return Published(version.name, sidecar,
-                         {"format": MANIFEST_FORMAT, "version": version.name, **manifest},
-                         table=self.url, storage_options=self.storage_options)
+        return published
 
     def _history(self):
         """Names of the versions the table's snapshots (or versions) hold, newest first."""
@@ -843,33 +1090,62 @@ class _TableDestination(Destination):
 
     def _prune(self, keep_versions):
         """Remove the sidecars of published versions beyond the newest ``keep_versions`` (their
-        snapshots stay readable, data included), and what killed runs left: sidecars and data
-        folders that no snapshot references and in which nothing was written for
-        :data:`STALE_AFTER` seconds."""
+        snapshots stay readable, data included), and what ended runs left (:meth:`sweep`)."""
         history = list(dict.fromkeys(self._history()))
-        published = set(history)
         fs, root = filesystem(self._sidecar(), self.storage_options)
         for name in history[keep_versions:]:
             self._remove_tree(fs, posixpath.join(root, name))
-        leftovers = [(fs, posixpath.join(root, posixpath.basename(p.rstrip("/"))))
-                     for p in fs.ls(root, detail=False)]
+        self._sweep(set(history))
+
+    def sweep(self):
+        self._sweep(set(self._history()))
+
+    def _sweep(self, published):
+        """Sidecars and data folders that no snapshot references, of ended runs."""
+        fs, root = filesystem(self._sidecar(), self.storage_options)
         data_fs, data_root = filesystem(posixpath.join(self._location(), self._data_folder),
                                         self.storage_options)
-        leftovers += [(data_fs, p.rstrip("/")) for p in data_fs.ls(data_root, detail=False)
-                      if posixpath.basename(p.rstrip("/")).startswith("emdask-")]
-        for store, path in leftovers:
-            name = posixpath.basename(path).removeprefix("emdask-")
-            age = _name_age(name)
-            if (name not in published and age is not None and age > STALE_AFTER
-                    and _idle_for(store, path) > STALE_AFTER):
-                self._remove_tree(store, path)
+        found = {}  # name -> [(store, path)]
+        for store, folder, prefix in ((fs, root, ""), (data_fs, data_root, "emdask-")):
+            try:
+                entries = store.ls(folder, detail=False)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for entry in entries:
+                base = posixpath.basename(entry.rstrip("/"))
+                if base.startswith(prefix) and _VERSION_NAME.match(base[len(prefix):]):
+                    found.setdefault(base[len(prefix):], []).append((store, entry.rstrip("/")))
+        candidates = {name: paths for name, paths in found.items() if name not in published}
+        for name, paths in candidates.items():
+            with contextlib.suppress(Exception):
+                mark = _read_mark(fs, posixpath.join(root, name, RUN_MARK))
+                if all(self._left_over(store, path, name, mark) for store, path in paths) \
+                        and name not in self._history():  # not published meanwhile
+                    for store, path in paths:
+                        self._remove_tree(store, path)
 
     def _discard(self, version):
+        try:
+            published = version.name in self._history()
+        except Exception:
+            published = True  # cannot tell: keep the files
+        if published:  # committed after all: never removed by a clean-up
+            return
         for url, primary in version._tables.values():
             fs, path = filesystem(url, self.storage_options)
             self._remove_tree(fs, path)
         fs, path = filesystem(self._sidecar(version.name), self.storage_options)
         self._remove_tree(fs, path)
+        if _is_local_fs(fs):  # empty folders left on a local disk: a new table's is empty again
+            for folder in (posixpath.dirname(path), posixpath.dirname(posixpath.dirname(path))):
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)
+
+
+def _emdask_entry(name):
+    """Whether a table location's entry is emdask's own (a sidecar, or a run's data folder)."""
+    return name == SIDECAR or (name.startswith("emdask-")
+                               and bool(_VERSION_NAME.match(name[len("emdask-"):])))
 
 
 def _first_schema(files, storage_options):
@@ -1041,7 +1317,9 @@ class DeltaDestination(_TableDestination):
     def check(self, source=None):
         try:
             exists = self.fs.exists(posixpath.join(self.root, "_delta_log"))
-            if not exists and self.fs.isdir(self.root) and self.fs.ls(self.root, detail=False):
+            if not exists and self.fs.isdir(self.root) and any(
+                    not _emdask_entry(posixpath.basename(p.rstrip("/")))
+                    for p in self.fs.ls(self.root, detail=False)):
                 raise InputError(f"destination {self.url} holds other data and no Delta table; "
                                  "choose a new folder")
             if not _is_local_fs(self.fs):
