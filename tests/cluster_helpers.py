@@ -422,9 +422,9 @@ class KillWhenRunning(threading.Thread):
     given key prefix is running on it: a machine lost in the middle of a pass.
 
     Polling the scheduler can miss tasks that take milliseconds, so the worker itself marks
-    the moment: armed (``_arm`` with a ``hold`` token, on that worker only), the next such
-    task to start writes the token file and holds its start until the kill. ``seen`` holds
-    the key of that task.
+    the moment: armed (:meth:`arm`, called between two passes: ``_arm`` with a ``hold``
+    token, on that worker only), the next such task to start writes the token file and holds
+    its start until the kill. ``seen`` holds the key of that task.
     """
 
     def __init__(self, cluster, worker_name, prefix, timeout=120):
@@ -434,19 +434,29 @@ class KillWhenRunning(threading.Thread):
         self.prefix = prefix
         self.timeout = timeout
         self.token = Path(cluster.workdir) / f"held-{worker_name}"
+        self.address = None
+        self.registered = threading.Event()
         self.armed = threading.Event()
         self.done = threading.Event()
         self.seen = ()
         self.error = None
 
+    def arm(self, client):
+        """Arm the worker, from the fit's own client (a callback between two passes), so
+        that the next pass's first such task on it is held: no race with the fit."""
+        if not self.registered.wait(self.timeout):
+            raise TimeoutError("the killer never registered its worker plugin")
+        client.run(_arm, self.prefix, str(self.token), True, workers=[self.address])
+        self.armed.set()
+
     def run(self):
         try:
             with self.cluster.client(set_as_default=False) as client:
                 client.register_plugin(self_kill_plugin())
-                address = worker_addresses_by_name(client)[self.worker_name]
+                self.address = worker_addresses_by_name(client)[self.worker_name]
+                self.registered.set()
                 if not self.armed.wait(self.timeout):
                     return
-                client.run(_arm, self.prefix, str(self.token), True, workers=[address])
                 deadline = time.monotonic() + self.timeout
                 while time.monotonic() < deadline:
                     if self.token.exists() and self.token.stat().st_size:

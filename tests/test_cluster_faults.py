@@ -103,7 +103,7 @@ def _fit_with_node_killed_in_e_step(cluster, X, persist):
             model = fit(
                 make_model().set_params(persist=persist),
                 X,
-                callbacks=[_arm_after(KILL_AFTER, killer.armed.set)],
+                callbacks=[_arm_after(KILL_AFTER, lambda: killer.arm(client))],
             )
             survivors = worker_addresses_by_name(client)
     finally:
