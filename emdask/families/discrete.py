@@ -434,8 +434,12 @@ class PoissonPart:
         return resp @ theta
 
     def draw(self, c, labels, theta, u):
-        """Counts drawn from each row's component by inversion of the uniforms ``u``."""
-        return poisson_from_uniforms(u, theta[labels])
+        """Missing counts drawn from each row's component by inversion of the uniforms ``u``
+        (other cells 0: inversion costs more than a product, so only missing cells pay it)."""
+        miss = c["miss"]
+        out = np.zeros(miss.shape)
+        out[miss] = poisson_from_uniforms(u[miss], theta[labels][miss])
+        return out
 
 
 # --------------------------------------------------------------------------------------
