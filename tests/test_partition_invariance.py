@@ -180,13 +180,14 @@ def mixed_frame(n=300, seed=9):
 
 
 INITS = ["k-means++", "random_from_data", "random"]
+PROBABILITIES = ("weights_", "probabilities_")
 TABLE_CASES = {
-    "bernoulli": (lambda **kw: emdask.BernoulliMixture(2, **kw), binary_frame, ("weights_", "probabilities_")),
-    "binomial": (lambda **kw: emdask.BinomialMixture(2, **kw), binomial_frame, ("weights_", "probabilities_")),
-    "categorical": (lambda **kw: emdask.CategoricalMixture(2, **kw), survey_frame, ("weights_", "probabilities_")),
-    "poisson": (lambda **kw: emdask.PoissonMixture(2, **kw), count_frame, ("weights_", "rates_")),
+    "bernoulli": (emdask.BernoulliMixture, binary_frame, PROBABILITIES),
+    "binomial": (emdask.BinomialMixture, binomial_frame, PROBABILITIES),
+    "categorical": (emdask.CategoricalMixture, survey_frame, PROBABILITIES),
+    "poisson": (emdask.PoissonMixture, count_frame, ("weights_", "rates_")),
     "mixed": (
-        lambda **kw: emdask.MixedMixture(2, **kw), mixed_frame,
+        emdask.MixedMixture, mixed_frame,
         ("weights_", "means_", "covariances_", "binary_probabilities_",
          "category_probabilities_", "rates_"),
     ),
@@ -196,11 +197,11 @@ TABLE_CASES = {
 @pytest.mark.parametrize("init", INITS)
 @pytest.mark.parametrize("case", list(TABLE_CASES))
 def test_table_mixtures_fit_the_same_on_any_partitioning_and_cluster(clusters, case, init):
-    make, table, names = TABLE_CASES[case]
+    estimator, table, names = TABLE_CASES[case]
     frame = table()
 
     def fit(X):
-        return make(init_params=init, n_init=2, random_state=11, max_iter=3, tol=0).fit(X)
+        return estimator(2, init_params=init, n_init=2, random_state=11, max_iter=3, tol=0).fit(X)
 
     assert_same_fits(on_each_run(clusters, frame_input(frame), fit), names)
 
@@ -219,7 +220,8 @@ def test_gaussian_mixture_and_imputer_fit_the_same_on_any_partitioning_and_clust
     X = gaussian_table()
 
     def fit(data):
-        return estimator(2, init_params=init, n_init=2, random_state=12, max_iter=3, tol=0).fit(data)
+        model = estimator(2, init_params=init, n_init=2, random_state=12, max_iter=3, tol=0)
+        return model.fit(data)
 
     assert_same_fits(on_each_run(clusters, array_input(X), fit),
                      ("weights_", "means_", "covariances_"))
@@ -283,8 +285,11 @@ def test_every_stream_has_its_own_numbers():
 def test_a_rows_draws_depend_on_its_position_only():
     whole = row_uniforms(3, "imputation", 0, 100, width=4, index=2)
     assert whole.shape == (100, 4)
-    np.testing.assert_array_equal(row_uniforms(3, "imputation", 40, 25, width=4, index=2), whole[40:65])
-    np.testing.assert_array_equal(row_draws(3, "imputation", 40, 4, index=2)(slice(5, 9)), whole[45:49])
+    part = row_uniforms(3, "imputation", 40, 25, width=4, index=2)
+    np.testing.assert_array_equal(part, whole[40:65])
+    rows = row_draws(3, "imputation", 40, 4, index=2)
+    np.testing.assert_array_equal(rows(slice(5, 9)), whole[45:49])
+    np.testing.assert_array_equal(rows([7, 2]), whole[[47, 42]])
     other = row_uniforms(3, "imputation", 0, 100, width=4, index=3)
     assert np.corrcoef(whole.ravel(), other.ravel())[0, 1] < 0.1
     # uniform on [0, 1): Kolmogorov-Smirnov against the uniform law, and independent slots

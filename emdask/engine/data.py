@@ -876,7 +876,8 @@ def partition_starts(X):
     elif isinstance(X, da.Array):
         lengths = list(X.chunks[0])
         if any(math.isnan(n) for n in lengths):
-            lengths = [int(n) for n in dask.compute(*[dask.delayed(len)(b) for b in X.to_delayed()[:, 0]])]
+            counts = [dask.delayed(len)(b) for b in X.to_delayed()[:, 0]]
+            lengths = [int(n) for n in dask.compute(*counts)]
     else:
         return (0,)
     return tuple(int(x) for x in np.cumsum([0] + lengths[:-1]))

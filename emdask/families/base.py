@@ -141,7 +141,9 @@ def poisson_from_uniforms(u, rate):
     (``u`` moved to the middle of its spacing); ``u`` and ``rate`` broadcast."""
     from scipy.stats import poisson
 
-    u, rate = np.broadcast_arrays(np.asarray(u, dtype=np.float64), np.asarray(rate, dtype=np.float64))
+    u, rate = np.broadcast_arrays(
+        np.asarray(u, dtype=np.float64), np.asarray(rate, dtype=np.float64)
+    )
     out = np.zeros(u.shape)
     live = rate > 0
     if live.any():
