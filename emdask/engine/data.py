@@ -35,7 +35,16 @@ import dask.dataframe as dd
 from ..exceptions import WorkersPaused
 from . import columns as column_rules
 
-__all__ = ["BlockData", "DataSummary", "prepare", "map_rows", "select_columns", "current_client"]
+__all__ = [
+    "BlockData",
+    "DataSummary",
+    "prepare",
+    "map_rows",
+    "map_fill",
+    "partition_starts",
+    "select_columns",
+    "current_client",
+]
 
 #: In-memory inputs are cut into blocks of about this many bytes.
 TARGET_BLOCK_BYTES = 16 * 2**20
@@ -853,3 +862,22 @@ def map_fill(X, columns, fn):
             raise KeyError(f"column(s) {missing} seen during fit are not in X")
         return _fill_frame(X, columns, fn)
     return fn(_array_to_float(_check_numpy(X)), 0)
+
+
+def partition_starts(X):
+    """Global position of the first row of every partition of ``X``, numbered as
+    :func:`map_fill` numbers them (numpy and pandas input: one partition).
+
+    A dask array with known chunk sizes needs no computation; a dask DataFrame (or an array
+    with unknown chunk sizes) takes one pass counting the rows of each partition.
+    """
+    if isinstance(X, dd.DataFrame):
+        lengths = [int(n) for n in X.map_partitions(len).compute()]
+    elif isinstance(X, da.Array):
+        lengths = list(X.chunks[0])
+        if any(math.isnan(n) for n in lengths):
+            counts = [dask.delayed(len)(b) for b in X.to_delayed()[:, 0]]
+            lengths = [int(n) for n in dask.compute(*counts)]
+    else:
+        return (0,)
+    return tuple(int(x) for x in np.cumsum([0] + lengths[:-1]))

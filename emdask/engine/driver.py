@@ -22,9 +22,6 @@ from .data import one_blas_thread
 from .randomness import row_poisson1
 from .squarem import ALGORITHMS, Squarem
 
-#: Random stream of the bootstrap weights (see :mod:`emdask.engine.randomness`).
-BOOTSTRAP_STREAM = 0xB007
-
 __all__ = [
     "EMModel",
     "IterationInfo",
@@ -85,7 +82,7 @@ class IterationInfo:
 def bootstrap_weights(seed, start, n_rows):
     """Poisson(1) weights for rows ``start, ..., start + n_rows - 1``, reproducible from the
     seed and the rows' global positions (whatever the partitioning)."""
-    return row_poisson1(seed, BOOTSTRAP_STREAM, start, n_rows)
+    return row_poisson1(seed, "bootstrap", start, n_rows)
 
 
 def _em_chunk(block, index, models, starts):

@@ -37,7 +37,7 @@ import numpy as np
 
 from .driver import map_reduce_many
 
-from .randomness import row_uniforms
+from .randomness import STREAMS, row_uniforms, stream_rng
 
 __all__ = [
     "kmeans_parallel",
@@ -83,10 +83,6 @@ def nearest(X, centers):
     return labels, d2[np.arange(X.shape[0]), labels]
 
 
-def _keys(seed, stage, start, n):
-    return row_uniforms(seed, stage, start, n)
-
-
 def _fill(rows, shift):
     return np.where(np.isnan(rows), shift, rows)
 
@@ -95,7 +91,7 @@ def _fill(rows, shift):
 
 
 def _smallest_keys_chunk(block, index, seed, size, shift, starts):
-    keys = _keys(seed, 0, starts[index], block.shape[0])
+    keys = row_uniforms(seed, "sample", starts[index], block.shape[0])
     informative = ~np.isnan(block).all(axis=1)
     keys = np.where(informative, keys, np.inf)
     take = np.argsort(keys, kind="stable")[:size]
@@ -155,10 +151,10 @@ def sample_rows_many(data, sizes, shift=None):
     return {seed: rows for seed, (_, rows) in zip(seeds, results)}
 
 
-def _round_chunk(block, index, centers, shift, seed, stage, cap, starts):
+def _round_chunk(block, index, centers, shift, seed, round_, cap, starts):
     X = block - shift
     _, d2 = nearest(X, centers)
-    keys = _keys(seed, stage, starts[index], block.shape[0])
+    keys = row_uniforms(seed, "kmeans_round", starts[index], block.shape[0], index=round_)
     with np.errstate(divide="ignore"):
         ratio = d2 / np.maximum(keys, 1e-300)
     take = np.argsort(-ratio, kind="stable")[:cap]
@@ -305,6 +301,11 @@ def kmeans_parallel_many(data, jobs, *, oversampling=2.0, n_rounds=5, first_rows
     every seed.
     """
     jobs = [(int(k), int(seed), int(n_lloyd)) for k, seed, n_lloyd in jobs]
+    if not 0 <= n_rounds <= STREAMS["kmeans_round"].count:
+        raise ValueError(
+            f"n_rounds={n_rounds} must be in [0, {STREAMS['kmeans_round'].count}] "
+            "(5 is plenty in practice)"
+        )
     if not jobs:
         return []
     shift = data.summary.col_mean
@@ -319,7 +320,7 @@ def kmeans_parallel_many(data, jobs, *, oversampling=2.0, n_rounds=5, first_rows
     starts = data.row_starts
     for r in range(n_rounds):
         tasks = [
-            (_round_chunk, (candidates[s], shift, s, r + 1, cap[s], starts), _round_combine(cap[s]))
+            (_round_chunk, (candidates[s], shift, s, r, cap[s], starts), _round_combine(cap[s]))
             for s in seeds
         ]
         for s, (psi, ratio, rows) in zip(seeds, map_reduce_many(data, tasks)):
@@ -330,7 +331,7 @@ def kmeans_parallel_many(data, jobs, *, oversampling=2.0, n_rounds=5, first_rows
     weights = dict(zip(seeds, map_reduce_many(data, tasks)))
     centers = []
     for k, seed, _ in jobs:
-        rng = np.random.default_rng([seed, 0xC0FFEE])
+        rng = stream_rng(seed, "kmeans_recluster")
         keep = weights[seed] > 0
         cand, weight = candidates[seed][keep], weights[seed][keep]
         if cand.shape[0] <= k:

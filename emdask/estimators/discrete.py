@@ -34,11 +34,12 @@ import dask.array as da
 import dask.dataframe as dd
 
 from ..engine import prepare
-from ..engine.data import check_2d
+from ..engine.data import check_2d, partition_starts
 from ..engine.encoding import (
     TableEncoder, infer_kind, is_categorical_dtype, numbers_as_text, scan_columns,
 )
 from ..engine.kmeans import sample_rows_many, sq_distances
+from ..engine.randomness import row_draws, stream_rng
 from ..exceptions import DataWarning
 from ..families.discrete import (
     MISSING_MODES,
@@ -66,8 +67,6 @@ __all__ = [
 INIT_METHODS = ("k-means++", "random_from_data", "random")
 #: Rows sampled (one pass) to start EM: seed rows and the spread of Gaussian columns.
 INIT_SAMPLE = 2000
-#: Random stream of the draws of ``sample_imputations``.
-_DRAW_STREAM = 0xD15C
 
 _KIND_OF_FAMILY = {
     "gaussian": "real",
@@ -265,14 +264,19 @@ class _Impute:
 
 
 class _Draw:
-    """Fill a block's missing cells with draws from their conditional distribution."""
+    """Fill a block's missing cells with draws from their conditional distribution, keyed to
+    the seed, the copy (``draw``) and each row's global position (``starts``: the first
+    row of every partition)."""
 
-    def __init__(self, family, params, seed, draw):
+    def __init__(self, family, params, seed, draw, starts):
         self.family, self.params, self.seed, self.draw = family, params, seed, draw
+        self.starts = starts
 
     def __call__(self, block, number):
-        rng = np.random.default_rng([self.seed, _DRAW_STREAM, self.draw, number])
-        return self.family.sample_missing(block, self.params, rng)
+        uniforms = row_draws(
+            self.seed, "imputation", self.starts[number], 1 + block.shape[1], index=self.draw
+        )
+        return self.family.sample_missing(block, self.params, uniforms)
 
 
 def _fill_part(part, encoder, fill, partition_info=None):
@@ -552,7 +556,7 @@ class _TableMixture(BaseMixture):
                 starts.append(given)
                 continue
             sample = samples[seed]
-            rng = np.random.default_rng([int(seed), 0x5EED])
+            rng = stream_rng(seed, "table_init")
             seeds = None
             if est.init_params == "random_from_data":
                 seeds = sample[: est.n_components]
@@ -608,8 +612,10 @@ class _FillMixin:
 
         In every copy each row draws a component from its posterior given the observed cells,
         then its missing cells from that component (categorical levels, binary values, counts,
-        conditional normal for Gaussian cells). Observed cells are unchanged. Draws depend on
-        ``random_state``, the copy and the partition number.
+        conditional normal for Gaussian cells). Observed cells are unchanged. Every draw is
+        keyed to ``random_state``, the copy and the row's global position (and cell), so the
+        copies do not depend on how ``X`` is partitioned (a dask DataFrame takes one pass
+        counting the rows of its partitions).
 
         Returns
         -------
@@ -619,7 +625,12 @@ class _FillMixin:
         _check_number("n_imputations", n_imputations, kind=numbers.Integral, low=1)
         seed = seed_from(random_state)
         family, params, encoder = self._make_family(), self._fitted_params(), self._encoder()
-        return [_map_fill(X, encoder, _Draw(family, params, seed, b)) for b in range(n_imputations)]
+        X = self._checked(X)
+        starts = partition_starts(X)
+        return [
+            _map_fill(X, encoder, _Draw(family, params, seed, b, starts))
+            for b in range(n_imputations)
+        ]
 
 
 # --------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..engine.driver import check_finite, map_reduce_many
 from ..engine.kmeans import kmeans_parallel_many, kmeans_plusplus, sample_rows_many
-from ..engine.randomness import row_uniforms
+from ..engine.randomness import row_uniforms, stream_rng
 from ..families.gaussian import (
     COVARIANCE_TYPES,
     GaussianFamily,
@@ -35,16 +35,12 @@ def _assignment_chunk(block, index, family, centers):
     return family.assignment_stats(block[informative], centers, labels[informative])
 
 
-#: Random stream of the ``init_params='random'`` responsibilities.
-RANDOM_RESP_STREAM = 0xA11CE
-
-
 def _random_resp_chunk(block, index, family, shift, seed, starts):
     """Statistics of random responsibilities: each row's draws depend on the seed and its
     global position only, so the start is the same however the table is partitioned."""
     k = shift.shape[0]
     n = block.shape[0]
-    u = row_uniforms(seed, RANDOM_RESP_STREAM, int(starts[index]) * k, n * k).reshape(n, k)
+    u = row_uniforms(seed, "init_random", starts[index], n, width=k)
     informative = ~np.isnan(block).all(axis=1)
     resp = u[informative] + 1e-12  # never a row of zeros
     resp /= resp.sum(axis=1, keepdims=True)
@@ -289,7 +285,7 @@ class GaussianMixture(BaseMixture):
                 centers[j] = samples[seed][:k]
             elif kind == "k-means++":
                 sample = samples[seed][: max(KMEANS_PLUSPLUS_SAMPLE, 10 * k)]
-                centers[j] = kmeans_plusplus(sample, k, np.random.default_rng(seed))
+                centers[j] = kmeans_plusplus(sample, k, stream_rng(seed, "kmeans_plusplus"))
             if kind == "random":
                 base = np.tile(shift, (k, 1))
                 centers[j] = base

@@ -8,21 +8,18 @@ import warnings
 import numpy as np
 import pandas as pd
 
+import dask.array as da
 import dask.dataframe as dd
 from sklearn.base import TransformerMixin
 
 from ..engine import EMModel, map_fill, run_em
 from ..engine.data import is_numeric, one_blas_thread
+from ..engine.randomness import row_draws, stream_seeds
 from ..exceptions import ConvergenceWarning, DataWarning
 from .base import _check_number, seed_from
 from .gaussian import GaussianMixture
 
 __all__ = ["EMImputer"]
-
-#: Stream numbers for the draws of multiple imputation.
-_BOOTSTRAP_SEEDS = 0x1A7E
-_DRAW_STREAM = 0xD4A
-
 
 class EMImputer(TransformerMixin, GaussianMixture):
     """Impute missing cells by their conditional expectation under a Gaussian mixture.
@@ -125,6 +122,10 @@ class EMImputer(TransformerMixin, GaussianMixture):
         replicate's parameters (component from the row's posterior, then the conditional
         normal). Observed cells are unchanged in every copy.
 
+        Every draw is keyed to ``random_state``, the copy and the row's global position
+        (and cell), never to the partition: the same ``random_state`` gives the same copies
+        however ``X`` is partitioned and whichever workers fill it.
+
         Parameters
         ----------
         X : the table to fill (the one the imputer was fitted on, typically)
@@ -138,26 +139,28 @@ class EMImputer(TransformerMixin, GaussianMixture):
         self._check_fitted()
         _check_number("n_imputations", n_imputations, kind=numbers.Integral, low=1)
         seed = seed_from(random_state)
-        params_list = self._bootstrap_params(X, n_imputations, seed)
+        params_list, starts = self._bootstrap_params(X, n_imputations, seed)
         family = self._make_family()
         columns = self._columns_of(X)
         tables = []
         for b, params in enumerate(params_list):
 
             def draw(block, part, params=params, b=b):
-                rng = np.random.default_rng([seed, _DRAW_STREAM, b, part])
-                return family.sample_missing(block, params, rng)
+                uniforms = row_draws(seed, "imputation", starts[part], 1 + block.shape[1], index=b)
+                return family.sample_missing(block, params, uniforms)
 
             tables.append(map_fill(X, columns, draw))
         return tables
 
     @one_blas_thread
     def _bootstrap_params(self, X, n_imputations, seed):
+        """The replicates' parameters, and the global position of the first row of every
+        partition of ``X`` as :func:`~emdask.engine.map_fill` numbers them."""
         data = self._prepare(X, self._columns_of(X))
         family = self._make_family()
         start = self._fitted_params()
-        seeds = np.random.SeedSequence([seed, _BOOTSTRAP_SEEDS]).generate_state(n_imputations, np.uint64)
-        replicates = [EMModel(family, start, bootstrap_seed=int(s)) for s in seeds]
+        seeds = stream_seeds(seed, "bootstrap_seeds", n_imputations)
+        replicates = [EMModel(family, start, bootstrap_seed=s) for s in seeds]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             run_em(
@@ -169,7 +172,10 @@ class EMImputer(TransformerMixin, GaussianMixture):
                 verbose_interval=self.verbose_interval,
                 algorithm=self.algorithm,
             )
-        return [m.params for m in replicates]
+        # a dask collection's blocks are its partitions; numpy and pandas input is filled
+        # as one block
+        lazy = isinstance(X, (dd.DataFrame, da.Array))
+        return [m.params for m in replicates], data.row_starts if lazy else (0,)
 
 
 def _warn_unmodelled_missing(X, columns):

@@ -110,6 +110,48 @@ def normalize_log_rows(a):
 
 
 # --------------------------------------------------------------------------------------
+# Variates from uniform draws (multiple imputation)
+#
+# A block's kernel gets uniform [0, 1) draws made for each row (and cell) and turns them
+# into variates by inversion, one uniform per variate: a row's draws then depend on its own
+# uniforms only, not on the other rows of its block.
+# --------------------------------------------------------------------------------------
+
+#: half the spacing of 53-bit uniforms: ``u + _HALF`` is in (0, 1), symmetric about 1/2
+_HALF = 2.0**-54
+
+
+def draw_labels(resp, u):
+    """One component per row, drawn from its responsibilities (shape (n, k)) by the
+    uniforms ``u`` (shape (n,)): the first component whose cumulated responsibility
+    exceeds ``u``."""
+    return np.minimum((resp.cumsum(axis=1) < u[:, None]).sum(axis=1), resp.shape[1] - 1)
+
+
+def standard_normal(u):
+    """Standard normal variates from uniforms by the inverse normal CDF (each uniform moved
+    to the middle of its spacing, so none is 0)."""
+    from scipy.special import ndtri
+
+    return ndtri(np.asarray(u, dtype=np.float64) + _HALF)
+
+
+def poisson_from_uniforms(u, rate):
+    """Poisson(``rate``) variates by inversion: the smallest ``k`` with ``P(X <= k) >= u``
+    (``u`` moved to the middle of its spacing); ``u`` and ``rate`` broadcast."""
+    from scipy.stats import poisson
+
+    u, rate = np.broadcast_arrays(
+        np.asarray(u, dtype=np.float64), np.asarray(rate, dtype=np.float64)
+    )
+    out = np.zeros(u.shape)
+    live = rate > 0
+    if live.any():
+        out[live] = poisson.ppf(u[live] + _HALF, rate[live])
+    return out
+
+
+# --------------------------------------------------------------------------------------
 # Unconstrained coordinates (for accelerated EM, :mod:`emdask.engine.squarem`)
 #
 # Every point of R^n maps back to a valid parameter: a probability vector through its

@@ -44,12 +44,14 @@ from . import _kernels
 from .base import (
     ROW_CHUNK,
     Stats,
+    draw_labels,
     floored_log,
     from_log_ratios,
     from_logits,
     log_ratios,
     logits,
     normalize_log_rows,
+    poisson_from_uniforms,
 )
 
 __all__ = [
@@ -90,12 +92,6 @@ def _ratio(num, den, previous):
     ok = den > 0
     out = np.where(ok, num / np.where(ok, den, 1.0), previous)
     return out
-
-
-def _draw_labels(resp, rng):
-    """One component per row, drawn from its responsibilities."""
-    u = rng.random(resp.shape[0])[:, None]
-    return np.minimum((resp.cumsum(axis=1) < u).sum(axis=1), resp.shape[1] - 1)
 
 
 # --------------------------------------------------------------------------------------
@@ -153,14 +149,15 @@ class BernoulliPart:
         return from_logits(z).reshape(like.shape)
 
     def sample(self, theta, labels, rng):
-        return (rng.random((labels.size, self.cols.size)) < theta[labels]).astype(np.float64)
+        return self.draw(None, labels, theta, rng.random((labels.size, self.cols.size)))
 
     def expected(self, c, resp, theta):
         """Most probable value (0 or 1) of every cell given the row's observed cells."""
         return (resp @ theta >= 0.5).astype(np.float64)
 
-    def draw(self, c, labels, theta, rng):
-        return self.sample(theta, labels, rng)
+    def draw(self, c, labels, theta, u):
+        """Cells drawn from each row's component by the uniforms ``u`` (one per cell)."""
+        return (u < theta[labels]).astype(np.float64)
 
 
 class BinomialPart:
@@ -357,8 +354,11 @@ class CategoricalPart:
         return int(k * (self.n_levels - 1).sum())
 
     def sample(self, theta, labels, rng):
+        return self.draw(None, labels, theta, rng.random((labels.size, self.cols.size)))
+
+    def draw(self, c, labels, theta, u):
+        """Levels drawn from each row's component by the uniforms ``u`` (one per cell)."""
         out = np.empty((labels.size, self.cols.size))
-        u = rng.random((labels.size, self.cols.size))
         for j, L in enumerate(self.n_levels):
             cdf = np.cumsum(theta[labels, j, :L], axis=1)
             out[:, j] = np.minimum((cdf < u[:, j, None] * cdf[:, -1:]).sum(axis=1), L - 1)
@@ -374,9 +374,6 @@ class CategoricalPart:
         for j in range(self.cols.size):
             out[:, j] = self.level_probabilities(resp, theta, j).argmax(axis=1)
         return out
-
-    def draw(self, c, labels, theta, rng):
-        return self.sample(theta, labels, rng)
 
 
 class PoissonPart:
@@ -436,8 +433,13 @@ class PoissonPart:
         """Conditional expectation of every cell given the row's observed cells."""
         return resp @ theta
 
-    def draw(self, c, labels, theta, rng):
-        return self.sample(theta, labels, rng)
+    def draw(self, c, labels, theta, u):
+        """Missing counts drawn from each row's component by inversion of the uniforms ``u``
+        (other cells 0: inversion costs more than a product, so only missing cells pay it)."""
+        miss = c["miss"]
+        out = np.zeros(miss.shape)
+        out[miss] = poisson_from_uniforms(u[miss], theta[labels][miss])
+        return out
 
 
 # --------------------------------------------------------------------------------------
@@ -645,7 +647,10 @@ class ProductMixtureFamily:
             out[sl] = self._chunk(X[sl], log_w, prepared)[1]
         return out
 
-    def _fill(self, X, params, fill_part):
+    def _fill(self, X, params, filler):
+        """``X`` with its missing cells filled: for every chunk of rows ``sl`` with a
+        missing cell, ``filler(sl, resp)`` gives ``fill(part, c, theta)``, the values of
+        the part's cells."""
         log_w = safe_log(params.weights)
         prepared = self._prepared(params)
         thetas = self._thetas(params)
@@ -656,10 +661,11 @@ class ProductMixtureFamily:
                 continue
             chunks, log_prob = self._chunk(Xb, log_w, prepared)
             resp, _ = normalize_log_rows(log_prob)
+            fill_part = filler(sl, resp)
             for part, c, theta in zip(self.parts, chunks, thetas):
                 if not c["miss"].any():
                     continue
-                fill = fill_part(part, c, resp, theta)
+                fill = fill_part(part, c, theta)
                 view = Xb[:, part.cols]
                 view[c["miss"]] = fill[c["miss"]]
                 Xb[:, part.cols] = view
@@ -671,17 +677,26 @@ class ProductMixtureFamily:
         Counts and continuous values get their conditional expectation; binary and
         categorical cells their most probable value. Observed cells are returned unchanged.
         """
-        return self._fill(X, params, lambda part, c, resp, theta: part.expected(c, resp, theta))
+        return self._fill(
+            X, params, lambda sl, resp: lambda part, c, theta: part.expected(c, resp, theta)
+        )
 
-    def sample_missing(self, X, params, rng):
+    def sample_missing(self, X, params, uniforms):
         """Rows with every missing cell drawn from its conditional distribution: a component
-        from the row's posterior, then the missing cells from that component."""
+        from the row's posterior, then the missing cells from that component.
 
-        def draw(part, c, resp, theta):
-            labels = _draw_labels(resp, rng)
-            return part.draw(c, labels, theta, rng)
+        ``uniforms(rows)`` gives the uniform [0, 1) draws of the block rows ``rows`` (a
+        slice), shape ``(n, 1 + n_features)``: column 0 picks the row's component (one for
+        all its cells), column ``1 + j`` draws cell ``j`` by inversion. A row's draws then
+        depend on its own uniforms only.
+        """
 
-        return self._fill(X, params, draw)
+        def filler(sl, resp):
+            u = uniforms(sl)
+            labels = draw_labels(resp, u[:, 0])
+            return lambda part, c, theta: part.draw(c, labels, theta, u[:, 1 + part.cols])
+
+        return self._fill(X, params, filler)
 
     def sample(self, params, n_samples, rng):
         """Draw ``n_samples`` rows; returns ``(X, labels)``, rows grouped by component."""

@@ -34,7 +34,15 @@ import numpy as np
 from scipy import linalg
 
 from . import _kernels
-from .base import ROW_CHUNK, Stats, from_log_ratios, log_ratios, normalize_log_rows
+from .base import (
+    ROW_CHUNK,
+    Stats,
+    draw_labels,
+    from_log_ratios,
+    log_ratios,
+    normalize_log_rows,
+    standard_normal,
+)
 
 __all__ = [
     "COVARIANCE_TYPES",
@@ -520,11 +528,21 @@ class GaussianFamily:
             Xb[miss] = fill[miss]
         return out
 
-    def sample_missing(self, X, params, rng):
+    def sample_missing(self, X, params, uniforms):
         """Rows with their missing cells drawn from the conditional distribution.
 
         Each row draws a component from its posterior given the observed cells, then the
         missing cells from that component's conditional normal.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n_rows, n_features)
+        params : GaussianParams
+        uniforms : callable
+            ``uniforms(rows)`` gives the uniform [0, 1) draws of the block rows ``rows`` (a
+            slice), shape ``(n, 1 + n_features)``: column 0 picks the component, column
+            ``1 + j`` gives cell ``j`` its standard normal variate (inverse normal CDF). A
+            row's draws then depend on its own uniforms only.
         """
         prep = _prepare(params)
         out = np.array(X, dtype=np.float64, copy=True)
@@ -535,15 +553,15 @@ class GaussianFamily:
                 continue
             comps, log_prob, miss = _components(Xb, prep)
             resp, _ = normalize_log_rows(log_prob)
-            u = rng.random(Xb.shape[0])[:, None]
-            label = np.minimum((resp.cumsum(axis=1) < u).sum(axis=1), k - 1)
+            u = uniforms(sl)
+            label = draw_labels(resp, u[:, 0])
+            noise = standard_normal(u[:, 1:])
             draw = np.empty_like(Xb)
             for j, comp in enumerate(comps):
                 sel = label == j
                 if not sel.any():
                     continue
                 value = comp.centred + prep.means[j]
-                noise = rng.standard_normal(Xb.shape)
                 if prep.dense:
                     for rows, cols, L in comp.cond:
                         # x_m ~ N(mean, P_mm⁻¹) with P_mm = L Lᵀ:  x_m = mean + L⁻ᵀ ε

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .base import Stats
+from .base import Stats, standard_normal
 from .discrete import (
     BernoulliPart,
     CategoricalPart,
@@ -127,16 +127,17 @@ class GaussianPart:
             resp[:, j, None] * (comp.centred + theta.means[j]) for j, comp in enumerate(c["comps"])
         )
 
-    def draw(self, c, labels, theta, rng):
-        """Missing cells drawn from the conditional normal of each row's drawn component."""
+    def draw(self, c, labels, theta, u):
+        """Missing cells drawn from the conditional normal of each row's drawn component,
+        with standard normal variates from the uniforms ``u`` (one per cell)."""
         prep = c["prep"]
         out = np.empty((labels.size, self.cols.size))
+        noise = standard_normal(u)
         for j, comp in enumerate(c["comps"]):
             sel = labels == j
             if not sel.any():
                 continue
             value = comp.centred + theta.means[j]
-            noise = rng.standard_normal(value.shape)
             if self.dense:
                 for rows, cols, L in comp.cond:
                     # x_m ~ N(conditional mean, P_mm⁻¹) with P_mm = L Lᵀ: x_m += L⁻ᵀ ε
