@@ -8,6 +8,7 @@ Everything else — data preparation, restarts sharing each pass, convergence, c
 
 from __future__ import annotations
 
+import copy
 import inspect
 import numbers
 import warnings
@@ -17,13 +18,39 @@ from sklearn.base import BaseEstimator, DensityMixin
 from sklearn.exceptions import NotFittedError
 
 from ..engine import EMModel, map_rows, prepare, run_em
+from ..engine.checkpoint import CheckpointWriter, read_checkpoint
 from ..engine.data import one_blas_thread, reject_infinite
+from ..engine.modelfile import check_declared, write_model
 from ..degeneracy import describe_singular, singular_components
 from ..engine.squarem import ALGORITHMS
-from ..exceptions import ConvergenceWarning, DataWarning
+from ..exceptions import ConvergenceWarning, DataWarning, StateError
 from ..families.base import logsumexp_rows, normalize_log_rows
+from . import state as rules
 
-__all__ = ["BaseMixture", "seed_from"]
+__all__ = ["BaseMixture", "estimator_class", "known_estimators", "register_estimator", "seed_from"]
+
+#: Estimator classes by the name model files give them: emdask's own by class name (filled
+#: by ``BaseMixture.__init_subclass__``), others by ``module.qualname`` once registered.
+_REGISTRY = {}
+
+
+def register_estimator(cls):
+    """Let :func:`emdask.load` rebuild ``cls`` (a :class:`BaseMixture` subclass defined
+    outside emdask). Usable as a class decorator; returns ``cls``."""
+    if not (isinstance(cls, type) and issubclass(cls, BaseMixture)):
+        raise TypeError(f"{cls!r} is not a subclass of emdask's BaseMixture")
+    _REGISTRY[f"{cls.__module__}.{cls.__qualname__}"] = cls
+    return cls
+
+
+def estimator_class(name):
+    """The estimator class a model file names, or ``None``."""
+    return _REGISTRY.get(name) if isinstance(name, str) else None
+
+
+def known_estimators():
+    """The names of every estimator class model files may name."""
+    return sorted(_REGISTRY)
 
 
 def seed_from(random_state):
@@ -86,6 +113,95 @@ class BaseMixture(DensityMixin, BaseEstimator):
     _fitted_arrays: tuple = ()
     #: JSON-able attributes of a subclass's fitted state
     _fitted_meta: tuple = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__module__.startswith("emdask.") and not cls.__name__.startswith("_"):
+            _REGISTRY.setdefault(cls.__name__, cls)
+
+    @classmethod
+    def _registry_name(cls):
+        """The name model files give this class (``TypeError`` when :func:`emdask.load`
+        could not find it by that name)."""
+        if _REGISTRY.get(cls.__name__) is cls:
+            return cls.__name__
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        if _REGISTRY.get(name) is not cls:
+            raise TypeError(
+                f"{cls.__name__} is not an emdask estimator; call "
+                f"emdask.register_estimator({cls.__name__}) before saving so that load can find it"
+            )
+        return name
+
+    # -- fitted state -----------------------------------------------------------------------
+
+    def _get_state(self):
+        """The fitted state: ``(arrays, meta)``, the fitted numpy arrays and the JSON-able
+        fitted metadata (common attributes, ``_fitted_meta``; arrays of strings). An
+        estimator given this state by :meth:`_set_state` predicts exactly as this one."""
+        self._check_fitted()
+        return self._collect_state(self._common_fitted + self._fitted_meta)
+
+    def _params_state(self, params):
+        """``(arrays, meta)`` of the fitted parameters ``params`` alone (the class's own
+        metadata, no history or data attributes): a model of a checkpoint."""
+        scratch = copy.copy(self)
+        scratch._set_fitted(params)
+        return scratch._collect_state(self._fitted_meta)
+
+    def _collect_state(self, meta_names):
+        arrays, meta = {}, {}
+        for name in self._fitted_arrays:
+            if hasattr(self, name):
+                a = np.asarray(getattr(self, name))
+                if a.dtype.kind in "biuf":
+                    arrays[name] = a
+                else:
+                    meta[name] = a
+        for name in meta_names:
+            if hasattr(self, name):
+                meta[name] = getattr(self, name)
+        return arrays, meta
+
+    def _state_rules(self, meta):
+        """Check the fitted metadata ``meta``; return the rules of the fitted arrays,
+        ``{name: (shape, why, problem)}`` (see :mod:`emdask.estimators.state`).
+
+        Raises :class:`~emdask.exceptions.StateError` for metadata no fit leaves."""
+        cls = type(self)
+        check_declared(cls, meta, cls._common_fitted + cls._fitted_meta + cls._fitted_arrays,
+                       "the fitted state")
+        rules.check_common(meta)
+        self._check_state_meta(meta)
+        return self._array_rules(self.n_components, meta["n_features_in_"], meta)
+
+    def _check_state_meta(self, meta):
+        """Subclass checks of its own fitted metadata (category levels, column maps)."""
+
+    def _array_rules(self, k, d, meta):
+        """Shapes and constraints of the fitted arrays; by default only their names."""
+        return {name: (None, None, None) for name in self._fitted_arrays}
+
+    def _set_state(self, arrays, meta):
+        """Take the fitted state ``(arrays, meta)`` of :meth:`_get_state`, after checking
+        it (:class:`~emdask.exceptions.StateError` names what no fit leaves); returns self."""
+        rules.check_arrays(type(self), arrays, self._state_rules(meta))
+        if "feature_names_in_" not in meta and hasattr(self, "feature_names_in_"):
+            del self.feature_names_in_
+        for name, value in meta.items():
+            setattr(self, name, value)
+        for name, a in arrays.items():
+            setattr(self, name, a)
+        try:
+            self._fitted_params()
+        except Exception as err:  # the arrays do not make a model
+            raise StateError("the fitted arrays", f"do not form a valid model: {err}") from None
+        return self
+
+    def _check_starting_values(self):
+        """The starting values among the arguments (``means_init``, ...) fit the fitted
+        model, as ``fit`` would require."""
+        self._check_extra_parameters(self.n_features_in_)
 
     # -- scikit-learn estimator protocol ------------------------------------------------------
 
@@ -252,8 +368,6 @@ class BaseMixture(DensityMixin, BaseEstimator):
         models = None
         previous = -np.inf
         if resume:
-            from ..persistence import read_checkpoint
-
             models = read_checkpoint(checkpoint, self, family, data)
         if models is None:
             if getattr(self, "warm_start", False) and hasattr(self, "converged_"):
@@ -271,9 +385,7 @@ class BaseMixture(DensityMixin, BaseEstimator):
             models = [EMModel(family, params, previous_bound=previous) for params in starts]
         after_pass = None
         if checkpoint is not None:
-            from ..persistence import CheckpointWriter
-
-            after_pass = CheckpointWriter(checkpoint, self, data, seed)
+            after_pass = CheckpointWriter(checkpoint, self, data, seed, self._params_state)
             after_pass(models)
         run_em(
             data,
@@ -344,9 +456,7 @@ class BaseMixture(DensityMixin, BaseEstimator):
         The directory holds ``model.json`` (estimator, arguments, fitted metadata, history,
         versions) and one ``.npz`` file of the fitted arrays; no pickle. Returns the path.
         """
-        from ..persistence import save
-
-        return save(self, path)
+        return write_model(self, path)
 
     def fit_predict(self, X, y=None, *, columns=None):
         """Fit, then return the component of every row (see :meth:`predict`)."""

@@ -39,7 +39,7 @@ from ..engine.encoding import (
     TableEncoder, infer_kind, is_categorical_dtype, numbers_as_text, scan_columns,
 )
 from ..engine.kmeans import sample_rows_many, sq_distances
-from ..exceptions import DataWarning
+from ..exceptions import DataWarning, StateError
 from ..families.discrete import (
     MISSING_MODES,
     BernoulliFamily,
@@ -53,6 +53,7 @@ from ..families.discrete import (
 )
 from ..families.gaussian import GaussianParams
 from ..families.mixed import MIXED_COVARIANCE_TYPES, MIXED_KINDS, MixedFamily, MixedParams
+from . import state as rules
 from .base import BaseMixture, _check_number, seed_from
 
 __all__ = [
@@ -471,6 +472,10 @@ class _TableMixture(BaseMixture):
     def _check_init_shapes(self, encoder):
         """Subclass checks of the user's starting values against the columns."""
 
+    def _check_starting_values(self):
+        super()._check_starting_values()
+        self._check_init_shapes(self._fitted_encoder())
+
     def _finish_fit(self, best, data):
         encoder = self._encoder()
         super()._finish_fit(best, data)
@@ -776,6 +781,13 @@ class BernoulliMixture(_SimpleTableMixture):
             p = np.asarray(self.probabilities_init, dtype=np.float64)
         return family.make_params(self._weights_start(), p)
 
+    def _array_rules(self, k, d, meta):
+        return {
+            "weights_": ((k,), f"n_components={k}", rules.weights_problem),
+            "probabilities_": ((k, d), f"n_components={k} and n_features_in_={d}",
+                               rules.probabilities_problem),
+        }
+
     def _set_params(self, params):
         self.weights_ = params.weights
         self.probabilities_ = params.probabilities
@@ -884,6 +896,12 @@ class PoissonMixture(_SimpleTableMixture):
             self._weights_start(),
             _start_counts(self.n_components, data.summary.col_mean, seeds, rng),
         )
+
+    def _array_rules(self, k, d, meta):
+        return {
+            "weights_": ((k,), f"n_components={k}", rules.weights_problem),
+            "rates_": ((k, d), f"n_components={k} and n_features_in_={d}", rules.rates_problem),
+        }
 
     def _set_params(self, params):
         self.weights_ = params.weights
@@ -1018,6 +1036,21 @@ class BinomialMixture(_TableMixture):
                 own = seeds[:, 0] / n
             p = 0.5 * m + 0.5 * np.where(np.isfinite(own), own, m)
         return family.make_params(self._weights_start(), np.clip(p, 1e-3, 1.0 - 1e-3))
+
+    def _check_state_meta(self, meta):
+        columns = 1 if self.n_trials is not None else 2
+        if meta["n_features_in_"] != columns:
+            raise StateError(
+                "n_features_in_",
+                f"= {meta['n_features_in_']}, but a BinomialMixture with n_trials={self.n_trials} "
+                f"models {columns} column(s) (successes{'' if columns == 1 else ', trials'})",
+            )
+
+    def _array_rules(self, k, d, meta):
+        return {
+            "weights_": ((k,), f"n_components={k}", rules.weights_problem),
+            "probabilities_": ((k,), f"n_components={k}", rules.probabilities_problem),
+        }
 
     def _set_params(self, params):
         self.weights_ = params.weights
@@ -1211,6 +1244,25 @@ class CategoricalMixture(_FillMixin, _TableMixture):
         marginals = _marginals(getattr(encoder, "level_counts", None), family.n_levels, sample)
         theta = _start_levels(self.n_components, marginals, seeds, rng)
         return family.make_params(self._weights_start(), theta)
+
+    def _check_state_meta(self, meta):
+        rules.require(meta, self._fitted_meta)
+        cats, d = meta["categories_"], meta["n_features_in_"]
+        if not isinstance(cats, list):
+            raise StateError("categories_", "must be a list of the levels of every column")
+        if len(cats) != d:
+            raise StateError("categories_", f"lists the levels of {len(cats)} columns but n_features_in_={d}")
+        for j, levels in enumerate(cats):
+            rules.check_levels(levels, f"categories_[{j}]")
+
+    def _array_rules(self, k, d, meta):
+        n_levels = [len(levels) for levels in meta["categories_"]]
+        lmax = max(n_levels, default=0)
+        why = f"n_components={k} and categories_ ({d} columns, at most {lmax} levels)"
+        return {
+            "weights_": ((k,), f"n_components={k}", rules.weights_problem),
+            "probabilities_": ((k, d, lmax), why, rules.levels_problem(n_levels)),
+        }
 
     def _set_params(self, params):
         self.weights_ = params.weights
@@ -1483,6 +1535,47 @@ class MixedMixture(_FillMixin, _TableMixture):
         return family.make_params(self._weights_start(), **args)
 
     # -- fitted state -----------------------------------------------------------------------
+
+    def _check_state_meta(self, meta):
+        rules.require(meta, self._fitted_meta)
+        families, cats, d = meta["column_families_"], meta["categories_"], meta["n_features_in_"]
+        if not isinstance(families, dict) or len(families) != d:
+            raise StateError(
+                "column_families_", f"must map each of the n_features_in_={d} columns to its family"
+            )
+        names = rules.column_names(meta)
+        if list(families) != names:
+            raise StateError("column_families_", f"names columns {list(families)}, not the model's {names}")
+        bad = {c: f for c, f in families.items() if f not in MIXED_KINDS}
+        if bad:
+            raise StateError("column_families_", f"gives unknown families {bad} (known: {list(MIXED_KINDS)})")
+        categorical = [c for c, f in families.items() if f == "categorical"]
+        if not isinstance(cats, dict) or list(cats) != categorical:
+            raise StateError("categories_", f"must give the levels of the categorical columns {categorical}")
+        for c, levels in cats.items():
+            rules.check_levels(levels, f"categories_[{c!r}]")
+
+    def _array_rules(self, k, d, meta):
+        families, ct = list(meta["column_families_"].values()), self.covariance_type
+        g, b, p = (families.count(f) for f in ("gaussian", "bernoulli", "poisson"))
+        n_levels = [len(levels) for levels in meta["categories_"].values()]
+        lmax = max(n_levels, default=0)
+        cov = (k, g, g) if ct == "full" else (k, g)
+        per = f"n_components={k} and column_families_"
+        why = f"{per} ({g} gaussian columns) and covariance_type={ct!r}"
+        return {
+            "weights_": ((k,), f"n_components={k}", rules.weights_problem),
+            "means_": ((k, g), f"{per} ({g} gaussian columns)", None),
+            "covariances_": (cov, why, rules.covariances_problem(ct)),
+            "precisions_cholesky_": (cov, why, rules.precisions_cholesky_problem(ct)),
+            "binary_probabilities_": ((k, b), f"{per} ({b} bernoulli columns)", rules.probabilities_problem),
+            "category_probabilities_": (
+                (k, len(n_levels), lmax),
+                f"{per} and categories_ ({len(n_levels)} categorical columns, at most {lmax} levels)",
+                rules.levels_problem(n_levels),
+            ),
+            "rates_": ((k, p), f"{per} ({p} poisson columns)", rules.rates_problem),
+        }
 
     def _set_params(self, params):
         k = self.n_components

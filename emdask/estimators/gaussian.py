@@ -17,6 +17,7 @@ from ..families.gaussian import (
     covariances_from_precisions,
     precisions_from_cholesky,
 )
+from . import state as rules
 from .base import BaseMixture, _check_number
 
 __all__ = ["GaussianMixture"]
@@ -327,6 +328,18 @@ class GaussianMixture(BaseMixture):
                 np.asarray(self.precisions_init, dtype=np.float64), self.covariance_type
             )
         return family.make_params(weights, means, cov)
+
+    def _array_rules(self, k, d, meta):
+        ct = self.covariance_type
+        cov = {"full": (k, d, d), "tied": (d, d), "diag": (k, d), "spherical": (k,)}[ct]
+        why = f"n_components={k}, n_features_in_={d} and covariance_type={ct!r}"
+        return {
+            "weights_": ((k,), f"n_components={k}", rules.weights_problem),
+            "means_": ((k, d), f"n_components={k} and n_features_in_={d}", None),
+            "covariances_": (cov, why, rules.covariances_problem(ct)),
+            "precisions_cholesky_": (cov, why, rules.precisions_cholesky_problem(ct)),
+            "precisions_": (cov, why, rules.precisions_problem(ct)),
+        }
 
     def _set_fitted(self, params):
         self.weights_ = params.weights
