@@ -54,7 +54,7 @@ from ..families.discrete import (
 from ..families.gaussian import GaussianParams
 from ..families.mixed import MIXED_COVARIANCE_TYPES, MIXED_KINDS, MixedFamily, MixedParams
 from . import state as rules
-from .base import BaseMixture, _check_number, seed_from
+from .base import BaseMixture, FitContext, _check_number, seed_from
 
 __all__ = [
     "BernoulliMixture",
@@ -344,7 +344,8 @@ class _TableMixture(BaseMixture):
     def _encoder_options(self):
         return {}
 
-    def _new_encoder(self, X, columns):
+    def _prepare_fit(self, X, columns):
+        """Scan the columns (kinds, levels: the encoding), then prepare the encoded data."""
         names, named, dtypes = _table_columns(X, columns, self._default_column, self._what)
         kinds, cat, ranged = self._column_kinds(names, dtypes)
         levels, counts, ranges, n_passes = scan_columns(
@@ -361,9 +362,12 @@ class _TableMixture(BaseMixture):
             model=type(self).__name__,
             **self._encoder_options(),
         )
-        encoder.level_counts = [counts[c] for c, k in zip(names, kinds) if k == "categorical"]
-        encoder.scan_passes = n_passes
-        return encoder
+        return FitContext(
+            self._prepare_encoded(X, encoder),
+            encoder=encoder,
+            level_counts=[counts[c] for c, k in zip(names, kinds) if k == "categorical"],
+            scan_passes=n_passes,
+        )
 
     def _fitted_encoder(self):
         names = self._fitted_names()
@@ -387,10 +391,7 @@ class _TableMixture(BaseMixture):
         return {}
 
     def _encoder(self):
-        """The encoder being fitted, else the fitted one; ``None`` before any data."""
-        pending = self.__dict__.get("_pending_encoder")
-        if pending is not None:
-            return pending
+        """The encoding of the fitted columns; ``None`` before any fit."""
         if hasattr(self, "n_features_in_"):
             return self._fitted_encoder()
         return None
@@ -415,21 +416,15 @@ class _TableMixture(BaseMixture):
         -------
         self
         """
-        self._refitting = True
-        try:
-            return super().fit(X, y, columns=columns, **kwargs)
-        finally:
-            self._refitting = False
-            self.__dict__.pop("_pending_encoder", None)
+        return super().fit(X, y, columns=columns, **kwargs)
 
     def _prepare(self, X, columns, persist=None):
-        if self.__dict__.get("_refitting") or not hasattr(self, "converged_"):
-            encoder = self._new_encoder(X, columns)
-            self._pending_encoder = encoder
-        else:
-            encoder = self._encoder()
+        """The data of ``X`` encoded as the fitted model encodes it (scoring)."""
+        return self._prepare_encoded(X, self._encoder(), persist)
+
+    def _prepare_encoded(self, X, encoder, persist=None):
         encoded = encoder.transform(X)
-        data = prepare(
+        return prepare(
             encoded,
             encoder.columns if isinstance(encoded, (pd.DataFrame, dd.DataFrame)) else None,
             allow_nan=True,
@@ -437,8 +432,6 @@ class _TableMixture(BaseMixture):
             npartitions=None,
             split_every=self.split_every,
         )
-        data.encoder = encoder
-        return data
 
     def _check_parameters(self):
         super()._check_parameters()
@@ -455,19 +448,15 @@ class _TableMixture(BaseMixture):
             if np.any(w < 0) or np.any(w > 1) or not np.isclose(w.sum(), 1.0):
                 raise ValueError("weights_init must be in [0, 1] and sum to 1")
 
-    def _check_data(self, data):
-        encoder = getattr(data, "encoder", None)
-        if encoder is not None and self.__dict__.get("_pending_encoder") is None and (
-            self.__dict__.get("_refitting") or not hasattr(self, "converged_")
-        ):
-            self._pending_encoder = encoder  # a candidate of a model selection
+    def _check_data(self, context):
+        data = context.data
         informative = data.n_rows - data.summary.n_empty_rows
         if self.n_components > informative:
             raise ValueError(
                 f"n_components={self.n_components} must be <= the number of rows with an "
                 f"observed value ({informative})"
             )
-        self._check_init_shapes(self._encoder())
+        self._check_init_shapes(context.encoder)
 
     def _check_init_shapes(self, encoder):
         """Subclass checks of the user's starting values against the columns."""
@@ -476,16 +465,13 @@ class _TableMixture(BaseMixture):
         super()._check_starting_values()
         self._check_init_shapes(self._fitted_encoder())
 
-    def _finish_fit(self, best, data):
-        encoder = self._encoder()
-        super()._finish_fit(best, data)
-        self.n_passes_ += getattr(encoder, "scan_passes", 0)
-        self.__dict__.pop("_pending_encoder", None)
+    def _take_context(self, context):
+        self._set_encoding(context.encoder)
+
+    def _family_for(self, context):
+        return self._family_from(context.encoder)
 
     def _set_fitted(self, params):
-        pending = self.__dict__.get("_pending_encoder")
-        if pending is not None:
-            self._set_encoding(pending)
         self._set_params(params)
 
     def _set_encoding(self, encoder):
@@ -533,14 +519,11 @@ class _TableMixture(BaseMixture):
         ``None`` (then a sample of the data is drawn)."""
         return None
 
-    def _start(self, data, family, encoder, sample, seeds, rng):
+    def _start(self, data, family, context, sample, seeds, rng):
         raise NotImplementedError
 
-    def _initialize(self, data, family, seed):
-        return type(self)._initialize_jobs(data, [(self, family, seed)])[0]
-
     @classmethod
-    def _initialize_jobs(cls, data, jobs):
+    def _initialize_jobs(cls, data, jobs, context=None):
         """Starting values of every job; the row samples of all restarts and candidates
         come from one pass."""
         sizes = {}
@@ -562,8 +545,8 @@ class _TableMixture(BaseMixture):
             if est.init_params == "random_from_data":
                 seeds = sample[: est.n_components]
             elif est.init_params == "k-means++":
-                seeds = _spread_seeds(sample, est._encoder().kinds, est.n_components, rng)
-            starts.append(est._start(data, family, est._encoder(), sample, seeds, rng))
+                seeds = _spread_seeds(sample, context.encoder.kinds, est.n_components, rng)
+            starts.append(est._start(data, family, context, sample, seeds, rng))
         return starts
 
     # -- drawing and filling ----------------------------------------------------------------
@@ -775,7 +758,7 @@ class BernoulliMixture(_SimpleTableMixture):
             return None
         return family.make_params(self._weights_start(), self.probabilities_init)
 
-    def _start(self, data, family, encoder, sample, seeds, rng):
+    def _start(self, data, family, context, sample, seeds, rng):
         p = _start_binary(self.n_components, data.summary.col_mean, seeds, rng)
         if self.probabilities_init is not None:
             p = np.asarray(self.probabilities_init, dtype=np.float64)
@@ -891,7 +874,7 @@ class PoissonMixture(_SimpleTableMixture):
             return None
         return family.make_params(self._weights_start(), self.rates_init)
 
-    def _start(self, data, family, encoder, sample, seeds, rng):
+    def _start(self, data, family, context, sample, seeds, rng):
         return family.make_params(
             self._weights_start(),
             _start_counts(self.n_components, data.summary.col_mean, seeds, rng),
@@ -1024,7 +1007,7 @@ class BinomialMixture(_TableMixture):
             return None
         return family.make_params(self._weights_start(), self.probabilities_init)
 
-    def _start(self, data, family, encoder, sample, seeds, rng):
+    def _start(self, data, family, context, sample, seeds, rng):
         s = data.summary
         trials = float(self.n_trials) if self.n_trials is not None else s.col_mean[1]
         m = float(np.clip(s.col_mean[0] / trials if trials > 0 else 0.5, 0.0, 1.0))
@@ -1240,8 +1223,8 @@ class CategoricalMixture(_FillMixin, _TableMixture):
         )
         return family.make_params(self._weights_start(), table)
 
-    def _start(self, data, family, encoder, sample, seeds, rng):
-        marginals = _marginals(getattr(encoder, "level_counts", None), family.n_levels, sample)
+    def _start(self, data, family, context, sample, seeds, rng):
+        marginals = _marginals(context.level_counts, family.n_levels, sample)
         theta = _start_levels(self.n_components, marginals, seeds, rng)
         return family.make_params(self._weights_start(), theta)
 
@@ -1492,10 +1475,10 @@ class MixedMixture(_FillMixin, _TableMixture):
             fit_weights=self.fit_weights,
         )
 
-    def _check_data(self, data):
-        super()._check_data(data)
-        encoder = self._encoder()
-        s = data.summary
+    def _check_data(self, context):
+        super()._check_data(context)
+        encoder = context.encoder
+        s = context.data.summary
         constant = [
             c
             for j, (c, k) in enumerate(zip(encoder.columns, encoder.kinds))
@@ -1511,9 +1494,9 @@ class MixedMixture(_FillMixin, _TableMixture):
 
     # -- starting values --------------------------------------------------------------------
 
-    def _start(self, data, family, encoder, sample, seeds, rng):
+    def _start(self, data, family, context, sample, seeds, rng):
         k = self.n_components
-        layout = self._layout(encoder)
+        layout = self._layout(context.encoder)
         mean = data.summary.col_mean
         g, b, c, p = (np.asarray(layout[k], dtype=np.intp) for k in MIXED_KINDS)
         pick = (lambda cols: None) if seeds is None else (lambda cols: seeds[:, cols])
@@ -1528,7 +1511,7 @@ class MixedMixture(_FillMixin, _TableMixture):
         if b.size:
             args["binary"] = _start_binary(k, mean[b], pick(b), rng)
         if c.size:
-            marginals = _marginals(getattr(encoder, "level_counts", None), family.n_levels, sample[:, c])
+            marginals = _marginals(context.level_counts, family.n_levels, sample[:, c])
             args["categorical"] = _start_levels(k, marginals, pick(c), rng)
         if p.size:
             args["counts"] = _start_counts(k, mean[p], pick(p), rng)

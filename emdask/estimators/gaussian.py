@@ -226,7 +226,7 @@ class GaussianMixture(BaseMixture):
         return self._initialize_jobs(data, [(self, family, seed)])[0]
 
     @classmethod
-    def _initialize_jobs(cls, data, jobs):
+    def _initialize_jobs(cls, data, jobs, context=None):
         """Starting parameters of several ``(estimator, family, seed)`` jobs in shared passes.
 
         Restarts and candidate numbers of components start together: one pass draws the
