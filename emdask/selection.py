@@ -195,7 +195,7 @@ def select_components(
     params = estimator.get_params()
     candidates = [type(estimator)(**params).set_params(n_components=k) for k in ks]
     for cand in candidates:
-        cand._check_parameters()
+        cand._validate_params()
     context = candidates[0]._prepare_fit(X, columns)
     data = context.data
     for i, cand in enumerate(candidates):

@@ -591,7 +591,7 @@ def new_estimator(cls, document, where, file):
     _check_arguments(cls, params, file)
     est = cls(**{k: _decode(v, f"{file.json}: argument {k}") for k, v in params.items()})
     try:
-        est._check_parameters()
+        est._validate_params()
     except (ValueError, TypeError, KeyError, AttributeError) as err:
         raise ModelFileError(f"{where}: invalid estimator arguments: {err}; {file.remedy}") from None
     family = document.get("family")

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sklearn.base import BaseEstimator, DensityMixin
+from sklearn.base import BaseEstimator, DensityMixin, _fit_context
 from sklearn.exceptions import NotFittedError
+from sklearn.utils._param_validation import Interval, InvalidParameterError, StrOptions
 
 from ..engine import EMModel, map_rows, prepare, run_em
 from ..engine.checkpoint import CheckpointWriter, read_checkpoint
@@ -204,6 +205,26 @@ class BaseMixture(DensityMixin, BaseEstimator):
 
     #: init_params values a subclass accepts
     _init_methods: tuple = ()
+    #: The arguments' types and ranges (scikit-learn's parameter validation, run by ``fit``
+    #: through ``_validate_params``; emdask's own checks add their messages).
+    _parameter_constraints: dict = {
+        "n_components": [Interval(numbers.Integral, 1, None, closed="left")],
+        "tol": [Interval(numbers.Real, 0.0, None, closed="left")],
+        "max_iter": [Interval(numbers.Integral, 0, None, closed="left")],
+        "n_init": [Interval(numbers.Integral, 1, None, closed="left")],
+        "weights_init": ["array-like", None],
+        "random_state": [
+            Interval(numbers.Integral, 0, None, closed="left"),
+            np.random.RandomState,
+            np.random.Generator,
+            None,
+        ],
+        "verbose": [Interval(numbers.Integral, 0, None, closed="left")],
+        "verbose_interval": [Interval(numbers.Integral, 1, None, closed="left")],
+        "split_every": [Interval(numbers.Integral, 2, None, closed="left")],
+        "persist": [StrOptions({"auto"}), "boolean"],
+        "algorithm": [StrOptions(set(ALGORITHMS))],
+    }
     #: fitted attributes every mixture has
     _common_fitted = (
         "converged_",
@@ -425,6 +446,30 @@ class BaseMixture(DensityMixin, BaseEstimator):
                 f"init_params={self.init_params!r} is not one of {list(self._init_methods)}"
             )
 
+    def _validate_params(self):
+        """Check the arguments: scikit-learn's validation against
+        ``_parameter_constraints`` and emdask's own checks (``_check_parameters``), whose
+        message, naming the argument and what it must be, comes first.
+
+        Raises
+        ------
+        sklearn.utils._param_validation.InvalidParameterError
+            A ``ValueError`` (and ``TypeError``) naming the argument.
+        """
+        try:
+            self._check_parameters()
+            own = None
+        except (ValueError, TypeError) as err:
+            own = err
+        try:
+            super()._validate_params()
+        except InvalidParameterError as err:
+            if own is None:
+                raise
+            raise InvalidParameterError(f"{own} ({err})") from None
+        if own is not None:
+            raise InvalidParameterError(str(own)) from None
+
     def _check_fitted(self):
         if not hasattr(self, "converged_"):
             raise NotFittedError(
@@ -451,6 +496,7 @@ class BaseMixture(DensityMixin, BaseEstimator):
 
     # -- fitting ----------------------------------------------------------------------------------
 
+    @_fit_context(prefer_skip_nested_validation=True)
     @one_blas_thread
     def fit(self, X, y=None, *, columns=None, callbacks=(), checkpoint=None, resume=False):
         """Estimate the model parameters with EM.
@@ -479,10 +525,14 @@ class BaseMixture(DensityMixin, BaseEstimator):
         Returns
         -------
         self
+
+        Raises
+        ------
+        sklearn.utils._param_validation.InvalidParameterError
+            An invalid argument (a ``ValueError``), named with what it must be.
         """
         if resume and checkpoint is None:
             raise ValueError("resume=True continues from a checkpoint: pass checkpoint=path too")
-        self._check_parameters()
         context = self._prepare_fit(X, columns)
         data = context.data
         self._check_extra_parameters(data.n_features)
@@ -513,9 +563,9 @@ class BaseMixture(DensityMixin, BaseEstimator):
                 "Best performing initialization did not converge. Try different init "
                 "parameters, or increase max_iter, tol, or check for degenerate data.",
                 ConvergenceWarning,
-                stacklevel=3,  # the caller of fit (one_blas_thread wraps it)
+                stacklevel=4,  # the caller of fit (_fit_context and one_blas_thread wrap it)
             )
-        self._warn_singular(data.n_rows - data.summary.n_empty_rows, stacklevel=4)
+        self._warn_singular(data.n_rows - data.summary.n_empty_rows, stacklevel=5)
         return self
 
     def _singular(self, n_rows):

@@ -32,6 +32,7 @@ import pandas as pd
 
 import dask.array as da
 import dask.dataframe as dd
+from sklearn.utils._param_validation import Interval, StrOptions
 
 from ..engine import prepare
 from ..engine.data import check_2d
@@ -322,6 +323,12 @@ class _TableMixture(BaseMixture):
     """
 
     _init_methods = INIT_METHODS
+    _parameter_constraints: dict = {
+        **BaseMixture._parameter_constraints,
+        "alpha": [Interval(numbers.Real, 0.0, None, closed="left")],
+        "fit_weights": ["boolean"],
+        "init_params": [StrOptions(set(INIT_METHODS))],
+    }
     _singular_advice = (
         "Use fewer components or a larger alpha (pseudo-count); for Gaussian columns a "
         "larger reg_covar on the data's scale."
@@ -697,6 +704,11 @@ class BernoulliMixture(_SimpleTableMixture):
     """
 
     _kind = "binary"
+    _parameter_constraints: dict = {
+        **_TableMixture._parameter_constraints,
+        "missing": [StrOptions(set(MISSING_MODES))],
+        "probabilities_init": ["array-like", None],
+    }
     _fitted_arrays = ("weights_", "probabilities_")
 
     def __init__(
@@ -812,6 +824,11 @@ class PoissonMixture(_SimpleTableMixture):
     """
 
     _kind = "count"
+    _parameter_constraints: dict = {
+        **_TableMixture._parameter_constraints,
+        "missing": [StrOptions(set(MISSING_MODES))],
+        "rates_init": ["array-like", None],
+    }
     _fitted_arrays = ("weights_", "rates_")
 
     def __init__(
@@ -926,6 +943,11 @@ class BinomialMixture(_TableMixture):
     n_passes_ : as for :class:`~emdask.GaussianMixture`
     """
 
+    _parameter_constraints: dict = {
+        **_TableMixture._parameter_constraints,
+        "n_trials": [Interval(numbers.Integral, 1, None, closed="left"), None],
+        "probabilities_init": ["array-like", None],
+    }
     _fitted_arrays = ("weights_", "probabilities_")
 
     def __init__(
@@ -1133,6 +1155,12 @@ class CategoricalMixture(_FillMixin, _TableMixture):
     scan)
     """
 
+    _parameter_constraints: dict = {
+        **_TableMixture._parameter_constraints,
+        "handle_unknown": [StrOptions({"error", "missing"})],
+        "missing": [StrOptions(set(MISSING_MODES))],
+        "probabilities_init": ["array-like", None],
+    }
     _fitted_arrays = ("weights_", "probabilities_")
     _fitted_meta = ("categories_",)
     _default_column = staticmethod(lambda dtype: True)
@@ -1322,6 +1350,13 @@ class MixedMixture(_FillMixin, _TableMixture):
     n_passes_ : as for :class:`~emdask.GaussianMixture`
     """
 
+    _parameter_constraints: dict = {
+        **_TableMixture._parameter_constraints,
+        "column_families": [dict, None],
+        "covariance_type": [StrOptions(set(MIXED_COVARIANCE_TYPES))],
+        "reg_covar": [Interval(numbers.Real, 0.0, None, closed="left")],
+        "handle_unknown": [StrOptions({"error", "missing"})],
+    }
     _fitted_arrays = (
         "weights_",
         "means_",

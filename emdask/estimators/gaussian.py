@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numbers
 import operator
 
 import numpy as np
+from sklearn.utils._param_validation import Interval, StrOptions
 
 from ..engine.driver import check_finite, map_reduce_many
 from ..engine.kmeans import kmeans_parallel_many, kmeans_plusplus, sample_rows_many
@@ -126,6 +128,15 @@ class GaussianMixture(BaseMixture):
     """
 
     _init_methods = INIT_METHODS
+    _parameter_constraints: dict = {
+        **BaseMixture._parameter_constraints,
+        "covariance_type": [StrOptions(set(COVARIANCE_TYPES))],
+        "reg_covar": [Interval(numbers.Real, 0.0, None, closed="left")],
+        "init_params": [StrOptions(set(INIT_METHODS))],
+        "means_init": ["array-like", None],
+        "precisions_init": ["array-like", None],
+        "warm_start": ["boolean"],
+    }
     _fitted_arrays = (
         "weights_",
         "means_",
