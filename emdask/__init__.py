@@ -14,11 +14,11 @@ from .estimators.discrete import (
     PoissonMixture,
 )
 from .exceptions import ConvergenceWarning, DataWarning, ModelFileError, WorkersPaused
+from ._version import __version__
 from .persistence import load, register_estimator, save
 from .selection import SelectionResult, select_components
 from .pooling import PooledEstimate, pool
 
-__version__ = "0.1.0"
 
 __all__ = [
     "BernoulliMixture",

@@ -25,3 +25,18 @@ class ModelFileError(ValueError):
     the wrong shape, non-finite numbers, weights off the simplex, covariances that are not
     positive definite, attributes the estimator does not declare, arrays that would expand
     beyond their declared size). The message names the file, the attribute and what to do."""
+
+
+class StateError(ValueError):
+    """Fitted state that no fitted model holds, found by an estimator's ``_set_state``.
+
+    ``attr`` names the attribute (or array) and ``problem`` says what is wrong with it;
+    ``in_arrays`` tells an array from a metadata value. Readers of model files turn it
+    into a :class:`ModelFileError` naming the file and what to do.
+    """
+
+    def __init__(self, attr, problem, *, in_arrays=False):
+        super().__init__(f"{attr} {problem}")
+        self.attr = attr
+        self.problem = problem
+        self.in_arrays = in_arrays

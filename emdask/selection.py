@@ -48,8 +48,8 @@ import numpy as np
 import pandas as pd
 
 from .degeneracy import describe_singular
-from .engine.driver import EMModel, map_reduce_many, run_em
-from .estimators.base import BaseMixture, seed_from
+from .engine.driver import map_reduce_many
+from .estimators.base import BaseMixture, fit_candidates, seed_from
 from .exceptions import ConvergenceWarning, DataWarning
 from .families.base import normalize_log_rows
 
@@ -195,8 +195,9 @@ def select_components(
     params = estimator.get_params()
     candidates = [type(estimator)(**params).set_params(n_components=k) for k in ks]
     for cand in candidates:
-        cand._check_parameters()
-    data = candidates[0]._prepare(X, columns)
+        cand._validate_params()
+    context = candidates[0]._prepare_fit(X, columns)
+    data = context.data
     for i, cand in enumerate(candidates):
         try:
             cand._check_extra_parameters(data.n_features)
@@ -205,35 +206,14 @@ def select_components(
         with warnings.catch_warnings():
             if i:  # say it once
                 warnings.simplefilter("ignore", DataWarning)
-            cand._check_data(data)
+            cand._check_data(context)
 
-    seed = seed_from(estimator.random_state)
-    families = [cand._make_family() for cand in candidates]
-    jobs = [
-        (cand, family, seed + r)
-        for cand, family in zip(candidates, families)
-        for r in range(cand.n_init)
+    bests = fit_candidates(candidates, context, seed_from(estimator.random_state), callbacks=callbacks)
+    unconverged = [
+        cand.n_components
+        for cand, best in zip(candidates, bests)
+        if not best.converged and estimator.max_iter > 0
     ]
-    starts = type(estimator)._initialize_jobs(data, jobs)
-    models = [EMModel(family, start) for (_, family, _), start in zip(jobs, starts)]
-    run_em(
-        data,
-        models,
-        tol=estimator.tol,
-        max_iter=estimator.max_iter,
-        callbacks=callbacks,
-        verbose=estimator.verbose,
-        verbose_interval=estimator.verbose_interval,
-        algorithm=estimator.algorithm,
-    )
-
-    unconverged = []
-    for cand in candidates:
-        own = [m for (c, _, _), m in zip(jobs, models) if c is cand]
-        best = max(own, key=lambda m: m.lower_bound)
-        cand._finish_fit(best, data)
-        if not best.converged and estimator.max_iter > 0:
-            unconverged.append(cand.n_components)
     if unconverged:
         warnings.warn(
             f"the candidates with n_components={unconverged} did not converge; increase "
@@ -243,8 +223,8 @@ def select_components(
         )
 
     tasks = [
-        (_criteria_chunk, (family, cand._fitted_params()), operator.add)
-        for cand, family in zip(candidates, families)
+        (_criteria_chunk, (best.family, cand._fitted_params()), operator.add)
+        for cand, best in zip(candidates, bests)
     ]
     rows = []
     for cand, (loglik, n, entropy) in zip(candidates, map_reduce_many(data, tasks)):

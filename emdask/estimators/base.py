@@ -1,29 +1,67 @@
-"""What every mixture estimator shares: arguments, fitting on the driver, per-row methods.
+"""What every mixture estimator shares: arguments, fitting on the driver, per-row methods,
+fitted state.
 
-Subclasses say which family they fit (``_make_family``), how to start (``_initialize``) and
-how fitted parameters map to public attributes (``_set_fitted`` / ``_fitted_params``).
-Everything else — data preparation, restarts sharing each pass, convergence, callbacks,
-``predict``/``score``/``bic`` on any input — lives here once.
+Subclasses say which family they fit (``_make_family`` / ``_family_for``), how to start
+(``_initialize_jobs``), how fitted parameters map to public attributes (``_set_fitted`` /
+``_fitted_params``) and what a fitted state may hold (``_state_rules``). Everything else —
+data preparation, restarts and candidates sharing each pass (:func:`fit_candidates`, which
+``fit`` and :func:`emdask.select_components` both run), convergence, callbacks, the fitted
+state (``_get_state`` / ``_set_state``) and ``predict``/``score``/``bic`` on any input —
+lives here once. What a fit learns of its data before EM is handed from step to step in a
+:class:`FitContext`, never left on the estimator or on other objects.
+
+Every public subclass defined in emdask is registered by name as it is defined
+(``__init_subclass__``); model files name estimators by these names.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import numbers
 import warnings
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-from sklearn.base import BaseEstimator, DensityMixin
+from sklearn.base import BaseEstimator, DensityMixin, _fit_context
 from sklearn.exceptions import NotFittedError
+from sklearn.utils._param_validation import Interval, InvalidParameterError, StrOptions
 
 from ..engine import EMModel, map_rows, prepare, run_em
+from ..engine.checkpoint import CheckpointWriter, read_checkpoint
 from ..engine.data import one_blas_thread, reject_infinite
+from ..engine.modelfile import check_declared, write_model
 from ..degeneracy import describe_singular, singular_components
 from ..engine.squarem import ALGORITHMS
-from ..exceptions import ConvergenceWarning, DataWarning
+from ..exceptions import ConvergenceWarning, DataWarning, StateError
 from ..families.base import logsumexp_rows, normalize_log_rows
+from . import state as rules
 
-__all__ = ["BaseMixture", "seed_from"]
+__all__ = ["BaseMixture", "FitContext", "fit_candidates", "estimator_class", "known_estimators", "register_estimator", "seed_from"]
+
+#: Estimator classes by the name model files give them: emdask's own by class name (filled
+#: by ``BaseMixture.__init_subclass__``), others by ``module.qualname`` once registered.
+_REGISTRY = {}
+
+
+def register_estimator(cls):
+    """Let :func:`emdask.load` rebuild ``cls`` (a :class:`BaseMixture` subclass defined
+    outside emdask). Usable as a class decorator; returns ``cls``."""
+    if not (isinstance(cls, type) and issubclass(cls, BaseMixture)):
+        raise TypeError(f"{cls!r} is not a subclass of emdask's BaseMixture")
+    _REGISTRY[f"{cls.__module__}.{cls.__qualname__}"] = cls
+    return cls
+
+
+def estimator_class(name):
+    """The estimator class a model file names, or ``None``."""
+    return _REGISTRY.get(name) if isinstance(name, str) else None
+
+
+def known_estimators():
+    """The names of every estimator class model files may name."""
+    return sorted(_REGISTRY)
 
 
 def seed_from(random_state):
@@ -53,6 +91,100 @@ def _check_number(name, value, *, kind=numbers.Real, low=None, low_open=False, h
         raise ValueError(f"{name}={value!r} must be <= {high}")
 
 
+@dataclass(frozen=True)
+class FitContext:
+    """What a fit knows of its data before EM starts, handed explicitly to the steps of
+    the fit (checks, family, starting values, fitted attributes).
+
+    Attributes
+    ----------
+    data : BlockData
+        The prepared data.
+    encoder : TableEncoder or None
+        The encoding of the columns (table mixtures: kinds, levels), learnt by a scan.
+    level_counts : list of ndarray or None
+        Rows at each level of every categorical column, from that scan.
+    scan_passes : int
+        Passes over the data the scan took.
+    """
+
+    data: Any
+    encoder: Any = None
+    level_counts: Any = None
+    scan_passes: int = 0
+
+
+def fit_candidates(candidates, context, seed, *, callbacks=(), models=None, checkpoint=None):
+    """Fit a list of candidate estimators in shared passes; returns each one's best model.
+
+    Every candidate (the same class; in a model selection, clones differing in
+    ``n_components``) runs its ``n_init`` restarts, seeds ``seed``, ``seed + 1``, ...;
+    the starting values of all jobs come from the class's ``_initialize_jobs`` and every
+    EM pass hands each block to every model still iterating. Each candidate then takes the
+    fitted state of its best restart (``_finish_fit``).
+
+    Parameters
+    ----------
+    candidates : list of BaseMixture
+        Checked against the data already (``_check_data``); ``tol``, ``max_iter``,
+        ``verbose`` and ``algorithm`` are the first one's.
+    context : FitContext
+    seed : int
+    callbacks : sequence of callables
+        As in ``fit``; ``info.model`` indexes every restart of every candidate in order.
+    models : list of EMModel, optional
+        Models to go on with instead of starting values (a resumed checkpoint, a warm
+        start); only with a single candidate.
+    checkpoint : str or path, optional
+        Where the state of every model is written after the start and every pass; only
+        with a single candidate.
+
+    Returns
+    -------
+    list of EMModel
+        The best model (highest lower bound) of each candidate.
+    """
+    lead = candidates[0]
+    data = context.data
+    if models is not None or checkpoint is not None:
+        if len(candidates) != 1:
+            raise ValueError("models to go on with and checkpoints are for a single estimator")
+    if models is None:
+        jobs = [
+            (cand, cand._family_for(context), seed + r)
+            for cand in candidates
+            for r in range(cand.n_init)
+        ]
+        starts = type(lead)._initialize_jobs(data, jobs, context)
+        models = [EMModel(family, start) for (_, family, _), start in zip(jobs, starts)]
+        owners = [cand for cand, _, _ in jobs]
+    else:
+        owners = [lead] * len(models)
+    after_pass = None
+    if checkpoint is not None:
+        after_pass = CheckpointWriter(
+            checkpoint, lead, data, seed, lambda params: lead._params_state(params, context)
+        )
+        after_pass(models)
+    run_em(
+        data,
+        models,
+        tol=lead.tol,
+        max_iter=lead.max_iter,
+        callbacks=callbacks,
+        verbose=lead.verbose,
+        verbose_interval=lead.verbose_interval,
+        after_pass=after_pass,
+        algorithm=lead.algorithm,
+    )
+    bests = []
+    for cand in candidates:
+        best = max((m for c, m in zip(owners, models) if c is cand), key=lambda m: m.lower_bound)
+        cand._finish_fit(best, context)
+        bests.append(best)
+    return bests
+
+
 def _score_chunk(block, index, family, params):
     informative = ~np.isnan(block).all(axis=1)
     ll = logsumexp_rows(family.weighted_log_prob(block, params))
@@ -65,12 +197,34 @@ class BaseMixture(DensityMixin, BaseEstimator):
     The fitted state of an estimator is, in full: its constructor arguments
     (``get_params()``), the common attributes in ``_common_fitted``, the ndarray attributes
     a subclass lists in ``_fitted_arrays`` and the JSON-able ones it lists in
-    ``_fitted_meta`` (category levels, column-to-family maps, ...). An estimator rebuilt
-    from these alone predicts exactly as the original (model files rely on it).
+    ``_fitted_meta`` (category levels, column-to-family maps, ...). ``_get_state()``
+    returns it as ``(arrays, meta)``; ``_set_state(arrays, meta)`` checks it and takes it.
+    An estimator rebuilt from these alone predicts exactly as the original (model files
+    and checkpoints rely on it).
     """
 
     #: init_params values a subclass accepts
     _init_methods: tuple = ()
+    #: The arguments' types and ranges (scikit-learn's parameter validation, run by ``fit``
+    #: through ``_validate_params``; emdask's own checks add their messages).
+    _parameter_constraints: dict = {
+        "n_components": [Interval(numbers.Integral, 1, None, closed="left")],
+        "tol": [Interval(numbers.Real, 0.0, None, closed="left")],
+        "max_iter": [Interval(numbers.Integral, 0, None, closed="left")],
+        "n_init": [Interval(numbers.Integral, 1, None, closed="left")],
+        "weights_init": ["array-like", None],
+        "random_state": [
+            Interval(numbers.Integral, 0, None, closed="left"),
+            np.random.RandomState,
+            np.random.Generator,
+            None,
+        ],
+        "verbose": [Interval(numbers.Integral, 0, None, closed="left")],
+        "verbose_interval": [Interval(numbers.Integral, 1, None, closed="left")],
+        "split_every": [Interval(numbers.Integral, 2, None, closed="left")],
+        "persist": [StrOptions({"auto"}), "boolean"],
+        "algorithm": [StrOptions(set(ALGORITHMS))],
+    }
     #: fitted attributes every mixture has
     _common_fitted = (
         "converged_",
@@ -86,6 +240,97 @@ class BaseMixture(DensityMixin, BaseEstimator):
     _fitted_arrays: tuple = ()
     #: JSON-able attributes of a subclass's fitted state
     _fitted_meta: tuple = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__module__.startswith("emdask.") and not cls.__name__.startswith("_"):
+            _REGISTRY.setdefault(cls.__name__, cls)
+
+    @classmethod
+    def _registry_name(cls):
+        """The name model files give this class (``TypeError`` when :func:`emdask.load`
+        could not find it by that name)."""
+        if _REGISTRY.get(cls.__name__) is cls:
+            return cls.__name__
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        if _REGISTRY.get(name) is not cls:
+            raise TypeError(
+                f"{cls.__name__} is not an emdask estimator; call "
+                f"emdask.register_estimator({cls.__name__}) before saving so that load can find it"
+            )
+        return name
+
+    # -- fitted state -----------------------------------------------------------------------
+
+    def _get_state(self):
+        """The fitted state: ``(arrays, meta)``, the fitted numpy arrays and the JSON-able
+        fitted metadata (common attributes, ``_fitted_meta``; arrays of strings). An
+        estimator given this state by :meth:`_set_state` predicts exactly as this one."""
+        self._check_fitted()
+        return self._collect_state(self._common_fitted + self._fitted_meta)
+
+    def _params_state(self, params, context):
+        """``(arrays, meta)`` of the fitted parameters ``params`` of a fit in ``context``
+        alone (the class's own metadata, no history or data attributes): a model of a
+        checkpoint."""
+        scratch = copy.copy(self)
+        scratch._take_context(context)
+        scratch._set_fitted(params)
+        return scratch._collect_state(self._fitted_meta)
+
+    def _collect_state(self, meta_names):
+        arrays, meta = {}, {}
+        for name in self._fitted_arrays:
+            if hasattr(self, name):
+                a = np.asarray(getattr(self, name))
+                if a.dtype.kind in "biuf":
+                    arrays[name] = a
+                else:
+                    meta[name] = a
+        for name in meta_names:
+            if hasattr(self, name):
+                meta[name] = getattr(self, name)
+        return arrays, meta
+
+    def _state_rules(self, meta):
+        """Check the fitted metadata ``meta``; return the rules of the fitted arrays,
+        ``{name: (shape, why, problem)}`` (see :mod:`emdask.estimators.state`).
+
+        Raises :class:`~emdask.exceptions.StateError` for metadata no fit leaves."""
+        cls = type(self)
+        check_declared(cls, meta, cls._common_fitted + cls._fitted_meta + cls._fitted_arrays,
+                       "the fitted state")
+        rules.check_common(meta)
+        self._check_state_meta(meta)
+        return self._array_rules(self.n_components, meta["n_features_in_"], meta)
+
+    def _check_state_meta(self, meta):
+        """Subclass checks of its own fitted metadata (category levels, column maps)."""
+
+    def _array_rules(self, k, d, meta):
+        """Shapes and constraints of the fitted arrays; by default only their names."""
+        return {name: (None, None, None) for name in self._fitted_arrays}
+
+    def _set_state(self, arrays, meta):
+        """Take the fitted state ``(arrays, meta)`` of :meth:`_get_state`, after checking
+        it (:class:`~emdask.exceptions.StateError` names what no fit leaves); returns self."""
+        rules.check_arrays(type(self), arrays, self._state_rules(meta))
+        if "feature_names_in_" not in meta and hasattr(self, "feature_names_in_"):
+            del self.feature_names_in_
+        for name, value in meta.items():
+            setattr(self, name, value)
+        for name, a in arrays.items():
+            setattr(self, name, a)
+        try:
+            self._fitted_params()
+        except Exception as err:  # the arrays do not make a model
+            raise StateError("the fitted arrays", f"do not form a valid model: {err}") from None
+        return self
+
+    def _check_starting_values(self):
+        """The starting values among the arguments (``means_init``, ...) fit the fitted
+        model, as ``fit`` would require."""
+        self._check_extra_parameters(self.n_features_in_)
 
     # -- scikit-learn estimator protocol ------------------------------------------------------
 
@@ -139,14 +384,28 @@ class BaseMixture(DensityMixin, BaseEstimator):
         raise NotImplementedError
 
     @classmethod
-    def _initialize_jobs(cls, data, jobs):
+    def _initialize_jobs(cls, data, jobs, context=None):
         """Starting parameters for several ``(estimator, family, seed)`` jobs.
 
         ``n_init`` restarts and the candidates of :func:`emdask.select_components` start
-        through this hook. A subclass that can share passes between jobs overrides it; by
-        default each job runs its estimator's ``_initialize`` in turn.
+        through this hook (``context``: the :class:`FitContext` of the fit). A subclass that
+        can share passes between jobs overrides it; by default each job runs its
+        estimator's ``_initialize`` in turn.
         """
         return [est._initialize(data, family, seed) for est, family, seed in jobs]
+
+    def _prepare_fit(self, X, columns):
+        """The :class:`FitContext` of a fit on ``X``: the prepared data (and what a
+        subclass learns of the columns before EM, e.g. their levels)."""
+        return FitContext(self._prepare(X, columns))
+
+    def _family_for(self, context):
+        """The family to fit in ``context`` (by default, the estimator's own)."""
+        return self._make_family()
+
+    def _take_context(self, context):
+        """Set what a fit in ``context`` knows of the columns as fitted attributes (a
+        subclass's encoding of its columns); called before ``_set_fitted``."""
 
     def _set_fitted(self, params):
         raise NotImplementedError
@@ -187,6 +446,30 @@ class BaseMixture(DensityMixin, BaseEstimator):
                 f"init_params={self.init_params!r} is not one of {list(self._init_methods)}"
             )
 
+    def _validate_params(self):
+        """Check the arguments: scikit-learn's validation against
+        ``_parameter_constraints`` and emdask's own checks (``_check_parameters``), whose
+        message, naming the argument and what it must be, comes first.
+
+        Raises
+        ------
+        sklearn.utils._param_validation.InvalidParameterError
+            A ``ValueError`` (and ``TypeError``) naming the argument.
+        """
+        try:
+            self._check_parameters()
+            own = None
+        except (ValueError, TypeError) as err:
+            own = err
+        try:
+            super()._validate_params()
+        except InvalidParameterError as err:
+            if own is None:
+                raise
+            raise InvalidParameterError(f"{own} ({err})") from None
+        if own is not None:
+            raise InvalidParameterError(str(own)) from None
+
     def _check_fitted(self):
         if not hasattr(self, "converged_"):
             raise NotFittedError(
@@ -194,7 +477,8 @@ class BaseMixture(DensityMixin, BaseEstimator):
                 "appropriate arguments before using this estimator."
             )
 
-    def _check_data(self, data):
+    def _check_data(self, context):
+        data = context.data
         informative = data.n_rows - data.summary.n_empty_rows
         if self.n_components > informative:
             raise ValueError(
@@ -212,6 +496,7 @@ class BaseMixture(DensityMixin, BaseEstimator):
 
     # -- fitting ----------------------------------------------------------------------------------
 
+    @_fit_context(prefer_skip_nested_validation=True)
     @one_blas_thread
     def fit(self, X, y=None, *, columns=None, callbacks=(), checkpoint=None, resume=False):
         """Estimate the model parameters with EM.
@@ -240,62 +525,47 @@ class BaseMixture(DensityMixin, BaseEstimator):
         Returns
         -------
         self
+
+        Raises
+        ------
+        sklearn.utils._param_validation.InvalidParameterError
+            An invalid argument (a ``ValueError``), named with what it must be.
         """
         if resume and checkpoint is None:
             raise ValueError("resume=True continues from a checkpoint: pass checkpoint=path too")
-        self._check_parameters()
-        data = self._prepare(X, columns)
+        context = self._prepare_fit(X, columns)
+        data = context.data
         self._check_extra_parameters(data.n_features)
-        self._check_data(data)
-        family = self._make_family()
+        self._check_data(context)
         seed = seed_from(self.random_state)
         models = None
-        previous = -np.inf
         if resume:
-            from ..persistence import read_checkpoint
-
-            models = read_checkpoint(checkpoint, self, family, data)
-        if models is None:
-            if getattr(self, "warm_start", False) and hasattr(self, "converged_"):
-                if data.n_features != self.n_features_in_:
-                    raise ValueError(
-                        f"X has {data.n_features} features, but the model to warm-start was "
-                        f"fitted on {self.n_features_in_}"
-                    )
-                starts = [self._fitted_params()]
-                # as scikit-learn: the convergence test goes on from the previous fit's bound
-                previous = float(self.lower_bound_)
-            else:
-                jobs = [(self, family, seed + i) for i in range(self.n_init)]
-                starts = type(self)._initialize_jobs(data, jobs)
-            models = [EMModel(family, params, previous_bound=previous) for params in starts]
-        after_pass = None
-        if checkpoint is not None:
-            from ..persistence import CheckpointWriter
-
-            after_pass = CheckpointWriter(checkpoint, self, data, seed)
-            after_pass(models)
-        run_em(
-            data,
-            models,
-            tol=self.tol,
-            max_iter=self.max_iter,
-            callbacks=callbacks,
-            verbose=self.verbose,
-            verbose_interval=self.verbose_interval,
-            after_pass=after_pass,
-            algorithm=self.algorithm,
+            models = read_checkpoint(checkpoint, self, self._family_for(context), data)
+        if models is None and getattr(self, "warm_start", False) and hasattr(self, "converged_"):
+            if data.n_features != self.n_features_in_:
+                raise ValueError(
+                    f"X has {data.n_features} features, but the model to warm-start was "
+                    f"fitted on {self.n_features_in_}"
+                )
+            # as scikit-learn: the convergence test goes on from the previous fit's bound
+            models = [
+                EMModel(
+                    self._family_for(context),
+                    self._fitted_params(),
+                    previous_bound=float(self.lower_bound_),
+                )
+            ]
+        (best,) = fit_candidates(
+            [self], context, seed, callbacks=callbacks, models=models, checkpoint=checkpoint
         )
-        best = max(models, key=lambda m: m.lower_bound)
         if not best.converged and self.max_iter > 0:
             warnings.warn(
                 "Best performing initialization did not converge. Try different init "
                 "parameters, or increase max_iter, tol, or check for degenerate data.",
                 ConvergenceWarning,
-                stacklevel=3,  # the caller of fit (one_blas_thread wraps it)
+                stacklevel=4,  # the caller of fit (_fit_context and one_blas_thread wrap it)
             )
-        self._finish_fit(best, data)
-        self._warn_singular(data.n_rows - data.summary.n_empty_rows, stacklevel=4)
+        self._warn_singular(data.n_rows - data.summary.n_empty_rows, stacklevel=5)
         return self
 
     def _singular(self, n_rows):
@@ -319,15 +589,18 @@ class BaseMixture(DensityMixin, BaseEstimator):
                 stacklevel=stacklevel,
             )
 
-    def _finish_fit(self, best, data):
-        """Set the fitted attributes from the best :class:`~emdask.engine.EMModel`."""
+    def _finish_fit(self, best, context):
+        """Set the fitted attributes from the best :class:`~emdask.engine.EMModel` of a fit
+        in ``context``."""
+        data = context.data
+        self._take_context(context)
         self._set_fitted(best.params)
         self.converged_ = best.converged
         self.n_iter_ = best.n_iter
         self.lower_bound_ = best.lower_bound
         self.lower_bounds_ = list(best.lower_bounds)
         self._set_data_attributes(data.n_features, data.feature_names if data.has_names else None)
-        self.n_passes_ = data.n_passes
+        self.n_passes_ = data.n_passes + context.scan_passes
 
     def _set_data_attributes(self, n_features, names):
         """``n_features_in_``, ``feature_names_in_`` (only with names) and the columns to take."""
@@ -344,9 +617,7 @@ class BaseMixture(DensityMixin, BaseEstimator):
         The directory holds ``model.json`` (estimator, arguments, fitted metadata, history,
         versions) and one ``.npz`` file of the fitted arrays; no pickle. Returns the path.
         """
-        from ..persistence import save
-
-        return save(self, path)
+        return write_model(self, path)
 
     def fit_predict(self, X, y=None, *, columns=None):
         """Fit, then return the component of every row (see :meth:`predict`)."""

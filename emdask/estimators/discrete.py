@@ -32,6 +32,7 @@ import pandas as pd
 
 import dask.array as da
 import dask.dataframe as dd
+from sklearn.utils._param_validation import Interval, StrOptions
 
 from ..engine import prepare
 from ..engine.data import check_2d, partition_starts
@@ -40,7 +41,7 @@ from ..engine.encoding import (
 )
 from ..engine.kmeans import sample_rows_many, sq_distances
 from ..engine.randomness import row_draws, stream_rng
-from ..exceptions import DataWarning
+from ..exceptions import DataWarning, StateError
 from ..families.discrete import (
     MISSING_MODES,
     BernoulliFamily,
@@ -54,7 +55,8 @@ from ..families.discrete import (
 )
 from ..families.gaussian import GaussianParams
 from ..families.mixed import MIXED_COVARIANCE_TYPES, MIXED_KINDS, MixedFamily, MixedParams
-from .base import BaseMixture, _check_number, seed_from
+from . import state as rules
+from .base import BaseMixture, FitContext, _check_number, seed_from
 
 __all__ = [
     "BernoulliMixture",
@@ -325,6 +327,12 @@ class _TableMixture(BaseMixture):
     """
 
     _init_methods = INIT_METHODS
+    _parameter_constraints: dict = {
+        **BaseMixture._parameter_constraints,
+        "alpha": [Interval(numbers.Real, 0.0, None, closed="left")],
+        "fit_weights": ["boolean"],
+        "init_params": [StrOptions(set(INIT_METHODS))],
+    }
     _singular_advice = (
         "Use fewer components or a larger alpha (pseudo-count); for Gaussian columns a "
         "larger reg_covar on the data's scale."
@@ -347,7 +355,8 @@ class _TableMixture(BaseMixture):
     def _encoder_options(self):
         return {}
 
-    def _new_encoder(self, X, columns):
+    def _prepare_fit(self, X, columns):
+        """Scan the columns (kinds, levels: the encoding), then prepare the encoded data."""
         names, named, dtypes = _table_columns(X, columns, self._default_column, self._what)
         kinds, cat, ranged = self._column_kinds(names, dtypes)
         levels, counts, ranges, n_passes = scan_columns(
@@ -364,9 +373,12 @@ class _TableMixture(BaseMixture):
             model=type(self).__name__,
             **self._encoder_options(),
         )
-        encoder.level_counts = [counts[c] for c, k in zip(names, kinds) if k == "categorical"]
-        encoder.scan_passes = n_passes
-        return encoder
+        return FitContext(
+            self._prepare_encoded(X, encoder),
+            encoder=encoder,
+            level_counts=[counts[c] for c, k in zip(names, kinds) if k == "categorical"],
+            scan_passes=n_passes,
+        )
 
     def _fitted_encoder(self):
         names = self._fitted_names()
@@ -390,10 +402,7 @@ class _TableMixture(BaseMixture):
         return {}
 
     def _encoder(self):
-        """The encoder being fitted, else the fitted one; ``None`` before any data."""
-        pending = self.__dict__.get("_pending_encoder")
-        if pending is not None:
-            return pending
+        """The encoding of the fitted columns; ``None`` before any fit."""
         if hasattr(self, "n_features_in_"):
             return self._fitted_encoder()
         return None
@@ -418,21 +427,15 @@ class _TableMixture(BaseMixture):
         -------
         self
         """
-        self._refitting = True
-        try:
-            return super().fit(X, y, columns=columns, **kwargs)
-        finally:
-            self._refitting = False
-            self.__dict__.pop("_pending_encoder", None)
+        return super().fit(X, y, columns=columns, **kwargs)
 
     def _prepare(self, X, columns, persist=None):
-        if self.__dict__.get("_refitting") or not hasattr(self, "converged_"):
-            encoder = self._new_encoder(X, columns)
-            self._pending_encoder = encoder
-        else:
-            encoder = self._encoder()
+        """The data of ``X`` encoded as the fitted model encodes it (scoring)."""
+        return self._prepare_encoded(X, self._encoder(), persist)
+
+    def _prepare_encoded(self, X, encoder, persist=None):
         encoded = encoder.transform(X)
-        data = prepare(
+        return prepare(
             encoded,
             encoder.columns if isinstance(encoded, (pd.DataFrame, dd.DataFrame)) else None,
             allow_nan=True,
@@ -440,8 +443,6 @@ class _TableMixture(BaseMixture):
             npartitions=None,
             split_every=self.split_every,
         )
-        data.encoder = encoder
-        return data
 
     def _check_parameters(self):
         super()._check_parameters()
@@ -458,33 +459,30 @@ class _TableMixture(BaseMixture):
             if np.any(w < 0) or np.any(w > 1) or not np.isclose(w.sum(), 1.0):
                 raise ValueError("weights_init must be in [0, 1] and sum to 1")
 
-    def _check_data(self, data):
-        encoder = getattr(data, "encoder", None)
-        if encoder is not None and self.__dict__.get("_pending_encoder") is None and (
-            self.__dict__.get("_refitting") or not hasattr(self, "converged_")
-        ):
-            self._pending_encoder = encoder  # a candidate of a model selection
+    def _check_data(self, context):
+        data = context.data
         informative = data.n_rows - data.summary.n_empty_rows
         if self.n_components > informative:
             raise ValueError(
                 f"n_components={self.n_components} must be <= the number of rows with an "
                 f"observed value ({informative})"
             )
-        self._check_init_shapes(self._encoder())
+        self._check_init_shapes(context.encoder)
 
     def _check_init_shapes(self, encoder):
         """Subclass checks of the user's starting values against the columns."""
 
-    def _finish_fit(self, best, data):
-        encoder = self._encoder()
-        super()._finish_fit(best, data)
-        self.n_passes_ += getattr(encoder, "scan_passes", 0)
-        self.__dict__.pop("_pending_encoder", None)
+    def _check_starting_values(self):
+        super()._check_starting_values()
+        self._check_init_shapes(self._fitted_encoder())
+
+    def _take_context(self, context):
+        self._set_encoding(context.encoder)
+
+    def _family_for(self, context):
+        return self._family_from(context.encoder)
 
     def _set_fitted(self, params):
-        pending = self.__dict__.get("_pending_encoder")
-        if pending is not None:
-            self._set_encoding(pending)
         self._set_params(params)
 
     def _set_encoding(self, encoder):
@@ -532,14 +530,11 @@ class _TableMixture(BaseMixture):
         ``None`` (then a sample of the data is drawn)."""
         return None
 
-    def _start(self, data, family, encoder, sample, seeds, rng):
+    def _start(self, data, family, context, sample, seeds, rng):
         raise NotImplementedError
 
-    def _initialize(self, data, family, seed):
-        return type(self)._initialize_jobs(data, [(self, family, seed)])[0]
-
     @classmethod
-    def _initialize_jobs(cls, data, jobs):
+    def _initialize_jobs(cls, data, jobs, context=None):
         """Starting values of every job; the row samples of all restarts and candidates
         come from one pass."""
         sizes = {}
@@ -561,8 +556,8 @@ class _TableMixture(BaseMixture):
             if est.init_params == "random_from_data":
                 seeds = sample[: est.n_components]
             elif est.init_params == "k-means++":
-                seeds = _spread_seeds(sample, est._encoder().kinds, est.n_components, rng)
-            starts.append(est._start(data, family, est._encoder(), sample, seeds, rng))
+                seeds = _spread_seeds(sample, context.encoder.kinds, est.n_components, rng)
+            starts.append(est._start(data, family, context, sample, seeds, rng))
         return starts
 
     # -- drawing and filling ----------------------------------------------------------------
@@ -720,6 +715,11 @@ class BernoulliMixture(_SimpleTableMixture):
     """
 
     _kind = "binary"
+    _parameter_constraints: dict = {
+        **_TableMixture._parameter_constraints,
+        "missing": [StrOptions(set(MISSING_MODES))],
+        "probabilities_init": ["array-like", None],
+    }
     _fitted_arrays = ("weights_", "probabilities_")
 
     def __init__(
@@ -781,11 +781,18 @@ class BernoulliMixture(_SimpleTableMixture):
             return None
         return family.make_params(self._weights_start(), self.probabilities_init)
 
-    def _start(self, data, family, encoder, sample, seeds, rng):
+    def _start(self, data, family, context, sample, seeds, rng):
         p = _start_binary(self.n_components, data.summary.col_mean, seeds, rng)
         if self.probabilities_init is not None:
             p = np.asarray(self.probabilities_init, dtype=np.float64)
         return family.make_params(self._weights_start(), p)
+
+    def _array_rules(self, k, d, meta):
+        return {
+            "weights_": ((k,), f"n_components={k}", rules.weights_problem),
+            "probabilities_": ((k, d), f"n_components={k} and n_features_in_={d}",
+                               rules.probabilities_problem),
+        }
 
     def _set_params(self, params):
         self.weights_ = params.weights
@@ -828,6 +835,11 @@ class PoissonMixture(_SimpleTableMixture):
     """
 
     _kind = "count"
+    _parameter_constraints: dict = {
+        **_TableMixture._parameter_constraints,
+        "missing": [StrOptions(set(MISSING_MODES))],
+        "rates_init": ["array-like", None],
+    }
     _fitted_arrays = ("weights_", "rates_")
 
     def __init__(
@@ -890,11 +902,17 @@ class PoissonMixture(_SimpleTableMixture):
             return None
         return family.make_params(self._weights_start(), self.rates_init)
 
-    def _start(self, data, family, encoder, sample, seeds, rng):
+    def _start(self, data, family, context, sample, seeds, rng):
         return family.make_params(
             self._weights_start(),
             _start_counts(self.n_components, data.summary.col_mean, seeds, rng),
         )
+
+    def _array_rules(self, k, d, meta):
+        return {
+            "weights_": ((k,), f"n_components={k}", rules.weights_problem),
+            "rates_": ((k, d), f"n_components={k} and n_features_in_={d}", rules.rates_problem),
+        }
 
     def _set_params(self, params):
         self.weights_ = params.weights
@@ -936,6 +954,11 @@ class BinomialMixture(_TableMixture):
     n_passes_ : as for :class:`~emdask.GaussianMixture`
     """
 
+    _parameter_constraints: dict = {
+        **_TableMixture._parameter_constraints,
+        "n_trials": [Interval(numbers.Integral, 1, None, closed="left"), None],
+        "probabilities_init": ["array-like", None],
+    }
     _fitted_arrays = ("weights_", "probabilities_")
 
     def __init__(
@@ -1017,7 +1040,7 @@ class BinomialMixture(_TableMixture):
             return None
         return family.make_params(self._weights_start(), self.probabilities_init)
 
-    def _start(self, data, family, encoder, sample, seeds, rng):
+    def _start(self, data, family, context, sample, seeds, rng):
         s = data.summary
         trials = float(self.n_trials) if self.n_trials is not None else s.col_mean[1]
         m = float(np.clip(s.col_mean[0] / trials if trials > 0 else 0.5, 0.0, 1.0))
@@ -1029,6 +1052,21 @@ class BinomialMixture(_TableMixture):
                 own = seeds[:, 0] / n
             p = 0.5 * m + 0.5 * np.where(np.isfinite(own), own, m)
         return family.make_params(self._weights_start(), np.clip(p, 1e-3, 1.0 - 1e-3))
+
+    def _check_state_meta(self, meta):
+        columns = 1 if self.n_trials is not None else 2
+        if meta["n_features_in_"] != columns:
+            raise StateError(
+                "n_features_in_",
+                f"= {meta['n_features_in_']}, but a BinomialMixture with n_trials={self.n_trials} "
+                f"models {columns} column(s) (successes{'' if columns == 1 else ', trials'})",
+            )
+
+    def _array_rules(self, k, d, meta):
+        return {
+            "weights_": ((k,), f"n_components={k}", rules.weights_problem),
+            "probabilities_": ((k,), f"n_components={k}", rules.probabilities_problem),
+        }
 
     def _set_params(self, params):
         self.weights_ = params.weights
@@ -1128,6 +1166,12 @@ class CategoricalMixture(_FillMixin, _TableMixture):
     scan)
     """
 
+    _parameter_constraints: dict = {
+        **_TableMixture._parameter_constraints,
+        "handle_unknown": [StrOptions({"error", "missing"})],
+        "missing": [StrOptions(set(MISSING_MODES))],
+        "probabilities_init": ["array-like", None],
+    }
     _fitted_arrays = ("weights_", "probabilities_")
     _fitted_meta = ("categories_",)
     _default_column = staticmethod(lambda dtype: True)
@@ -1218,10 +1262,29 @@ class CategoricalMixture(_FillMixin, _TableMixture):
         )
         return family.make_params(self._weights_start(), table)
 
-    def _start(self, data, family, encoder, sample, seeds, rng):
-        marginals = _marginals(getattr(encoder, "level_counts", None), family.n_levels, sample)
+    def _start(self, data, family, context, sample, seeds, rng):
+        marginals = _marginals(context.level_counts, family.n_levels, sample)
         theta = _start_levels(self.n_components, marginals, seeds, rng)
         return family.make_params(self._weights_start(), theta)
+
+    def _check_state_meta(self, meta):
+        rules.require(meta, self._fitted_meta)
+        cats, d = meta["categories_"], meta["n_features_in_"]
+        if not isinstance(cats, list):
+            raise StateError("categories_", "must be a list of the levels of every column")
+        if len(cats) != d:
+            raise StateError("categories_", f"lists the levels of {len(cats)} columns but n_features_in_={d}")
+        for j, levels in enumerate(cats):
+            rules.check_levels(levels, f"categories_[{j}]")
+
+    def _array_rules(self, k, d, meta):
+        n_levels = [len(levels) for levels in meta["categories_"]]
+        lmax = max(n_levels, default=0)
+        why = f"n_components={k} and categories_ ({d} columns, at most {lmax} levels)"
+        return {
+            "weights_": ((k,), f"n_components={k}", rules.weights_problem),
+            "probabilities_": ((k, d, lmax), why, rules.levels_problem(n_levels)),
+        }
 
     def _set_params(self, params):
         self.weights_ = params.weights
@@ -1298,6 +1361,13 @@ class MixedMixture(_FillMixin, _TableMixture):
     n_passes_ : as for :class:`~emdask.GaussianMixture`
     """
 
+    _parameter_constraints: dict = {
+        **_TableMixture._parameter_constraints,
+        "column_families": [dict, None],
+        "covariance_type": [StrOptions(set(MIXED_COVARIANCE_TYPES))],
+        "reg_covar": [Interval(numbers.Real, 0.0, None, closed="left")],
+        "handle_unknown": [StrOptions({"error", "missing"})],
+    }
     _fitted_arrays = (
         "weights_",
         "means_",
@@ -1451,10 +1521,10 @@ class MixedMixture(_FillMixin, _TableMixture):
             fit_weights=self.fit_weights,
         )
 
-    def _check_data(self, data):
-        super()._check_data(data)
-        encoder = self._encoder()
-        s = data.summary
+    def _check_data(self, context):
+        super()._check_data(context)
+        encoder = context.encoder
+        s = context.data.summary
         constant = [
             c
             for j, (c, k) in enumerate(zip(encoder.columns, encoder.kinds))
@@ -1470,9 +1540,9 @@ class MixedMixture(_FillMixin, _TableMixture):
 
     # -- starting values --------------------------------------------------------------------
 
-    def _start(self, data, family, encoder, sample, seeds, rng):
+    def _start(self, data, family, context, sample, seeds, rng):
         k = self.n_components
-        layout = self._layout(encoder)
+        layout = self._layout(context.encoder)
         mean = data.summary.col_mean
         g, b, c, p = (np.asarray(layout[k], dtype=np.intp) for k in MIXED_KINDS)
         pick = (lambda cols: None) if seeds is None else (lambda cols: seeds[:, cols])
@@ -1487,13 +1557,54 @@ class MixedMixture(_FillMixin, _TableMixture):
         if b.size:
             args["binary"] = _start_binary(k, mean[b], pick(b), rng)
         if c.size:
-            marginals = _marginals(getattr(encoder, "level_counts", None), family.n_levels, sample[:, c])
+            marginals = _marginals(context.level_counts, family.n_levels, sample[:, c])
             args["categorical"] = _start_levels(k, marginals, pick(c), rng)
         if p.size:
             args["counts"] = _start_counts(k, mean[p], pick(p), rng)
         return family.make_params(self._weights_start(), **args)
 
     # -- fitted state -----------------------------------------------------------------------
+
+    def _check_state_meta(self, meta):
+        rules.require(meta, self._fitted_meta)
+        families, cats, d = meta["column_families_"], meta["categories_"], meta["n_features_in_"]
+        if not isinstance(families, dict) or len(families) != d:
+            raise StateError(
+                "column_families_", f"must map each of the n_features_in_={d} columns to its family"
+            )
+        names = rules.column_names(meta)
+        if list(families) != names:
+            raise StateError("column_families_", f"names columns {list(families)}, not the model's {names}")
+        bad = {c: f for c, f in families.items() if f not in MIXED_KINDS}
+        if bad:
+            raise StateError("column_families_", f"gives unknown families {bad} (known: {list(MIXED_KINDS)})")
+        categorical = [c for c, f in families.items() if f == "categorical"]
+        if not isinstance(cats, dict) or list(cats) != categorical:
+            raise StateError("categories_", f"must give the levels of the categorical columns {categorical}")
+        for c, levels in cats.items():
+            rules.check_levels(levels, f"categories_[{c!r}]")
+
+    def _array_rules(self, k, d, meta):
+        families, ct = list(meta["column_families_"].values()), self.covariance_type
+        g, b, p = (families.count(f) for f in ("gaussian", "bernoulli", "poisson"))
+        n_levels = [len(levels) for levels in meta["categories_"].values()]
+        lmax = max(n_levels, default=0)
+        cov = (k, g, g) if ct == "full" else (k, g)
+        per = f"n_components={k} and column_families_"
+        why = f"{per} ({g} gaussian columns) and covariance_type={ct!r}"
+        return {
+            "weights_": ((k,), f"n_components={k}", rules.weights_problem),
+            "means_": ((k, g), f"{per} ({g} gaussian columns)", None),
+            "covariances_": (cov, why, rules.covariances_problem(ct)),
+            "precisions_cholesky_": (cov, why, rules.precisions_cholesky_problem(ct)),
+            "binary_probabilities_": ((k, b), f"{per} ({b} bernoulli columns)", rules.probabilities_problem),
+            "category_probabilities_": (
+                (k, len(n_levels), lmax),
+                f"{per} and categories_ ({len(n_levels)} categorical columns, at most {lmax} levels)",
+                rules.levels_problem(n_levels),
+            ),
+            "rates_": ((k, p), f"{per} ({p} poisson columns)", rules.rates_problem),
+        }
 
     def _set_params(self, params):
         k = self.n_components

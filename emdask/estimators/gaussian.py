@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numbers
 import operator
 
 import numpy as np
+from sklearn.utils._param_validation import Interval, StrOptions
 
 from ..engine.driver import check_finite, map_reduce_many
 from ..engine.kmeans import kmeans_parallel_many, kmeans_plusplus, sample_rows_many
@@ -17,6 +19,7 @@ from ..families.gaussian import (
     covariances_from_precisions,
     precisions_from_cholesky,
 )
+from . import state as rules
 from .base import BaseMixture, _check_number
 
 __all__ = ["GaussianMixture"]
@@ -121,6 +124,15 @@ class GaussianMixture(BaseMixture):
     """
 
     _init_methods = INIT_METHODS
+    _parameter_constraints: dict = {
+        **BaseMixture._parameter_constraints,
+        "covariance_type": [StrOptions(set(COVARIANCE_TYPES))],
+        "reg_covar": [Interval(numbers.Real, 0.0, None, closed="left")],
+        "init_params": [StrOptions(set(INIT_METHODS))],
+        "means_init": ["array-like", None],
+        "precisions_init": ["array-like", None],
+        "warm_start": ["boolean"],
+    }
     _fitted_arrays = (
         "weights_",
         "means_",
@@ -221,7 +233,7 @@ class GaussianMixture(BaseMixture):
         return self._initialize_jobs(data, [(self, family, seed)])[0]
 
     @classmethod
-    def _initialize_jobs(cls, data, jobs):
+    def _initialize_jobs(cls, data, jobs, context=None):
         """Starting parameters of several ``(estimator, family, seed)`` jobs in shared passes.
 
         Restarts and candidate numbers of components start together: one pass draws the
@@ -323,6 +335,18 @@ class GaussianMixture(BaseMixture):
                 np.asarray(self.precisions_init, dtype=np.float64), self.covariance_type
             )
         return family.make_params(weights, means, cov)
+
+    def _array_rules(self, k, d, meta):
+        ct = self.covariance_type
+        cov = {"full": (k, d, d), "tied": (d, d), "diag": (k, d), "spherical": (k,)}[ct]
+        why = f"n_components={k}, n_features_in_={d} and covariance_type={ct!r}"
+        return {
+            "weights_": ((k,), f"n_components={k}", rules.weights_problem),
+            "means_": ((k, d), f"n_components={k} and n_features_in_={d}", None),
+            "covariances_": (cov, why, rules.covariances_problem(ct)),
+            "precisions_cholesky_": (cov, why, rules.precisions_cholesky_problem(ct)),
+            "precisions_": (cov, why, rules.precisions_problem(ct)),
+        }
 
     def _set_fitted(self, params):
         self.weights_ = params.weights
