@@ -357,7 +357,8 @@ def impute_survey(
     if done is not None:
         return {**_summary(done), "up_to_date": True}
     with dask_client(dask_address):
-        profile = profile_source(plan.source, plan.id_column, plan.columns)
+        profile = profile_source(plan.source, plan.id_column, plan.columns,
+                                 (n_components, "n_components (-k)"))
         plan = _model_for(plan, plan.source.open_table().dtypes, validation.numbers_as_text(profile))
         with plan.destination.new_version(plan.key, keep_versions) as version:
             fit = fit_imputer(plan, version)

@@ -391,7 +391,9 @@ def segment_customers(
     if done is not None:
         return {**_summary(done), "up_to_date": True}
     with dask_client(dask_address):
-        profile = profile_source(plan.source, plan.id_column, plan.features)
+        largest = (max(plan.candidates),
+                   "n_components (-k)" if n_components is not None else "k_max (--k-range)")
+        profile = profile_source(plan.source, plan.id_column, plan.features, largest)
         with plan.destination.new_version(plan.key, keep_versions) as version:
             scaling = fit_scaling(plan, version)
             fit = fit_segments(plan, scaling, version)

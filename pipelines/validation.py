@@ -2,7 +2,8 @@
 
 Inputs are checked before any work, on metadata (:func:`check_table_columns`,
 :func:`check_not_empty`), then by :func:`profile_table` in the first pass over the data (rows,
-ids present and unique); outputs are checked before the commit, partition by
+ids present and unique, columns with an observed value, no infinite value, no value whose square
+overflows; :func:`check_components`: no more components than rows); outputs are checked before the commit, partition by
 partition on the workers, each output partition against the source partition it came from:
 same rows and ids in order, observed cells unchanged bit for bit, no cell left missing where a
 fill was asked for.
@@ -24,6 +25,7 @@ from .versions import partition_files
 
 __all__ = [
     "TableProfile",
+    "check_components",
     "check_not_empty",
     "check_table_columns",
     "column_kinds",
@@ -139,6 +141,8 @@ class TableProfile:
     dtypes: dict = field(default_factory=dict)  # column -> dtype name
     #: text column -> {"observed", "numbers": values that parse as numbers, "bad": one that does not}
     text: dict = field(default_factory=dict)
+    #: rows with at least one observed cell among the columns (the rows a model learns from)
+    observed_rows: int = 0
 
     def missing_rate(self):
         return {c: (n / self.rows if self.rows else 0.0) for c, n in self.missing.items()}
@@ -156,13 +160,72 @@ def _text_part(values):
     return {"observed": observed, "numbers": numbers, "bad": bad, "booleans": 0}
 
 
+def _number_part(values):
+    """Infinite cells and the finite range of a column read as numbers (None: not numbers)."""
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        return None
+    if column_rules.is_text_dtype(values.dtype):
+        if column_rules.is_boolean_values(values):
+            return None
+        x, bad = column_rules.parse_numbers(values)
+        if bad is not None:
+            return None
+    else:
+        x = values.to_numpy(dtype=np.float64, na_value=np.nan)
+    finite = x[np.isfinite(x)]
+    return {"inf": int(np.isinf(x).sum()),
+            "min": float(finite.min()) if finite.size else np.nan,
+            "max": float(finite.max()) if finite.size else np.nan}
+
+
 def _profile_part(part, id_column, columns):
     return {
         "rows": len(part),
+        "observed_rows": int(part[columns].notna().any(axis=1).sum()) if columns else 0,
         "missing": {c: int(part[c].isna().sum()) for c in columns},
         "id_missing": int(part[id_column].isna().sum()),
         "text": {c: _text_part(part[c]) for c in columns if column_rules.is_text_dtype(part[c].dtype)},
+        "numbers": {c: _number_part(part[c]) for c in columns},
     }
+
+
+def _check_values(results, columns, rows, missing):
+    """Refuse, naming the column, one that no model can take: no observed cell, an infinite
+    value, values whose squares overflow float64."""
+    empty = [c for c in columns if missing[c] == rows]
+    if empty:
+        raise InputError(
+            f"column(s) {empty} have no observed value (all {rows:,} cells missing); "
+            "leave them out of the modelled columns"
+        )
+    numbers = {}
+    for c in columns:
+        parts = [r["numbers"][c] for r in results if r["numbers"][c] is not None]
+        if len(parts) == len(results):  # read as numbers in every partition
+            numbers[c] = parts
+    inf = {c: sum(p["inf"] for p in parts) for c, parts in numbers.items()}
+    inf = {c: n for c, n in inf.items() if n}
+    if inf:
+        c, n = next(iter(inf.items()))
+        raise InputError(
+            f"column {c!r} holds {n} infinite value(s)"
+            + (f" (and column(s) {list(inf)[1:]} too)" if len(inf) > 1 else "")
+            + "; replace them with finite values, or blank them (a missing cell is filled)"
+        )
+    names = list(numbers)
+    lo = [np.nanmin([p["min"] for p in numbers[c]] + [np.inf]) for c in names]
+    hi = [np.nanmax([p["max"] for p in numbers[c]] + [-np.inf]) for c in names]
+    with data_errors_as_input():
+        column_rules.check_range(names, np.array(lo), np.array(hi))
+
+
+def check_components(profile, largest, what="n_components"):
+    """Refuse more components than the table has rows to learn them from (first pass)."""
+    if largest > profile.observed_rows:
+        raise InputError(
+            f"{what}={largest} is more than the {profile.observed_rows:,} row(s) with an "
+            f"observed value in the modelled columns; ask for at most {profile.observed_rows}"
+        )
 
 
 def _combine_text(results, columns):
@@ -216,7 +279,8 @@ def profile_table(source, id_column, columns):
     Raises
     ------
     InputError
-        An empty table, missing ids, or ids that are not unique.
+        An empty table, missing ids, ids that are not unique, or a column with no observed
+        value, an infinite value or values whose squares overflow float64.
     """
     import dask
 
@@ -244,8 +308,10 @@ def profile_table(source, id_column, columns):
             f"e.g. {examples}); choose a column that identifies rows"
         )
     missing = {c: sum(r["missing"][c] for r in results) for c in columns}
+    _check_values(results, columns, rows, missing)
     return TableProfile(
         rows=int(rows),
+        observed_rows=int(sum(r["observed_rows"] for r in results)),
         partitions=ddf.npartitions,
         missing=missing,
         dtypes={c: str(ddf.dtypes[c]) for c in columns},
