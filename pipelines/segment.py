@@ -250,7 +250,7 @@ def write_segments(plan: SegmentPlan, fit: FitResult, scaling: dict, version) ->
     segments = table.map_partitions(
         label_partition, model, plan.id_column, plan.features, scaling, meta=meta
     )
-    with validation.data_errors_as_input():
+    with validation.data_errors_as_input(), validation.damaged_files_as_input(plan.source):
         dask.compute(*parquet_writes(version, [("segments", segments, True, False)]))
     return version.table_url("segments", primary=True)
 

@@ -19,8 +19,8 @@ import pandas as pd
 
 from emdask.engine import columns as column_rules
 
-from .errors import InputError, ValidationError
-from .sources import open_source, storage_options_for
+from .errors import InputError, ValidationError, one_line
+from .sources import FileSource, filesystem, open_source, storage_options_for
 from .versions import partition_files
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "check_not_empty",
     "check_table_columns",
     "column_kinds",
+    "damaged_files_as_input",
     "data_errors_as_input",
     "numbers_as_text",
     "profile_table",
@@ -119,6 +120,66 @@ def data_errors_as_input():
         yield
     except column_rules.DataError as exc:
         raise InputError(str(exc)) from None
+
+
+def _decode_file(url, columns, storage_options):
+    """None when every row group of the Parquet file at ``url`` decodes (``columns`` only,
+    default all), else the error in one line."""
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(url, storage_options)
+    try:
+        with fs.open(path, "rb") as fh:
+            parquet = pq.ParquetFile(fh)
+            for i in range(parquet.num_row_groups):
+                parquet.read_row_group(i, columns=columns)
+    except Exception as exc:
+        return "".join(ch if ch.isprintable() else "?" for ch in one_line(exc))
+    return None
+
+
+def _damaged_file(source, columns=None):
+    """``(name, error)`` of the first Parquet file of ``source`` whose data does not decode,
+    each file checked on a worker; None when they all decode."""
+    import dask
+    import posixpath
+
+    files = [f for f in source.files if not posixpath.basename(f).startswith("_")]
+    errors = dask.compute(*[
+        dask.delayed(_decode_file, pure=False)(f, columns, source.storage_options) for f in files
+    ])
+    for f, error in zip(files, errors):
+        if error is not None:
+            root = source.root.rstrip("/")
+            name = f[len(root) + 1:] if root and f.startswith(root + "/") else posixpath.basename(f)
+            return name, error
+    return None
+
+
+@contextmanager
+def damaged_files_as_input(source, columns=None):
+    """Report a Parquet file of ``source`` whose footer reads but whose data does not decode
+    (a damaged page) as bad input naming the file, so the run stops and is not retried.
+
+    When a read fails, each file of the source is decoded (``columns`` only) to find the
+    damaged one; when every file decodes, the failure was not the data's and is raised as it
+    was (an I/O error is retried).
+    """
+    try:
+        yield
+    except (InputError, ValidationError, column_rules.DataError):
+        raise
+    except Exception:
+        if not (isinstance(source, FileSource) and source.format == "parquet"):
+            raise
+        damaged = _damaged_file(source, columns)
+        if damaged is None:
+            raise
+        name, error = damaged
+        raise InputError(
+            f"source {source.url}: {name} is damaged: its data cannot be decoded ({error}); "
+            "replace or remove it"
+        ) from None
 
 
 def _empty(source):
@@ -286,7 +347,8 @@ def profile_table(source, id_column, columns):
 
     ddf = open_source(source).open_table()
     parts = ddf[[id_column, *columns]].to_delayed()
-    with dask.config.set({"dataframe.shuffle.method": "tasks"}):
+    with dask.config.set({"dataframe.shuffle.method": "tasks"}), \
+            damaged_files_as_input(source, [id_column, *columns]):
         counts = ddf[id_column].value_counts(split_out=max(1, ddf.npartitions // 4))
         repeated = counts[counts > 1]
         *results, n_repeated = dask.compute(

@@ -123,3 +123,38 @@ def _corrupt_first_data_page(path):
     for i in range(start + 24, start + size):
         data[i] = 0xFF
     return bytes(data)
+
+
+def test_damaged_parquet_files_are_named(prefect_api, dask_address, tmp_path):
+    """A file cut in half and one of random bytes are refused from their footers before any
+    service starts; a file whose footer is whole but whose data page is damaged is refused in
+    the first pass, not retried. Each error names the file; the destination stays as it was."""
+    sources = _corrupt_sources(tmp_path / "sources")
+    runs = []
+    for case, source in sources.items():
+        for command in ("impute", "segment"):
+            dest = _published_destination(tmp_path / case / command)
+            if case == "bad-data-page":
+                proc = _start(command, source, dest, ["-k", "2"], prefect_api, dask_address)
+            else:  # no Prefect API and no scheduler: one would start only after the checks
+                env = {k: v for k, v in _env(prefect_api).items() if k != "PREFECT_API_URL"}
+                proc = subprocess.Popen([*_command(), command, source, dest, "--id", "rid"],
+                                        cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE)
+            runs.append((case, command, source, dest, tree_digest(dest), proc))
+    for case, command, source, dest, before, proc in runs:
+        out, err = proc.communicate(timeout=300)
+        logs = out + err
+        assert proc.returncode == 2, (case, command, logs[-3000:])
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(f"emdask {command}: error: source {source}: part.1.parquet "), last
+        assert "Traceback" not in logs, (case, command, logs[-3000:])
+        if case == "bad-data-page":
+            assert "part.1.parquet is damaged: its data cannot be decoded" in last, last
+            failed = re.findall(r"Task run 'profile_source-\w+' - Finished in state Failed", logs)
+            assert len(failed) == 1 and "Retry" not in logs, (case, command, logs)
+            assert "fitting" not in logs, logs
+        else:
+            assert "is not a readable Parquet file" in last, last
+            assert err.strip().count("\n") == 0, err  # no Prefect API, no flow run: one line
+        assert tree_digest(dest) == before, (case, command)
