@@ -10,8 +10,9 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["CorruptImage", "filled_marks", "image_bands", "image_features", "image_header",
-           "label_band", "label_partition", "open_image", "pixel_band", "rgb_pixels", "scaled_table",
-           "segment_frame", "stage_image", "streams_bands", "verify_image", "write_segment_files"]
+           "label_band", "label_partition", "open_image", "pixel_band", "rgb_pixels",
+           "scaled_table", "segment_frame", "stage_image", "streams_bands", "verify_image",
+           "write_segment_files"]
 
 
 def filled_marks(part, id_column, columns):

@@ -3,10 +3,10 @@
 Inputs are checked before any work, on metadata (:func:`check_table_columns`,
 :func:`check_not_empty`), then by :func:`profile_table` in the first pass over the data (rows,
 ids present and unique, columns with an observed value, no infinite value, no value whose square
-overflows; :func:`check_components`: no more components than rows); outputs are checked before the commit, partition by
-partition on the workers, each output partition against the source partition it came from:
-same rows and ids in order, observed cells unchanged bit for bit, no cell left missing where a
-fill was asked for.
+overflows, Parquet data that decodes; :func:`check_components`: no more components than rows);
+outputs are checked before the commit, partition by partition on the workers, each output
+partition against the source partition it came from: same rows and ids in order, observed cells
+unchanged bit for bit, no cell left missing where a fill was asked for.
 """
 
 from __future__ import annotations
@@ -131,6 +131,8 @@ def _decode_file(url, columns, storage_options):
     try:
         with fs.open(path, "rb") as fh:
             parquet = pq.ParquetFile(fh)
+            if columns is not None:  # not those of a folder's name (hive partitioning)
+                columns = [c for c in columns if c in parquet.schema_arrow.names]
             for i in range(parquet.num_row_groups):
                 parquet.read_row_group(i, columns=columns)
     except Exception as exc:
