@@ -72,12 +72,44 @@ print(json.dumps({"status": status, "seconds": m.get("seconds"), "fit": m["fit"]
 COLOURS = np.array([(30, 60, 200), (40, 160, 50), (240, 220, 40), (200, 40, 40)], np.int16)
 
 
-def make_image(path, width, height, seed=0, noise=8):
-    """A PNG of four colour regions (a lower half, a disc, a stripe) with Gaussian noise."""
+class _Png16Writer:
+    """A 16-bit RGB PNG written row band by row band (Pillow writes none): filter None, zlib
+    level 1, one IDAT chunk per band."""
+
+    def __init__(self, path, width, height):
+        import struct
+        import zlib
+
+        self._struct, self._zlib = struct, zlib
+        self._f = open(path, "wb")
+        self._z = zlib.compressobj(1)
+        self._f.write(b"\x89PNG\r\n\x1a\n")
+        self._chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+
+    def _chunk(self, kind, data):
+        crc = self._zlib.crc32(kind + data) & 0xFFFFFFFF
+        self._f.write(self._struct.pack(">I", len(data)) + kind + data + self._struct.pack(">I", crc))
+
+    def write(self, rgb8):
+        """Rows of 8-bit RGB, written as 16-bit samples whose high byte they are."""
+        rows = (rgb8.astype(">u2") * 257).reshape(len(rgb8), -1).view(np.uint8)
+        data = np.concatenate([np.zeros((len(rows), 1), np.uint8), rows], axis=1)
+        self._chunk(b"IDAT", self._z.compress(data.tobytes()))
+
+    def close(self):
+        self._chunk(b"IDAT", self._z.flush())
+        self._chunk(b"IEND", b"")
+        self._f.close()
+
+
+def make_image(path, width, height, seed=0, noise=8, depth=8):
+    """A PNG of four colour regions (a lower half, a disc, a stripe) with Gaussian noise, of 8-
+    or 16-bit samples (the 16-bit one's high bytes are the 8-bit one's)."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    rgb = np.empty((height, width, 3), np.uint8)
+    rgb = np.empty((height, width, 3), np.uint8) if depth == 8 else None
+    writer = _Png16Writer(path, width, height) if depth == 16 else None
     xs = np.arange(width)
     step = max(1, 4_000_000 // width)
     for a in range(0, height, step):
@@ -87,8 +119,15 @@ def make_image(path, width, height, seed=0, noise=8):
         label[disc] = 2
         label[(xs[None, :] > 0.75 * width) & (xs[None, :] < 0.85 * width) & (ys < 0.9 * height)] = 3
         noisy = COLOURS[label] + rng.normal(0, noise, (len(ys), width, 3))
-        rgb[a:a + len(ys)] = np.clip(noisy, 0, 255).astype(np.uint8)
-    Image.fromarray(rgb).save(path, compress_level=1)
+        band = np.clip(noisy, 0, 255).astype(np.uint8)
+        if writer is not None:
+            writer.write(band)
+        else:
+            rgb[a:a + len(ys)] = band
+    if writer is not None:
+        writer.close()
+    else:
+        Image.fromarray(rgb).save(path, compress_level=1)
     return os.path.getsize(path)
 
 
@@ -175,6 +214,8 @@ def main(argv=None):
                         help="segments (0: search --k-range by BIC)")
     parser.add_argument("--k-range", default="2:4")
     parser.add_argument("--max-iter", type=int, default=20)
+    parser.add_argument("--depth", type=int, choices=[8, 16], default=8,
+                        help="bits a sample of the PNGs (16: a 16-bit RGB PNG, streamed too)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args(argv)
 
@@ -184,10 +225,11 @@ def main(argv=None):
     try:
         (w, h), (rw, rh) = args.size, args.reference
         started = time.perf_counter()
-        big_bytes = make_image(tmp / "big.png", w, h)
-        make_image(tmp / "small.png", rw, rh)
+        big_bytes = make_image(tmp / "big.png", w, h, depth=args.depth)
+        make_image(tmp / "small.png", rw, rh, depth=args.depth)
         raw, raw_small = w * h * 3, rw * rh * 3
-        print(f"image: {w}x{h} ({w * h:,} pixels), PNG {format_bytes(big_bytes)}, raw decoded "
+        print(f"image: {w}x{h} ({w * h:,} pixels), {args.depth}-bit PNG "
+              f"{format_bytes(big_bytes)}, raw decoded (8-bit) "
               f"RGB {format_bytes(raw)} (float64 features: {format_bytes(raw * 8)}); reference "
               f"{rw}x{rh}; generated in {time.perf_counter() - started:.0f} s")
         small = run_flow(tmp / "small.png", tmp / "out-small", args)

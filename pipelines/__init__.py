@@ -10,3 +10,7 @@ Every flow reads its source without modifying it (:mod:`pipelines.sources`: loca
 storage, Iceberg and Delta tables, PostgreSQL), checks its data (:mod:`pipelines.validation`) and
 publishes a new, validated version of its destination in one step (:mod:`pipelines.versions`).
 """
+
+from .lifecycle import die_with_server as _die_with_server
+
+_die_with_server()  # a flow run of 'emdask serve' ends with it (see pipelines.lifecycle)

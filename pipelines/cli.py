@@ -465,6 +465,9 @@ def cmd_serve(args, out):
     except serve.ConfigError as exc:
         raise CommandError(str(exc)) from None
     names = ", ".join(s.name for s in specs if not args.only or s.name in args.only)
+    from .lifecycle import serving
+
+    serving()  # the flow runs it starts die with it, even on kill -9
     _start_prefect_api()
     out(f"serving {names} (Ctrl-C to stop)")
     try:

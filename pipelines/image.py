@@ -418,9 +418,9 @@ def segment_image(
     """Segment an image by colour (and position) and publish the labelled image as a version of ``out``.
 
     Args:
-        image: PNG or JPEG file, a local path or an object-store URL. Non-interlaced 8-bit PNGs
-            are decoded band by band in bounded memory; other images are decoded whole, once,
-            on one worker.
+        image: PNG or JPEG file, a local path or an object-store URL. Non-interlaced PNGs (1 to
+            16 bits a sample) are decoded band by band in bounded memory; other images (JPEG,
+            interlaced PNG) are decoded whole, once, on one worker, and staged band by band.
         out: Local or object-store folder whose versions this run publishes (see
             ``pipelines.versions``).
         n_components: Number of segments; default: chosen by BIC among k_min..k_max.

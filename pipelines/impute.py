@@ -264,7 +264,7 @@ def write_filled(plan: ImputePlan, fit: FitResult, version) -> list:
     marks = table.map_partitions(filled_marks, plan.id_column, plan.columns, meta=meta)
     write_index = table.index.name is not None and plan.destination.kind == "folder"
     tables = [(name, frame, name == "data", write_index) for name, frame in outputs]
-    with validation.data_errors_as_input():
+    with validation.data_errors_as_input(), validation.damaged_files_as_input(plan.source):
         dask.compute(*parquet_writes(version, tables + [("filled", marks, False, False)]))
     names = [name for name, _ in outputs]
     get_run_logger().info(f"wrote {', '.join(names)} and filled to {version.url}")
@@ -357,7 +357,8 @@ def impute_survey(
     if done is not None:
         return {**_summary(done), "up_to_date": True}
     with dask_client(dask_address):
-        profile = profile_source(plan.source, plan.id_column, plan.columns)
+        profile = profile_source(plan.source, plan.id_column, plan.columns,
+                                 (n_components, "n_components (-k)"))
         plan = _model_for(plan, plan.source.open_table().dtypes, validation.numbers_as_text(profile))
         with plan.destination.new_version(plan.key, keep_versions) as version:
             fit = fit_imputer(plan, version)

@@ -21,6 +21,13 @@ The server is given time to start on a loaded machine: Prefect's setting
 ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS`` defaults to :data:`STARTUP_TIMEOUT`
 seconds here (Prefect's own default is 20); the environment overrides it.
 
+The flow runs ``emdask serve`` starts are processes of their own (Prefect's runner spawns
+them), each with the Dask cluster of its run. :func:`serving` marks the serving process in the
+environment those runs inherit, and :func:`die_with_server`, called when a run's process
+imports :mod:`pipelines`, has it watch its parent: once ``emdask serve`` is gone, even killed
+with SIGKILL, the run kills its own children and itself within a second, rather than running
+on without the API that records it.
+
 Dask worker processes of a local cluster die with their parent already (a pipe they watch);
 :func:`sigint_ignored` keeps the terminal's Ctrl-C from them too: the flow process stops the
 cluster when it is interrupted, and :func:`signals_deferred` keeps a second signal (the
@@ -41,6 +48,8 @@ __all__ = [
     "LocalApiError",
     "child_guard",
     "configure_environment",
+    "die_with_server",
+    "serving",
     "signals_deferred",
     "sigint_ignored",
     "start_local_api",
@@ -52,6 +61,10 @@ STARTUP_TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 STARTUP_TIMEOUT = 180
 
 _PR_SET_PDEATHSIG = 1
+#: Set by 'emdask serve' in its environment: its process id, which the flow runs it starts watch.
+SERVE_PID_ENV = "EMDASK_SERVE_PID"
+#: Seconds between two looks of a served flow run at its parent.
+WATCH_INTERVAL = 0.25
 
 
 class LocalApiError(RuntimeError):
@@ -245,3 +258,54 @@ def signals_deferred(signums=(signal.SIGINT, signal.SIGTERM)):
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         for signum in dict.fromkeys(received):
             signal.raise_signal(signum)
+
+
+def serving():
+    """Mark this process as the one serving deployments: the flow-run processes it starts
+    inherit the mark and die with it (:func:`die_with_server`)."""
+    os.environ[SERVE_PID_ENV] = str(os.getpid())
+
+
+def _kill_tree():
+    """SIGKILL this process's descendants, then this process."""
+    with contextlib.suppress(Exception):
+        import psutil
+
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def die_with_server():
+    """In a flow-run process started by 'emdask serve': watch the server from a daemon thread,
+    and end this process (and its children) once the server is gone. Elsewhere, nothing.
+
+    Returns
+    -------
+    bool
+        Whether this process watches a server.
+    """
+    text = os.environ.get(SERVE_PID_ENV)
+    if not text or not text.isdigit() or int(text) == os.getpid():
+        return False
+    server = int(text)
+    if os.getppid() != server:
+        try:  # a process of a run (a Dask worker), or a run whose server died already
+            os.kill(server, 0)
+        except ProcessLookupError:
+            _kill_tree()
+        except PermissionError:
+            pass
+        return False
+    parent = os.getppid()
+
+    def watch():
+        import time
+
+        while os.getppid() == parent:
+            time.sleep(WATCH_INTERVAL)
+        _kill_tree()
+
+    threading.Thread(target=watch, name="die-with-server", daemon=True).start()
+    return True

@@ -10,8 +10,9 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["CorruptImage", "filled_marks", "image_bands", "image_features", "image_header",
-           "label_band", "label_partition", "open_image", "pixel_band", "scaled_table",
-           "segment_frame", "stage_image", "streams_bands", "verify_image", "write_segment_files"]
+           "label_band", "label_partition", "open_image", "pixel_band", "rgb_pixels",
+           "scaled_table", "segment_frame", "stage_image", "streams_bands", "verify_image",
+           "write_segment_files"]
 
 
 def filled_marks(part, id_column, columns):
@@ -57,7 +58,6 @@ def label_partition(part, model, id_column, features, scaling):
 #: Bytes per pixel of the 8-bit PNG scanline layouts (Pillow's raw modes, the same names as
 #: the image modes) streamed band by band. Each packs back to exactly the bytes it was decoded
 #: from, so a band's last row seeds the PNG filters of the next band's first row.
-PNG_BAND_RAWMODES = {"L": 1, "LA": 2, "P": 1, "RGB": 3, "RGBA": 4}
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _READ_BLOCK = 1 << 20
 
@@ -121,11 +121,12 @@ def verify_image(url, storage_options=None):
 
 
 def streams_bands(img):
-    """Whether ``img`` (opened, not loaded) is decoded band by band rather than whole."""
+    """Whether ``img`` (opened, not loaded) is decoded band by band rather than whole: a
+    non-interlaced PNG, of any bit depth and colour type."""
     if img.format != "PNG" or img.info.get("interlace") or len(img.tile) != 1:
         return False
-    rawmode = img.tile[0][3]
-    return isinstance(rawmode, str) and rawmode == img.mode and rawmode in PNG_BAND_RAWMODES
+    tile = img.tile[0]
+    return tile[0] == "zip" and isinstance(tile[3], str)
 
 
 def image_bands(fp, img, bounds):
@@ -135,10 +136,21 @@ def image_bands(fp, img, bounds):
     yield from bands
 
 
+def rgb_pixels(img):
+    """The pixels of a Pillow image as uint8 RGB, shape (height, width, 3). 16-bit samples
+    keep their high byte (as Pillow reads 16-bit RGB PNGs), not a clip at 255."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        grey = (np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    return np.asarray(img.convert("RGB"))
+
+
 def _whole_bands(img, bounds):
+    """Bands of an image decoded whole, once (JPEG, interlaced PNG, ...): the decoded image,
+    in its own mode, and one band converted at a time."""
     img.load()
     for a, b in bounds:
-        yield np.asarray(img.crop((0, a, img.width, b)).convert("RGB"))
+        yield rgb_pixels(img.crop((0, a, img.width, b)))
 
 
 def _png_idat(fp):
@@ -191,19 +203,60 @@ class _Inflater:
         return bytes(out)
 
 
+#: Bytes per pixel (the PNG filters' unit) -> (mode, rawmode) of Pillow's decoder that hands
+#: back the unfiltered scanlines' bytes exactly, as the samples of an image of that mode.
+_RAW_BYTES = {1: ("L", "L"), 2: ("LA", "LA"), 3: ("RGB", "RGB"), 4: ("RGBA", "RGBA")}
+#: 16-bit colour: its high bytes and its low bytes, each decoded by a rawmode of Pillow's.
+_RAW_WORDS = {6: ("RGB", "RGB;16B", "RGB;16L"), 8: ("RGBA", "RGBA;16B", "RGBA;16L")}
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+
+
+def _png_bits(fp):
+    """Bits per pixel of a PNG file, from its header."""
+    import struct
+
+    fp.seek(24)
+    depth, colour = struct.unpack(">BB", fp.read(2))
+    if colour not in _PNG_CHANNELS:
+        raise CorruptImage(f"unknown PNG colour type {colour}")
+    return depth * _PNG_CHANNELS[colour]
+
+
+def _unfiltered(stream, bpp, row_bytes, rows):
+    """The unfiltered scanlines (rows, row_bytes) of a zlib stream of filtered scanlines."""
+    from PIL import Image
+
+    if bpp in _RAW_BYTES:
+        mode, raw = _RAW_BYTES[bpp]
+        band = Image.frombytes(mode, (row_bytes // bpp, rows), stream, "zip", raw)
+        return np.asarray(band).reshape(rows, row_bytes)
+    mode, high, low = _RAW_WORDS[bpp]
+    width = row_bytes // bpp
+    hi = np.asarray(Image.frombytes(mode, (width, rows), stream, "zip", high))
+    lo = np.asarray(Image.frombytes(mode, (width, rows), stream, "zip", low))
+    return np.stack([hi, lo], axis=-1).reshape(rows, row_bytes)
+
+
 def _png_bands(fp, img, bounds):
-    """Bands of a non-interlaced 8-bit PNG, decoded in bounded memory.
+    """Bands of a non-interlaced PNG (any bit depth and colour type), decoded in bounded memory.
 
     The scanlines are inflated as a stream; each band's filtered scanlines, led by the previous
     band's last row (unfiltered, filter type 0), are handed to Pillow's own PNG decoder, which
-    undoes the filters exactly as it would over the whole image.
+    undoes the filters exactly as it would over the whole image (the filters work on bytes:
+    a pixel of 1 to 8 bits counts as one, of 16-bit colour as six or eight, decoded as its high
+    and its low bytes). The unfiltered bytes are then read as Pillow reads the file's pixels.
     """
     import zlib
 
     from PIL import Image
 
-    width, mode = img.width, img.mode
-    stride = 1 + PNG_BAND_RAWMODES[mode] * width
+    width, mode, rawmode = img.width, img.mode, img.tile[0][3]
+    bits = _png_bits(fp)
+    row_bytes = (bits * width + 7) // 8
+    bpp = max(1, bits // 8)
+    if bpp not in _RAW_BYTES and bpp not in _RAW_WORDS:
+        raise CorruptImage(f"a PNG of {bits} bits per pixel")
+    stride = 1 + row_bytes
     lines = _Inflater(_png_idat(fp))
     seed = b""
     for a, b in bounds:
@@ -212,14 +265,14 @@ def _png_bands(fp, img, bounds):
             raise CorruptImage(f"the image data ends at row {a + len(data) // stride} of {img.height}")
         rows = b - a + (1 if seed else 0)
         stream = zlib.compress(b"\0" + seed + data if seed else data, 0)
-        band = Image.frombytes(mode, (width, rows), stream, "zip", mode)
-        seed = band.crop((0, rows - 1, width, rows)).tobytes("raw", mode)
+        raw = _unfiltered(stream, bpp, row_bytes, rows)
+        seed = raw[-1].tobytes()
+        band = Image.frombytes(mode, (width, b - a), raw[rows - (b - a):].tobytes(), "raw", rawmode)
         if mode == "P":
             band.putpalette(img.palette)
         if "transparency" in img.info:
             band.info["transparency"] = img.info["transparency"]
-        rgb = np.asarray(band.convert("RGB"))
-        yield rgb[rows - (b - a):]
+        yield rgb_pixels(band)
 
 
 def _join(folder, name):

@@ -250,7 +250,7 @@ def write_segments(plan: SegmentPlan, fit: FitResult, scaling: dict, version) ->
     segments = table.map_partitions(
         label_partition, model, plan.id_column, plan.features, scaling, meta=meta
     )
-    with validation.data_errors_as_input():
+    with validation.data_errors_as_input(), validation.damaged_files_as_input(plan.source):
         dask.compute(*parquet_writes(version, [("segments", segments, True, False)]))
     return version.table_url("segments", primary=True)
 
@@ -391,7 +391,9 @@ def segment_customers(
     if done is not None:
         return {**_summary(done), "up_to_date": True}
     with dask_client(dask_address):
-        profile = profile_source(plan.source, plan.id_column, plan.features)
+        largest = (max(plan.candidates),
+                   "n_components (-k)" if n_components is not None else "k_max (--k-range)")
+        profile = profile_source(plan.source, plan.id_column, plan.features, largest)
         with plan.destination.new_version(plan.key, keep_versions) as version:
             scaling = fit_scaling(plan, version)
             fit = fit_segments(plan, scaling, version)

@@ -216,9 +216,14 @@ def up_to_date(destination, key):
 
 
 @io_task
-def profile_source(source, id_column: str, columns: list) -> validation.TableProfile:
-    """Count rows and missing cells and check the ids are present and unique."""
+def profile_source(source, id_column: str, columns: list, components: tuple | None = None
+                   ) -> validation.TableProfile:
+    """Count rows and missing cells, check the ids are present and unique and the columns
+    modellable; ``components``: (largest number asked, its parameter's name), checked against
+    the rows."""
     profile = validation.profile_table(source, id_column, columns)
+    if components is not None:
+        validation.check_components(profile, *components)
     rates = ", ".join(f"{c} {r:.1%}" for c, r in profile.missing_rate().items() if r)
     get_run_logger().info(
         f"{profile.rows:,} rows in {profile.partitions} partitions; missing: {rates or 'none'}"

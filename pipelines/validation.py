@@ -2,10 +2,11 @@
 
 Inputs are checked before any work, on metadata (:func:`check_table_columns`,
 :func:`check_not_empty`), then by :func:`profile_table` in the first pass over the data (rows,
-ids present and unique); outputs are checked before the commit, partition by
-partition on the workers, each output partition against the source partition it came from:
-same rows and ids in order, observed cells unchanged bit for bit, no cell left missing where a
-fill was asked for.
+ids present and unique, columns with an observed value, no infinite value, no value whose square
+overflows, Parquet data that decodes; :func:`check_components`: no more components than rows);
+outputs are checked before the commit, partition by partition on the workers, each output
+partition against the source partition it came from: same rows and ids in order, observed cells
+unchanged bit for bit, no cell left missing where a fill was asked for.
 """
 
 from __future__ import annotations
@@ -18,15 +19,17 @@ import pandas as pd
 
 from emdask.engine import columns as column_rules
 
-from .errors import InputError, ValidationError
-from .sources import open_source, storage_options_for
+from .errors import InputError, ValidationError, one_line
+from .sources import FileSource, filesystem, open_source, storage_options_for
 from .versions import partition_files
 
 __all__ = [
     "TableProfile",
+    "check_components",
     "check_not_empty",
     "check_table_columns",
     "column_kinds",
+    "damaged_files_as_input",
     "data_errors_as_input",
     "numbers_as_text",
     "profile_table",
@@ -119,6 +122,68 @@ def data_errors_as_input():
         raise InputError(str(exc)) from None
 
 
+def _decode_file(url, columns, storage_options):
+    """None when every row group of the Parquet file at ``url`` decodes (``columns`` only,
+    default all), else the error in one line."""
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(url, storage_options)
+    try:
+        with fs.open(path, "rb") as fh:
+            parquet = pq.ParquetFile(fh)
+            if columns is not None:  # not those of a folder's name (hive partitioning)
+                columns = [c for c in columns if c in parquet.schema_arrow.names]
+            for i in range(parquet.num_row_groups):
+                parquet.read_row_group(i, columns=columns)
+    except Exception as exc:
+        return "".join(ch if ch.isprintable() else "?" for ch in one_line(exc))
+    return None
+
+
+def _damaged_file(source, columns=None):
+    """``(name, error)`` of the first Parquet file of ``source`` whose data does not decode,
+    each file checked on a worker; None when they all decode."""
+    import dask
+    import posixpath
+
+    files = [f for f in source.files if not posixpath.basename(f).startswith("_")]
+    errors = dask.compute(*[
+        dask.delayed(_decode_file, pure=False)(f, columns, source.storage_options) for f in files
+    ])
+    for f, error in zip(files, errors):
+        if error is not None:
+            root = source.root.rstrip("/")
+            name = f[len(root) + 1:] if root and f.startswith(root + "/") else posixpath.basename(f)
+            return name, error
+    return None
+
+
+@contextmanager
+def damaged_files_as_input(source, columns=None):
+    """Report a Parquet file of ``source`` whose footer reads but whose data does not decode
+    (a damaged page) as bad input naming the file, so the run stops and is not retried.
+
+    When a read fails, each file of the source is decoded (``columns`` only) to find the
+    damaged one; when every file decodes, the failure was not the data's and is raised as it
+    was (an I/O error is retried).
+    """
+    try:
+        yield
+    except (InputError, ValidationError, column_rules.DataError):
+        raise
+    except Exception:
+        if not (isinstance(source, FileSource) and source.format == "parquet"):
+            raise
+        damaged = _damaged_file(source, columns)
+        if damaged is None:
+            raise
+        name, error = damaged
+        raise InputError(
+            f"source {source.url}: {name} is damaged: its data cannot be decoded ({error}); "
+            "replace or remove it"
+        ) from None
+
+
 def _empty(source):
     return InputError(f"source {source.url} is an empty table (0 rows); nothing to do")
 
@@ -139,6 +204,8 @@ class TableProfile:
     dtypes: dict = field(default_factory=dict)  # column -> dtype name
     #: text column -> {"observed", "numbers": values that parse as numbers, "bad": one that does not}
     text: dict = field(default_factory=dict)
+    #: rows with at least one observed cell among the columns (the rows a model learns from)
+    observed_rows: int = 0
 
     def missing_rate(self):
         return {c: (n / self.rows if self.rows else 0.0) for c, n in self.missing.items()}
@@ -156,13 +223,72 @@ def _text_part(values):
     return {"observed": observed, "numbers": numbers, "bad": bad, "booleans": 0}
 
 
+def _number_part(values):
+    """Infinite cells and the finite range of a column read as numbers (None: not numbers)."""
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        return None
+    if column_rules.is_text_dtype(values.dtype):
+        if column_rules.is_boolean_values(values):
+            return None
+        x, bad = column_rules.parse_numbers(values)
+        if bad is not None:
+            return None
+    else:
+        x = values.to_numpy(dtype=np.float64, na_value=np.nan)
+    finite = x[np.isfinite(x)]
+    return {"inf": int(np.isinf(x).sum()),
+            "min": float(finite.min()) if finite.size else np.nan,
+            "max": float(finite.max()) if finite.size else np.nan}
+
+
 def _profile_part(part, id_column, columns):
     return {
         "rows": len(part),
+        "observed_rows": int(part[columns].notna().any(axis=1).sum()) if columns else 0,
         "missing": {c: int(part[c].isna().sum()) for c in columns},
         "id_missing": int(part[id_column].isna().sum()),
         "text": {c: _text_part(part[c]) for c in columns if column_rules.is_text_dtype(part[c].dtype)},
+        "numbers": {c: _number_part(part[c]) for c in columns},
     }
+
+
+def _check_values(results, columns, rows, missing):
+    """Refuse, naming the column, one that no model can take: no observed cell, an infinite
+    value, values whose squares overflow float64."""
+    empty = [c for c in columns if missing[c] == rows]
+    if empty:
+        raise InputError(
+            f"column(s) {empty} have no observed value (all {rows:,} cells missing); "
+            "leave them out of the modelled columns"
+        )
+    numbers = {}
+    for c in columns:
+        parts = [r["numbers"][c] for r in results if r["numbers"][c] is not None]
+        if len(parts) == len(results):  # read as numbers in every partition
+            numbers[c] = parts
+    inf = {c: sum(p["inf"] for p in parts) for c, parts in numbers.items()}
+    inf = {c: n for c, n in inf.items() if n}
+    if inf:
+        c, n = next(iter(inf.items()))
+        raise InputError(
+            f"column {c!r} holds {n} infinite value(s)"
+            + (f" (and column(s) {list(inf)[1:]} too)" if len(inf) > 1 else "")
+            + "; replace them with finite values, or blank them (a missing cell is filled)"
+        )
+    names = list(numbers)
+    lo = [np.nanmin([p["min"] for p in numbers[c]] + [np.inf]) for c in names]
+    hi = [np.nanmax([p["max"] for p in numbers[c]] + [-np.inf]) for c in names]
+    with data_errors_as_input():
+        column_rules.check_range(names, np.array(lo), np.array(hi))
+
+
+def check_components(profile, largest, what="n_components"):
+    """Refuse more components than the table has rows to learn them from (first pass)."""
+    if largest > profile.observed_rows:
+        raise InputError(
+            f"{what}={largest} is more than the {profile.observed_rows:,} row(s) with an "
+            f"observed value in the modelled columns; ask for at most {profile.observed_rows}"
+        )
 
 
 def _combine_text(results, columns):
@@ -216,13 +342,15 @@ def profile_table(source, id_column, columns):
     Raises
     ------
     InputError
-        An empty table, missing ids, or ids that are not unique.
+        An empty table, missing ids, ids that are not unique, or a column with no observed
+        value, an infinite value or values whose squares overflow float64.
     """
     import dask
 
     ddf = open_source(source).open_table()
     parts = ddf[[id_column, *columns]].to_delayed()
-    with dask.config.set({"dataframe.shuffle.method": "tasks"}):
+    with dask.config.set({"dataframe.shuffle.method": "tasks"}), \
+            damaged_files_as_input(source, [id_column, *columns]):
         counts = ddf[id_column].value_counts(split_out=max(1, ddf.npartitions // 4))
         repeated = counts[counts > 1]
         *results, n_repeated = dask.compute(
@@ -244,8 +372,10 @@ def profile_table(source, id_column, columns):
             f"e.g. {examples}); choose a column that identifies rows"
         )
     missing = {c: sum(r["missing"][c] for r in results) for c in columns}
+    _check_values(results, columns, rows, missing)
     return TableProfile(
         rows=int(rows),
+        observed_rows=int(sum(r["observed_rows"] for r in results)),
         partitions=ddf.npartitions,
         missing=missing,
         dtypes={c: str(ddf.dtypes[c]) for c in columns},

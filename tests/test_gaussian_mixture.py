@@ -217,6 +217,26 @@ def test_callback_can_stop_the_fit():
     assert gm.n_iter_ == 3
 
 
+def test_max_iter_0_warns_that_no_em_iteration_ran_and_keeps_the_start():
+    """max_iter=0 gives the starting parameters, as scikit-learn's does, but says so: a model
+    that saw no E-step is not a fitted one."""
+    X = blobs(16, n=300, d=2)
+    init = start_from_sklearn(X, 3, "full")
+    del init["precisions_init"]  # scikit-learn's max_iter=0 fails with it (covariances_ unset)
+    with pytest.warns(ConvergenceWarning, match="max_iter=0: no EM iteration ran"):
+        gm = GaussianMixture(3, max_iter=0, **init).fit(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scikit-learn stays silent here
+        ref = SkGaussianMixture(3, max_iter=0, **init).fit(X)
+    assert gm.converged_ is False and ref.converged_ is False
+    assert gm.n_iter_ == ref.n_iter_ == 0
+    assert gm.lower_bound_ == -np.inf and gm.lower_bounds_ == []
+    for ours, theirs, given in [(gm.means_, ref.means_, init["means_init"]),
+                                (gm.weights_, ref.weights_, init["weights_init"])]:
+        np.testing.assert_array_equal(ours, given)
+        np.testing.assert_array_equal(theirs, given)
+
+
 # -- bad input ------------------------------------------------------------------------------
 
 

@@ -37,6 +37,9 @@ from emdask.engine.driver import EMModel, run_em
 from emdask.engine.squarem import Squarem
 from emdask.selection import select_components
 
+# max_iter=0 fits give the starting parameters on purpose
+pytestmark = pytest.mark.filterwarnings("ignore:max_iter=0:emdask.ConvergenceWarning")
+
 COV_TYPES = ["full", "tied", "diag", "spherical"]
 
 

@@ -558,7 +558,14 @@ class BaseMixture(DensityMixin, BaseEstimator):
         (best,) = fit_candidates(
             [self], context, seed, callbacks=callbacks, models=models, checkpoint=checkpoint
         )
-        if not best.converged and self.max_iter > 0:
+        if self.max_iter == 0:  # scikit-learn stays silent; a model that saw no E-step is not fitted
+            warnings.warn(
+                "max_iter=0: no EM iteration ran; the parameters are the initialisation's "
+                "(converged_=False, n_iter_=0, lower_bound_=-inf). Use max_iter >= 1 to fit.",
+                ConvergenceWarning,
+                stacklevel=4,  # the caller of fit (_fit_context and one_blas_thread wrap it)
+            )
+        elif not best.converged:
             warnings.warn(
                 "Best performing initialization did not converge. Try different init "
                 "parameters, or increase max_iter, tol, or check for degenerate data.",

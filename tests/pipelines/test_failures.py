@@ -269,6 +269,63 @@ def test_ctrl_c_stops_serve_within_seconds_even_mid_run(data, local_api_env, tmp
         serve.end(processes)
 
 
+def _listeners(processes):
+    """The TCP ports ``processes`` listen on."""
+    import psutil
+
+    ports = set()
+    for pid, _ in _alive(processes):
+        try:
+            connections = psutil.Process(pid).net_connections(kind="tcp")
+        except psutil.Error:
+            continue
+        ports |= {c.laddr.port for c in connections if c.status == psutil.CONN_LISTEN}
+    return ports
+
+
+@pytest.mark.skipif(not LINUX, reason="the guard is the kernel's parent-death signal (Linux)")
+def test_kill_9_of_serve_ends_its_flow_runs(data, local_api_env, tmp_path):
+    """'emdask serve' killed outright: the flow run it started, its Dask cluster and the local
+    API stop within 10 s, and nothing of them listens any more."""
+    config = tmp_path / "prefect.yaml"
+    config.write_text(textwrap.dedent(f"""
+        deployments:
+          - name: kill-9
+            entrypoint: pipelines.impute:impute_survey
+            parameters:
+              source: {data["good"]}
+              dest: {tmp_path / "out"}
+              id_column: rid
+              n_components: 2
+              tol: 1.0e-300
+              max_iter: 100000
+        """))
+    env = {**local_api_env, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    serve = _Command([*_command(), "serve", "--config", str(config)], env)
+    processes = []
+    try:
+        serve.wait_for(r"being served")
+        api = f"http://127.0.0.1:{serve.api_port()}/api"
+        deployment = _request("GET", f"{api}/deployments/name/impute-survey/kill-9").json()
+        _request("POST", f"{api}/deployments/{deployment['id']}/create_flow_run", json={})
+        serve.wait_for(r"fitting")  # the flow run fits, on a local cluster of its own
+        processes = _tree(serve.pid)
+        runs = [p for p in processes if p[0] != serve.pid]
+        assert runs, processes
+        ports = _listeners(runs)
+        assert ports  # the run's Dask scheduler and workers, the local API
+        os.kill(serve.pid, signal.SIGKILL)  # serve alone: its children get no signal
+        serve.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while (_alive(processes) or any(_listening(p) for p in ports)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(processes), f"left running: {_alive(processes)}"
+        assert not [p for p in ports if _listening(p)]
+        assert not (tmp_path / "out" / "CURRENT").exists()  # nothing published
+    finally:
+        serve.end(processes)
+
+
 # -- checks before any service ---------------------------------------------------------------
 
 

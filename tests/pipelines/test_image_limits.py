@@ -33,25 +33,29 @@ def _chunk(kind, data=b""):
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def _png(width, height, scanlines, colour_type=2, idat=None):
-    """A PNG file of 8-bit samples from its filtered scanlines (one filter byte each), or with
-    the compressed data ``idat`` as it is."""
-    header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
+def _png(width, height, scanlines, colour_type=2, idat=None, depth=8):
+    """A PNG file of ``depth``-bit samples from its filtered scanlines (one filter byte each),
+    or with the compressed data ``idat`` as it is."""
+    header = struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, 0)
     idat = zlib.compress(scanlines) if idat is None else idat
     return PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", idat) + _chunk(b"IEND")
 
 
-def _png_with_every_filter(rgb):
-    """``rgb`` as a PNG whose rows use the five PNG filters in turn (None, Sub, Up, Average,
-    Paeth), as encoders choose them row by row."""
-    h, w, c = rgb.shape
-    rows = rgb.reshape(h, w * c).astype(np.int32)
-    up = np.zeros(w * c, np.int32)
+def _png_with_every_filter(pixels, depth=8):
+    """``pixels`` (height, width[, channels]) as a PNG of 8- or 16-bit samples whose rows use
+    the five PNG filters in turn (None, Sub, Up, Average, Paeth), as encoders choose them row
+    by row; the filters work on bytes, a pixel's bytes apart."""
+    h, w = pixels.shape[:2]
+    c = pixels.shape[2] if pixels.ndim == 3 else 1
+    samples = pixels.astype(">u2" if depth == 16 else np.uint8)
+    bpp = c * depth // 8
+    rows = samples.view(np.uint8).reshape(h, w * bpp).astype(np.int32)
+    up = np.zeros(w * bpp, np.int32)
     out = bytearray()
     for y in range(h):
         row = rows[y]
-        left = np.concatenate([np.zeros(c, np.int32), row[:-c]])
-        upleft = np.concatenate([np.zeros(c, np.int32), up[:-c]])
+        left = np.concatenate([np.zeros(bpp, np.int32), row[:-bpp]])
+        upleft = np.concatenate([np.zeros(bpp, np.int32), up[:-bpp]])
         kind = y % 5
         if kind == 0:
             pred = np.zeros_like(row)
@@ -66,7 +70,8 @@ def _png_with_every_filter(rgb):
             pred = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, up, upleft))
         out += bytes([kind]) + ((row - pred) % 256).astype(np.uint8).tobytes()
         up = row
-    return _png(w, h, bytes(out))
+    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[c]
+    return _png(w, h, bytes(out), colour_type=colour_type, depth=depth)
 
 
 def _huge_header_png(path, width=100_000, height=100_000):
@@ -166,26 +171,44 @@ def _noisy(width, height, seed=0):
 
 
 def _encodings(rgb):
-    """The same picture as files of every kind the band reader meets."""
-    files = {"every filter": _png_with_every_filter(rgb)}
+    """The same picture as files of every kind the band reader meets, each with the RGB
+    pixels it must decode to (16-bit samples: their high byte)."""
     im = Image.fromarray(rgb)
-    for mode in ("RGB", "RGBA", "L", "LA", "P", "I;16", "1"):
+    grey = np.asarray(im.convert("L"))
+    as_grey = np.repeat(grey[:, :, None], 3, axis=2)
+    wide = rgb.astype(np.uint16) * 257  # 16-bit samples whose high byte is the 8-bit one
+    alpha = np.full(rgb.shape[:2] + (1,), 40000, np.uint16)
+    files = {
+        "every filter": (_png_with_every_filter(rgb), rgb),
+        "16-bit RGB": (_png_with_every_filter(wide, 16), rgb),
+        "16-bit RGBA": (_png_with_every_filter(np.concatenate([wide, alpha], axis=2), 16), rgb),
+        "16-bit grey": (_png_with_every_filter(grey.astype(np.uint16) * 257, 16), as_grey),
+        "16-bit grey+alpha": (_png_with_every_filter(
+            np.stack([grey.astype(np.uint16) * 257, alpha[:, :, 0]], axis=2), 16), as_grey),
+    }
+    for mode in ("RGB", "RGBA", "L", "LA", "P", "1"):
         converted = (im.convert("P", palette=Image.Palette.ADAPTIVE, colors=50) if mode == "P"
                      else im.convert(mode))
         buffer = io.BytesIO()
         converted.save(buffer, "PNG", **({"transparency": 3} if mode == "P" else {}))
-        files[f"PNG {mode}"] = buffer.getvalue()
+        files[f"PNG {mode}"] = (buffer.getvalue(), np.asarray(converted.convert("RGB")))
+    for bits, colours in ((2, 4), (4, 16)):  # palettes of 2 and 4 bits a pixel
+        converted = im.convert("P", palette=Image.Palette.ADAPTIVE, colors=colours)
+        buffer = io.BytesIO()
+        converted.save(buffer, "PNG", bits=bits)
+        files[f"PNG P {bits}-bit"] = (buffer.getvalue(), np.asarray(converted.convert("RGB")))
     buffer = io.BytesIO()
     im.save(buffer, "JPEG", quality=90)
-    files["JPEG"] = buffer.getvalue()
+    files["JPEG"] = (buffer.getvalue(),
+                     np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")))
     return files
 
 
 def test_bands_decode_to_the_pixels_of_the_whole_image():
     rgb = _noisy(53, 41)
     streamed = set()
-    for name, data in _encodings(rgb).items():
-        whole = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    for name, (data, whole) in _encodings(rgb).items():
+        assert whole.shape == (41, 53, 3), name
         for rows in (1, 7, 41):
             bounds = [(a, min(a + rows, 41)) for a in range(0, 41, rows)]
             fp = io.BytesIO(data)
@@ -195,7 +218,7 @@ def test_bands_decode_to_the_pixels_of_the_whole_image():
             bands = list(image_bands(fp, img, bounds))
             assert [b.shape for b in bands] == [(b - a, 53, 3) for a, b in bounds], name
             assert np.array_equal(np.concatenate(bands), whole), (name, rows)
-    assert streamed == {"every filter", "PNG RGB", "PNG RGBA", "PNG L", "PNG LA", "PNG P"}
+    assert streamed == set(_encodings(rgb)) - {"JPEG"}
 
 
 def test_features_of_a_band_are_the_rows_of_the_whole_image_features():
@@ -240,6 +263,44 @@ def test_bands_segment_like_the_whole_image(api, dask_address, tmp_path, monkeyp
     model, labels = _whole_image_labels(png, None, 0.5, (2, 3, 4))
     assert s["n_components"] == model.n_components
     assert np.array_equal(np.load(published_dir(tmp_path / "out-xy") / "labels.npy"), labels)
+
+
+def _two_regions(width=48, height=40, seed=3):
+    """A blue top and a green bottom (from row 16, on the JPEG blocks' edge), a little noise."""
+    rng = np.random.default_rng(seed)
+    rgb = np.empty((height, width, 3), np.float64)
+    rgb[:16] = (30, 60, 200)
+    rgb[16:] = (40, 170, 50)
+    rgb += rng.normal(0, 3, rgb.shape)
+    truth = np.zeros((height, width), np.int64)
+    truth[16:] = 1
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8), truth
+
+
+def _same_partition(a, b):
+    """Whether two labellings split the pixels the same way (labels may be permuted)."""
+    pairs = set(zip(a.ravel().tolist(), b.ravel().tolist()))
+    return len(pairs) == len(set(a.ravel().tolist())) == len(set(b.ravel().tolist()))
+
+
+@pytest.mark.parametrize("kind", ["16-bit PNG", "JPEG"])
+def test_16_bit_png_and_jpeg_are_segmented_end_to_end(kind, api, dask_address, tmp_path):
+    from sklearn.mixture import GaussianMixture as SkGaussianMixture
+
+    rgb, truth = _two_regions()
+    path = tmp_path / ("picture.png" if kind == "16-bit PNG" else "picture.jpg")
+    if kind == "16-bit PNG":
+        path.write_bytes(_png_with_every_filter(rgb.astype(np.uint16) * 257, 16))
+        pixels = rgb  # the high bytes
+    else:
+        Image.fromarray(rgb).save(path, "JPEG", quality=95)
+        pixels = np.asarray(Image.open(path).convert("RGB"))
+    segment_image(str(path), str(tmp_path / "out"), n_components=2, dask_address=dask_address)
+    labels = np.load(published_dir(tmp_path / "out") / "labels.npy")
+    assert labels.shape == (40, 48)
+    assert _same_partition(labels, truth)  # the two colours, separated exactly
+    reference = SkGaussianMixture(2, random_state=0).fit(pixels.reshape(-1, 3).astype(float))
+    assert _same_partition(labels, reference.predict(pixels.reshape(-1, 3).astype(float)).reshape(40, 48))
 
 
 # -- memory --------------------------------------------------------------------------------------
