@@ -13,7 +13,8 @@ import dask.dataframe as dd
 from sklearn.base import TransformerMixin
 
 from ..engine import EMModel, map_fill, run_em
-from ..engine.data import is_numeric, one_blas_thread
+from ..engine.columns import is_numeric
+from ..engine.data import one_blas_thread
 from ..engine.randomness import row_draws, stream_seeds
 from ..exceptions import ConvergenceWarning, DataWarning
 from .base import _check_number, seed_from
