@@ -187,7 +187,7 @@ def fit_imputer(plan: ImputePlan, version) -> FitResult:
 
 
 def _fill(model, table):
-    return model.transform(table) if isinstance(model, emdask.EMImputer) else model.impute(table)
+    return model.impute(table)
 
 
 #: dask's placeholder category of a column whose categories its metadata does not know
