@@ -6,13 +6,9 @@ they are tree-reduced, and the M-step runs on the small result.
 
 from .estimators import GaussianMixture
 from .estimators.imputer import EMImputer
-from .estimators.discrete import (
-    BernoulliMixture,
-    BinomialMixture,
-    CategoricalMixture,
-    MixedMixture,
-    PoissonMixture,
-)
+from .estimators.categorical import CategoricalMixture
+from .estimators.counts import BernoulliMixture, BinomialMixture, PoissonMixture
+from .estimators.mixed import MixedMixture
 from .exceptions import ConvergenceWarning, DataWarning, ModelFileError, WorkersPaused
 from ._version import __version__
 from .persistence import load, register_estimator, save

@@ -24,7 +24,7 @@ import warnings
 import numpy as np
 import pandas as pd
 
-from .estimators.discrete import BernoulliMixture, BinomialMixture
+from .estimators.counts import BernoulliMixture, BinomialMixture
 from .exceptions import ConvergenceWarning
 
 __all__ = [

@@ -64,7 +64,7 @@ def warm_kernels(verbose: bool = False) -> bool:
     if compiled is None:
         return False
     from .estimators import GaussianMixture
-    from .estimators.discrete import CategoricalMixture
+    from .estimators.categorical import CategoricalMixture
 
     started = time.perf_counter()
     rng = np.random.default_rng(0)

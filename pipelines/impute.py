@@ -32,6 +32,7 @@ from prefect import flow, get_run_logger
 from pydantic import Field
 
 import emdask
+from emdask.engine import columns as column_rules
 
 from . import validation
 from .cluster import dask_client
@@ -78,10 +79,9 @@ def _model_for(plan, dtypes, parsed):
     """The plan with its model chosen again once the profile has told which text columns
     hold numbers stored as text: those are numeric, and a table of numbers only is modelled
     by EMImputer."""
-    kinds = validation.column_kinds(dtypes)
     non_gaussian = [
         c for c in plan.columns
-        if c not in parsed and (kinds[c] == "categorical" or pd.api.types.is_bool_dtype(dtypes[c]))
+        if c not in parsed and column_rules.needs_discrete_family(dtypes[c])
     ]
     if plan.model == "mixed" and not non_gaussian:
         get_run_logger().info(f"column(s) {parsed} hold numbers stored as text; read as numbers")
@@ -103,11 +103,7 @@ def plan_imputation(
     dtypes = info.open_table().dtypes
     chosen = validation.check_table_columns(dtypes, id_column, columns, what="columns")
     validation.check_not_empty(info)
-    kinds = validation.column_kinds(dtypes)
-    non_gaussian = [
-        c for c in chosen
-        if kinds[c] == "categorical" or pd.api.types.is_bool_dtype(dtypes[c])
-    ]
+    non_gaussian = [c for c in chosen if column_rules.needs_discrete_family(dtypes[c])]
     model = "mixed" if non_gaussian else "gaussian"
     if model == "mixed" and not _mixed_available():
         raise InputError(
@@ -191,7 +187,7 @@ def fit_imputer(plan: ImputePlan, version) -> FitResult:
 
 
 def _fill(model, table):
-    return model.transform(table) if isinstance(model, emdask.EMImputer) else model.impute(table)
+    return model.impute(table)
 
 
 #: dask's placeholder category of a column whose categories its metadata does not know

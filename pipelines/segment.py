@@ -37,6 +37,7 @@ from prefect import flow, get_run_logger
 from pydantic import Field
 
 import emdask
+from emdask.engine import columns as column_rules
 
 from . import validation
 from .cluster import dask_client
@@ -92,10 +93,7 @@ def plan_segmentation(
     dtypes = info.open_table().dtypes
     chosen = validation.check_table_columns(dtypes, id_column, features, what="features")
     validation.check_not_empty(info)
-    kinds = validation.column_kinds(dtypes)
-    non_gaussian = [
-        c for c in chosen if kinds[c] == "categorical" or pd.api.types.is_bool_dtype(dtypes[c])
-    ]
+    non_gaussian = [c for c in chosen if column_rules.needs_discrete_family(dtypes[c])]
     family = p["family"]
     if family == "auto":
         family = "mixed" if non_gaussian else "gaussian"

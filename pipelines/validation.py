@@ -44,21 +44,7 @@ def column_kinds(dtypes):
     Booleans and numbers are numeric; strings, objects and categories are categorical;
     anything else (dates, times, nested values) cannot be modelled.
     """
-    kinds = {}
-    for name, dtype in dtypes.items():
-        if pd.api.types.is_bool_dtype(dtype) or (
-            pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_complex_dtype(dtype)
-        ):
-            kinds[name] = "numeric"
-        elif (
-            isinstance(dtype, pd.CategoricalDtype)
-            or pd.api.types.is_string_dtype(dtype)
-            or pd.api.types.is_object_dtype(dtype)
-        ):
-            kinds[name] = "categorical"
-        else:
-            kinds[name] = None
-    return kinds
+    return {name: column_rules.table_kind(dtype) for name, dtype in dtypes.items()}
 
 
 def check_table_columns(dtypes, id_column, columns=None, *, what="columns"):

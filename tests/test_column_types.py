@@ -11,6 +11,7 @@ import pytest
 
 from emdask import EMImputer, GaussianMixture, MixedMixture
 from emdask.engine import EMModel, prepare, run_em
+from emdask.engine import columns as column_rules
 from emdask.engine.columns import DataError, NonFiniteParameters, NotNumeric
 from emdask.families.gaussian import GaussianFamily
 
@@ -45,6 +46,42 @@ def test_a_named_text_column_of_numbers_fits_and_fills_like_the_numbers(text_dty
     # lazily, partition by partition, the same
     lazy = imp.transform(dd.from_pandas(text, npartitions=3)).compute()
     pd.testing.assert_frame_equal(lazy, ref.transform(df))
+
+
+#: dtype -> (table_kind, infer_family, needs a discrete family, read as numbers), by hand
+DTYPE_RULES = [
+    ("float64", "numeric", "gaussian", False, True),
+    ("Float64", "numeric", "gaussian", False, True),
+    ("int64", "numeric", "poisson", False, True),  # no range known: the scan decides
+    ("Int64", "numeric", "poisson", False, True),
+    ("bool", "numeric", "bernoulli", True, True),
+    ("boolean", "numeric", "bernoulli", True, True),
+    ("object", "categorical", "categorical", True, False),
+    ("string", "categorical", "categorical", True, False),
+    ("category", "categorical", "categorical", True, False),
+    ("datetime64[ns]", None, TypeError, False, False),
+    ("complex128", None, TypeError, False, False),
+]
+
+
+@pytest.mark.parametrize("dtype, kind, family, discrete, numeric", DTYPE_RULES)
+def test_one_set_of_dtype_rules_decides_every_column_family(dtype, kind, family, discrete, numeric):
+    dtype = pd.Series([], dtype=dtype).dtype
+    assert column_rules.table_kind(dtype) == kind
+    assert column_rules.needs_discrete_family(dtype) is discrete
+    assert column_rules.is_numeric(dtype) is numeric
+    if family is TypeError:
+        with pytest.raises(TypeError, match="'c'"):
+            column_rules.infer_family("c", dtype)
+    else:
+        assert column_rules.infer_family("c", dtype) == family
+
+
+def test_an_integer_column_family_follows_its_range():
+    int64 = np.dtype(np.int64)
+    assert column_rules.infer_family("c", int64, (0, 1)) == "bernoulli"
+    assert column_rules.infer_family("c", int64, (0, 7)) == "poisson"
+    assert column_rules.infer_family("c", int64, (-1, 7)) == "gaussian"
 
 
 def test_a_named_text_column_with_a_word_is_an_error_naming_column_and_value():

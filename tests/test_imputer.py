@@ -8,7 +8,15 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from emdask import DataWarning, EMImputer, pool
+from emdask import (
+    BernoulliMixture,
+    CategoricalMixture,
+    DataWarning,
+    EMImputer,
+    MixedMixture,
+    PoissonMixture,
+    pool,
+)
 
 
 def survey(seed, n=1000, rate=0.2):
@@ -45,7 +53,7 @@ def test_transform_fills_only_missing_cells_and_keeps_the_table():
 def test_conditional_means_match_a_direct_computation():
     _, df = survey(1, n=600, rate=0.3)
     imp = EMImputer(tol=1e-8, max_iter=500).fit(df)
-    out = imp.transform(df)
+    out = imp.impute(df)
     mu, S = imp.means_[0], imp.covariances_[0]
     X = df[["income", "age", "score"]].to_numpy()
     for i in range(len(X)):
@@ -71,6 +79,20 @@ def test_mixture_fills_multimodal_data_better_than_one_normal():
     rmse["mean"] = np.sqrt(np.mean((mean_fill[mask] - X[mask]) ** 2))
     assert rmse[3] < 0.8 * rmse[1]
     assert rmse[1] < 0.8 * rmse["mean"]
+
+
+def test_impute_is_the_one_verb_and_transform_fills_the_same_cells():
+    imputing = [BernoulliMixture, CategoricalMixture, PoissonMixture, MixedMixture]
+    assert all(cls.impute is EMImputer.impute for cls in imputing)
+    _, df = survey(2, n=400)
+    imp = EMImputer(random_state=0).fit(df)
+    pd.testing.assert_frame_equal(imp.transform(df), imp.impute(df))
+    ddf = dd.from_pandas(df, npartitions=3)
+    pd.testing.assert_frame_equal(imp.transform(ddf).compute(), imp.impute(ddf).compute())
+    X = df[["income", "age", "score"]].to_numpy()
+    fitted = EMImputer(random_state=0).fit(X)
+    assert np.array_equal(fitted.transform(X), fitted.impute(X), equal_nan=True)
+    assert not np.isnan(fitted.impute(X)).any()
 
 
 def test_dask_in_dask_out_lazily_with_the_same_values():

@@ -19,6 +19,10 @@ as numbers, and how filled values go back into it.
   its family's own value, rounded the same way); a boolean column gets ``True`` where the
   fill is at least 0.5; a text column of numbers comes back parsed, as float64.
 
+* **A column's family comes from its dtype** (:func:`infer_family`, :func:`holds_labels`,
+  :func:`is_numeric`, :func:`table_kind`): every estimator and flow asks these functions, so
+  a column is read the same way everywhere.
+
 Breaking a rule raises :class:`DataError`, a ``ValueError`` whose message names the column
 and says what to do; a pipeline reports it as bad input.
 """
@@ -34,11 +38,18 @@ __all__ = [
     "NonFiniteParameters",
     "NotNumeric",
     "check_range",
+    "filled_dtype",
+    "holds_labels",
+    "infer_family",
     "is_boolean_values",
+    "is_integer",
+    "is_numeric",
     "is_text_dtype",
+    "needs_discrete_family",
     "numeric_levels",
     "parse_numbers",
     "restore",
+    "table_kind",
     "to_float",
 ]
 
@@ -64,6 +75,101 @@ def is_text_dtype(dtype):
     if isinstance(dtype, pd.CategoricalDtype):
         return False
     return pd.api.types.is_object_dtype(dtype) or pd.api.types.is_string_dtype(dtype)
+
+
+# --------------------------------------------------------------------------------------
+# A column's family from its dtype
+# --------------------------------------------------------------------------------------
+
+
+def is_numeric(dtype):
+    """Whether a column of this dtype can be modelled as numbers (booleans included)."""
+    return (
+        pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype)
+    ) and not pd.api.types.is_complex_dtype(dtype)
+
+
+def holds_labels(dtype):
+    """Whether a column of this dtype holds labels rather than numbers (category, string,
+    object)."""
+    if isinstance(dtype, pd.CategoricalDtype):
+        return True
+    return not (pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype))
+
+
+def is_integer(dtype):
+    """Whether a column of this dtype holds integers (booleans are not integers here)."""
+    return pd.api.types.is_integer_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype)
+
+
+def infer_family(name, dtype, value_range=None):
+    """The mixed-model family of a column from its dtype (and, for integers, its range).
+
+    ====================================== ==============
+    dtype                                  family
+    ====================================== ==============
+    bool, boolean                          ``bernoulli``
+    category, string, object               ``categorical``
+    integer with values in {0, 1}          ``bernoulli``
+    integer with values >= 0               ``poisson``
+    other integer, float                   ``gaussian``
+    ====================================== ==============
+
+    Raises
+    ------
+    TypeError
+        A date, time or complex column, which no family models; the message names it.
+    """
+    if pd.api.types.is_bool_dtype(dtype) and not isinstance(dtype, pd.CategoricalDtype):
+        return "bernoulli"
+    if pd.api.types.is_datetime64_any_dtype(dtype) or pd.api.types.is_timedelta64_dtype(dtype):
+        raise TypeError(
+            f"column {name!r} has dtype {dtype}, which no family models; convert it to "
+            "numbers (e.g. days since a date) or leave it out of columns="
+        )
+    if pd.api.types.is_complex_dtype(dtype):
+        raise TypeError(f"column {name!r} is complex; only real columns can be modelled")
+    if holds_labels(dtype):
+        return "categorical"
+    if is_integer(dtype):
+        lo, hi = value_range if value_range is not None else (0, 2)
+        if lo >= 0 and hi <= 1:
+            return "bernoulli"
+        if lo >= 0:
+            return "poisson"
+    return "gaussian"
+
+
+def table_kind(dtype):
+    """Which models can take a column of this dtype: ``'numeric'`` (numbers and booleans),
+    ``'categorical'`` (strings, objects, categories) or ``None`` (dates, times, nested
+    values: nothing models them)."""
+    if pd.api.types.is_bool_dtype(dtype) or (
+        pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_complex_dtype(dtype)
+    ):
+        return "numeric"
+    if (
+        isinstance(dtype, pd.CategoricalDtype)
+        or pd.api.types.is_string_dtype(dtype)
+        or pd.api.types.is_object_dtype(dtype)
+    ):
+        return "categorical"
+    return None
+
+
+def needs_discrete_family(dtype):
+    """Whether a column of this dtype needs a discrete family (labels or booleans): a
+    Gaussian model cannot take it as it is."""
+    return table_kind(dtype) == "categorical" or pd.api.types.is_bool_dtype(dtype)
+
+
+def filled_dtype(dtype):
+    """The dtype of a modelled column once filled (see :func:`restore`)."""
+    if is_text_dtype(dtype):
+        return np.dtype(np.float64)
+    if pd.api.types.is_bool_dtype(dtype) or pd.api.types.is_integer_dtype(dtype):
+        return dtype
+    return np.dtype(np.float64) if not pd.api.types.is_float_dtype(dtype) else dtype
 
 
 def is_boolean_values(values):

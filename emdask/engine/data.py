@@ -86,13 +86,6 @@ def current_client():
 # --------------------------------------------------------------------------------------
 
 
-def is_numeric(dtype):
-    """Whether a column of this dtype can be modelled as numbers (booleans included)."""
-    return (
-        pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype)
-    ) and not pd.api.types.is_complex_dtype(dtype)
-
-
 def select_columns(dtypes, columns=None, *, what="numeric"):
     """Names of the columns to model, checked against a frame's ``dtypes``.
 
@@ -103,7 +96,7 @@ def select_columns(dtypes, columns=None, *, what="numeric"):
     """
     names = list(dtypes.index)
     if columns is None:
-        chosen = [c for c in names if is_numeric(dtypes[c])]
+        chosen = [c for c in names if column_rules.is_numeric(dtypes[c])]
         if not chosen:
             raise TypeError(
                 f"the table has no {what} column (columns: {names}); pass columns= or "
@@ -118,7 +111,7 @@ def select_columns(dtypes, columns=None, *, what="numeric"):
         raise KeyError(f"column(s) {absent} not in the table; available columns: {names}")
     bad = [
         c for c in chosen
-        if not is_numeric(dtypes[c]) and not column_rules.is_text_dtype(dtypes[c])
+        if not column_rules.is_numeric(dtypes[c]) and not column_rules.is_text_dtype(dtypes[c])
     ]
     if bad:
         raise TypeError(
@@ -821,15 +814,6 @@ def _fill_frame(part, columns, fn, partition_info=None):
     return out
 
 
-def _filled_dtype(dtype):
-    """The dtype of a modelled column once filled (see :mod:`emdask.engine.columns`)."""
-    if column_rules.is_text_dtype(dtype):
-        return np.dtype(np.float64)
-    if pd.api.types.is_bool_dtype(dtype) or pd.api.types.is_integer_dtype(dtype):
-        return dtype
-    return np.dtype(np.float64) if not pd.api.types.is_float_dtype(dtype) else dtype
-
-
 def map_fill(X, columns, fn):
     """Apply ``fn(float_block, partition_number) -> float_block`` to the chosen columns of
     every partition and put the result back in place, keeping everything else.
@@ -846,7 +830,7 @@ def map_fill(X, columns, fn):
             raise KeyError(f"column(s) {missing} seen during fit are not in X")
         meta = X._meta.copy()
         for col in columns:
-            meta[col] = meta[col].astype(_filled_dtype(meta[col].dtype))
+            meta[col] = meta[col].astype(column_rules.filled_dtype(meta[col].dtype))
         return X.map_partitions(_fill_frame, columns, fn, meta=meta)
     if isinstance(X, da.Array):
         arr = X.rechunk({1: -1}) if X.numblocks[1] > 1 else X

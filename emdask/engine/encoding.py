@@ -34,16 +34,19 @@ import dask.dataframe as dd
 
 from ..exceptions import DataWarning
 from . import columns as column_rules
-from .data import BlockData
+from .data import BlockData, check_2d
 
 __all__ = [
     "COLUMN_KINDS",
     "LEVELS_WARNING",
+    "FAMILY_OF_KIND",
+    "KIND_OF_FAMILY",
     "TableEncoder",
-    "infer_kind",
-    "is_categorical_dtype",
+    "kinds_after_scan",
+    "mixed_kinds",
     "numbers_as_text",
     "scan_columns",
+    "table_columns",
 ]
 
 #: What a column can be encoded as.
@@ -56,54 +59,105 @@ LEVELS_SUGGESTED = 100
 HANDLE_UNKNOWN = ("error", "missing")
 
 
+#: The encoder kind of each mixed-model family (:func:`emdask.engine.columns.infer_family`).
+KIND_OF_FAMILY = {
+    "gaussian": "real",
+    "bernoulli": "binary",
+    "categorical": "categorical",
+    "poisson": "count",
+}
+#: The mixed-model family of each encoder kind it uses.
+FAMILY_OF_KIND = {v: k for k, v in KIND_OF_FAMILY.items()}
+
+
 # --------------------------------------------------------------------------------------
-# dtypes
+# The columns to model and their kinds
 # --------------------------------------------------------------------------------------
 
 
-def is_categorical_dtype(dtype):
-    """Whether a column of this dtype holds labels rather than numbers (category, string,
-    object)."""
-    if isinstance(dtype, pd.CategoricalDtype):
-        return True
-    return not (pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype))
+def table_columns(X, columns, default, what):
+    """``(names, named, dtypes)`` of the columns of ``X`` to model.
 
-
-def _is_integer_dtype(dtype):
-    return pd.api.types.is_integer_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype)
-
-
-def infer_kind(name, dtype, value_range=None):
-    """The mixed-model family of a column from its dtype (and, for integers, its range).
-
-    ====================================== ==============
-    dtype                                  family
-    ====================================== ==============
-    bool, boolean                          ``bernoulli``
-    category, string, object               ``categorical``
-    integer with values in {0, 1}          ``bernoulli``
-    integer with values >= 0               ``poisson``
-    other integer, float                   ``gaussian``
-    ====================================== ==============
+    Parameters
+    ----------
+    X : pandas or dask DataFrame, array-like or dask Array
+    columns : str, int, list or None
+        Columns of a frame to model; ``None`` takes every column whose dtype ``default``
+        accepts. Arrays take every column, named ``x0, x1, ...``.
+    default : callable
+        ``default(dtype) -> bool``.
+    what : str
+        What the columns are (``'numeric'``, ...), for the error when there is none.
     """
-    if pd.api.types.is_bool_dtype(dtype) and not isinstance(dtype, pd.CategoricalDtype):
-        return "bernoulli"
-    if pd.api.types.is_datetime64_any_dtype(dtype) or pd.api.types.is_timedelta64_dtype(dtype):
-        raise TypeError(
-            f"column {name!r} has dtype {dtype}, which no family models; convert it to "
-            "numbers (e.g. days since a date) or leave it out of columns="
+    if isinstance(X, (pd.DataFrame, dd.DataFrame)):
+        dtypes = X.dtypes
+        if columns is None:
+            names = [c for c in X.columns if default(dtypes[c])]
+            if not names:
+                raise TypeError(
+                    f"the table has no {what} column (columns: {list(X.columns)}); pass "
+                    "columns= to choose them"
+                )
+        else:
+            names = [columns] if isinstance(columns, (str, int)) else list(columns)
+            absent = [c for c in names if c not in X.columns]
+            if absent:
+                raise KeyError(
+                    f"column(s) {absent} not in the table; available columns: {list(X.columns)}"
+                )
+            if len(set(names)) != len(names):
+                raise ValueError(f"columns= names a column twice: {names}")
+        return names, True, {c: dtypes[c] for c in names}
+    if isinstance(X, (pd.Series, dd.Series)):
+        raise TypeError("X is a Series; pass a DataFrame (e.g. s.to_frame()) instead")
+    if columns is not None:
+        raise ValueError("columns= selects columns of a DataFrame; slice the array instead")
+    if not isinstance(X, da.Array):
+        X = check_2d(X, allow_object=True)
+    shape = X.shape
+    if len(shape) != 2:
+        raise ValueError(
+            f"X must be 2-D (rows × columns), got shape {shape}. Reshape your data with "
+            "X.reshape(-1, 1) for a single column"
         )
-    if pd.api.types.is_complex_dtype(dtype):
-        raise TypeError(f"column {name!r} is complex; only real columns can be modelled")
-    if is_categorical_dtype(dtype):
-        return "categorical"
-    if _is_integer_dtype(dtype):
-        lo, hi = value_range if value_range is not None else (0, 2)
-        if lo >= 0 and hi <= 1:
-            return "bernoulli"
-        if lo >= 0:
-            return "poisson"
-    return "gaussian"
+    if np.iscomplexobj(X):
+        raise ValueError(f"Complex data not supported: X has dtype {X.dtype}")
+    dtype = X.dtype
+    names = [f"x{j}" for j in range(shape[1])]
+    return names, False, {c: dtype for c in names}
+
+
+def mixed_kinds(names, dtypes, given=None):
+    """``(kinds, to_scan_levels, to_scan_ranges)`` of a mixed table's columns: the family
+    ``given`` for a column, else the one its dtype implies; integer columns whose family
+    depends on their range are scanned, then :func:`kinds_after_scan` settles them."""
+    given = given or {}
+    families, ranged = [], []
+    for c in names:
+        if c in given:
+            families.append(given[c])
+            continue
+        family = column_rules.infer_family(c, dtypes[c])
+        if family in ("bernoulli", "poisson") and column_rules.is_integer(dtypes[c]):
+            ranged.append(c)  # 0/1, counts or signed integers: the scan will tell
+        families.append(family)
+    kinds = [KIND_OF_FAMILY[f] for f in families]
+    cat = [c for c, k in zip(names, kinds) if k == "categorical"]
+    return kinds, cat, ranged
+
+
+def kinds_after_scan(names, kinds, ranges):
+    """``kinds`` with every scanned integer column's kind from its observed range."""
+    out = list(kinds)
+    for j, c in enumerate(names):
+        if c in ranges:
+            lo, hi = ranges[c]
+            if not np.isfinite(lo):
+                raise ValueError(
+                    f"column {c!r} has no observed value; drop it from the columns to fit"
+                )
+            out[j] = KIND_OF_FAMILY[column_rules.infer_family(c, np.dtype(np.int64), (lo, hi))]
+    return out
 
 
 def _py(value):

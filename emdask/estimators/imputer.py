@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 import warnings
 
 import numpy as np
@@ -13,22 +12,25 @@ import dask.dataframe as dd
 from sklearn.base import TransformerMixin
 
 from ..engine import EMModel, map_fill, run_em
-from ..engine.data import is_numeric, one_blas_thread
-from ..engine.randomness import row_draws, stream_seeds
+from ..engine.columns import is_numeric
+from ..engine.data import one_blas_thread
+from ..engine.randomness import stream_seeds
 from ..exceptions import ConvergenceWarning, DataWarning
-from .base import _check_number, seed_from
+from .fill import FillMixin
 from .gaussian import GaussianMixture
 
 __all__ = ["EMImputer"]
 
-class EMImputer(TransformerMixin, GaussianMixture):
+
+class EMImputer(FillMixin, TransformerMixin, GaussianMixture):
     """Impute missing cells by their conditional expectation under a Gaussian mixture.
 
     The model is fitted by EM on the incomplete rows themselves (no complete-case
     deletion): with ``n_components=1`` it is the classic EM for an incomplete multivariate
-    normal; with more, a mixture for multi-modal data. ``transform`` fills only the
-    missing cells, with ``E[x_m | x_o]`` weighted by the row's posterior over components;
-    observed cells come back bit for bit.
+    normal; with more, a mixture for multi-modal data. ``impute`` fills only the missing
+    cells, with ``E[x_m | x_o]`` weighted by the row's posterior over components; observed
+    cells come back bit for bit. ``transform`` is the same fill under the name a
+    scikit-learn pipeline calls.
 
     An imputer is a :class:`~emdask.GaussianMixture` (same arguments, fitted attributes and
     methods, saved and loaded the same way) that also fills tables.
@@ -65,7 +67,7 @@ class EMImputer(TransformerMixin, GaussianMixture):
         X : numpy array, pandas DataFrame, dask DataFrame or dask array
         columns : list of str, optional
             Columns of a frame to model and fill (default: every numeric column). Other
-            columns are passed through ``transform`` untouched.
+            columns are passed through ``impute`` untouched.
         callbacks, checkpoint, resume
             As for :meth:`GaussianMixture.fit`.
         """
@@ -93,7 +95,8 @@ class EMImputer(TransformerMixin, GaussianMixture):
         return np.asarray(names, dtype=object)
 
     def transform(self, X):
-        """``X`` with every missing cell of the modelled columns at its conditional mean.
+        """``X`` with every missing cell of the modelled columns at its conditional mean:
+        :meth:`impute`, under the name the scikit-learn transformer protocol asks for.
 
         Returns
         -------
@@ -103,9 +106,7 @@ class EMImputer(TransformerMixin, GaussianMixture):
         numbers parsed to float64: see :mod:`emdask.engine.columns`), or a lazy dask
         collection with the same partitions.
         """
-        self._check_fitted()
-        family, params = self._make_family(), self._fitted_params()
-        return map_fill(X, self._columns_of(X), lambda block, part: family.impute(block, params))
+        return self.impute(X)
 
     def fit_transform(self, X, y=None, *, columns=None):
         """Fit, then fill ``X``."""
@@ -136,21 +137,15 @@ class EMImputer(TransformerMixin, GaussianMixture):
         -------
         list of tables of ``X``'s type (lazy for dask input)
         """
-        self._check_fitted()
-        _check_number("n_imputations", n_imputations, kind=numbers.Integral, low=1)
-        seed = seed_from(random_state)
-        params_list, starts = self._bootstrap_params(X, n_imputations, seed)
-        family = self._make_family()
-        columns = self._columns_of(X)
-        tables = []
-        for b, params in enumerate(params_list):
+        return super().sample_imputations(X, n_imputations, random_state)
 
-            def draw(block, part, params=params, b=b):
-                uniforms = row_draws(seed, "imputation", starts[part], 1 + block.shape[1], index=b)
-                return family.sample_missing(block, params, uniforms)
+    # -- the filling hooks (:class:`~emdask.estimators.fill.FillMixin`) --------------------
 
-            tables.append(map_fill(X, columns, draw))
-        return tables
+    def _fill(self, X, fill):
+        return map_fill(X, self._columns_of(X), fill)
+
+    def _imputation_params(self, X, n_imputations, seed):
+        return self._bootstrap_params(X, n_imputations, seed)
 
     @one_blas_thread
     def _bootstrap_params(self, X, n_imputations, seed):
