@@ -49,3 +49,126 @@ def _configure() -> bool:
         return False
     env["NUMBA_CPU_FEATURES"] = features.flatten() + ",-prefer-256-bit"
     return True
+
+
+# --------------------------------------------------------------------------------------
+# One compiled specialisation per kernel, compiled once per machine
+# --------------------------------------------------------------------------------------
+
+#: Parameters typed as read-only arrays of any layout, whatever array they receive: the
+#: blocks (row-major from numpy, column-major from pandas and Parquet, read-only when received
+#: from the network or memory-mapped) and their row weights. Each would otherwise make numba
+#: compile the whole kernel again (some seconds) for every layout it meets. The kernels find
+#: a column-major block from its strides at run time.
+ANY_LAYOUT = frozenset({"X", "weights"})
+#: Parameters the kernels only read, typed read-only whether the array is or not (a full
+#: covariance's factors come as a read-only view, a tied one's as a fresh copy).
+READ_ONLY = frozenset({"means", "chol", "P", "const"})
+
+#: Seconds a process waits for another one compiling the same kernel before compiling it
+#: itself (a compile takes seconds; the wait only guards against a stuck process).
+LOCK_TIMEOUT = 600.0
+
+
+def install_entries(module) -> None:
+    """Make the compiled kernels of ``module`` called from Python compile (or load) one
+    specialisation each, once per machine.
+
+    A kernel's argument types are taken from its arguments except for the parameters named
+    in :data:`ANY_LAYOUT` and :data:`READ_ONLY`, so one specialisation serves every block.
+    A process that needs a specialisation numba's cache does not hold compiles it under a
+    lock file next to the cache: other processes of the machine (Dask workers) needing it
+    wait, then load it from the cache instead of compiling it too."""
+    from numba.core.registry import CPUDispatcher
+
+    for value in vars(module).values():
+        if (isinstance(value, CPUDispatcher) and value.__module__ == module.__name__
+                and not isinstance(value.__dict__.get("_compile_for_args"), _Entry)):
+            value._compile_for_args = _Entry(value)
+
+
+class _Entry:
+    """A kernel's ``_compile_for_args`` (what numba calls when no compiled specialisation
+    matches a call's argument types exactly): the specialisation of the widened types,
+    compiled or loaded under the machine's lock."""
+
+    def __init__(self, dispatcher):
+        import inspect
+
+        from numba.core import types
+
+        self.dispatcher = dispatcher
+        self.fallback = type(dispatcher)._compile_for_args.__get__(dispatcher)
+        names = list(inspect.signature(dispatcher.py_func).parameters)
+        self.widen = {}
+        for at, name in enumerate(names):
+            if name in ANY_LAYOUT:
+                self.widen[at] = lambda t: types.Array(t.dtype, t.ndim, "A", readonly=True)
+            elif name in READ_ONLY:
+                self.widen[at] = lambda t: t.copy(readonly=True)
+
+    def __call__(self, *args, **kws):
+        from numba.core import types
+        from numba.core.dispatcher import OmittedArg
+
+        if kws or any(isinstance(a, OmittedArg) for a in args):
+            return self.fallback(*args, **kws)
+        dispatcher = self.dispatcher
+        argtypes = [dispatcher.typeof_pyval(a) for a in args]
+        for at, widen in self.widen.items():
+            if at < len(argtypes) and isinstance(argtypes[at], types.Array):
+                argtypes[at] = widen(argtypes[at])
+        argtypes = tuple(argtypes)
+        done = dispatcher.overloads.get(argtypes)
+        if done is not None:
+            return done.entry_point
+        with machine_lock(dispatcher):
+            return dispatcher.compile(argtypes)
+
+
+class machine_lock:
+    """Held while this process compiles (or loads) a kernel: an exclusive ``flock`` on a
+    file in the kernel's numba cache directory, released by the system if the process dies.
+    Does nothing where there is no such directory or no ``fcntl`` (Windows)."""
+
+    def __init__(self, dispatcher):
+        self.path = None
+        cache = getattr(dispatcher, "_cache", None)
+        try:
+            folder = cache.cache_path
+            base = cache._impl.filename_base
+        except AttributeError:  # no cache (cache=False)
+            return
+        self.path = os.path.join(folder, f"{base}.lock")
+        self.fd = None
+
+    def __enter__(self):
+        if self.path is None:
+            return self
+        try:
+            import fcntl
+
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except (ImportError, OSError):
+            self.fd = None
+            return self
+        import time
+
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return self
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    return self  # compile without it
+                time.sleep(0.05)
+            except OSError:  # a file system without locks
+                return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock
+            self.fd = None
+        return False
