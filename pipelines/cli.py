@@ -540,8 +540,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     missing = missing_packages()
     if missing:  # before any work: the run would fail at its first plot or flow
-        print(f"emdask {args.command}: error: the emdask command needs {', '.join(missing)}, "
-              f"not installed: {INSTALL_PIPELINES}", file=sys.stderr, flush=True)
+        names = " and ".join([", ".join(missing[:-1]), missing[-1]] if len(missing) > 1 else missing)
+        print(f"emdask {args.command}: error: the emdask command needs {names}, which "
+              f"{'are' if len(missing) > 1 else 'is'} not installed: {INSTALL_PIPELINES}",
+              file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     configure_environment()  # before Prefect is imported: its settings read the environment
 
