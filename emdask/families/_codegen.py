@@ -122,8 +122,13 @@ class _Entry:
         done = dispatcher.overloads.get(argtypes)
         if done is not None:
             return done.entry_point
+        from numba.core.errors import ForceLiteralArg
+
         with machine_lock(dispatcher):
-            return dispatcher.compile(argtypes)
+            try:
+                return dispatcher.compile(argtypes)
+            except ForceLiteralArg:  # numba's own path re-types literal arguments
+                return self.fallback(*args)
 
 
 class machine_lock:
