@@ -48,11 +48,11 @@ def test_processes_needing_a_kernel_at_once_compile_it_once(tmp_path):
     env = {**os.environ, "NUMBA_CACHE_DIR": str(cache)}
     procs = [subprocess.Popen([sys.executable, "-c", PROCESS, str(go), str(seed)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for seed in range(3)]
+             for seed in range(2)]
     try:
         for p in procs:  # every process has imported numba and the kernels' module
             assert p.stdout.readline().strip() == "ready", p.stderr.read()
-        go.touch()  # all three call the kernel now, on an empty cache
+        go.touch()  # both call the kernel now, on an empty cache
         reports = []
         for p in procs:
             out, err = p.communicate(timeout=300)
@@ -62,8 +62,8 @@ def test_processes_needing_a_kernel_at_once_compile_it_once(tmp_path):
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    assert sorted(r["compiled"] for r in reports) == [0, 0, 1], reports
-    assert sorted(r["loaded"] for r in reports) == [0, 1, 1], reports
+    assert sorted(r["compiled"] for r in reports) == [0, 1], reports
+    assert sorted(r["loaded"] for r in reports) == [0, 1], reports
     for r in reports:
         assert r["error"] < 1e-12
     assert list(cache.rglob("*exp_nonpositive*.lock"))

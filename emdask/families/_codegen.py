@@ -154,7 +154,8 @@ class machine_lock:
             import fcntl
 
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            # read-only is enough for flock: a lock file another user created serves too
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o666)
         except (ImportError, OSError):
             self.fd = None
             return self
