@@ -97,3 +97,52 @@ def test_blocks_of_every_layout_share_one_specialisation():
                     np.testing.assert_allclose(stats.terms["s2"], reference.terms["s2"],
                                                rtol=1e-10, atol=1e-10)
     assert len(_compiled.dense_block_stats.overloads) == 1
+
+
+HELPER_THEN_FIT = """
+import json, sys, warnings
+import numpy as np
+from emdask.families import _codegen
+
+entry = "emdask.families._compiled.dense_block_stats"
+if sys.argv[1] == "help":
+    print(json.dumps({"compiled": _codegen.help_compile(entry)}))
+else:
+    import dask
+    from emdask import GaussianMixture
+    from emdask.warm import compile_counts
+
+    _codegen.HELPER_MIN_CORES = 10**6  # no helper of its own: count what this process compiles
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(500, 3))
+    X[rng.random(X.shape) < 0.1] = np.nan
+    with warnings.catch_warnings(), dask.config.set(scheduler="synchronous"):
+        warnings.simplefilter("ignore")
+        GaussianMixture(2, max_iter=1, random_state=0).fit(X)
+    print(json.dumps(compile_counts()))
+"""
+
+
+def test_a_helper_compiles_what_the_block_kernel_calls_from_its_plan(tmp_path):
+    """The helper started on an empty cache compiles, from the compile plan, exactly the
+    kernels the block kernel's compile needs: afterwards only the block kernel itself is left
+    to compile (a stale plan, after a kernel's arguments changed, fails here: write it again
+    with ``NUMBA_CACHE_DIR=$(mktemp -d) python -m emdask.families._codegen``)."""
+    from emdask.families._compile_plan import PLAN
+
+    entry = "emdask.families._compiled.dense_block_stats"
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+
+    def run(mode):
+        done = subprocess.run([sys.executable, "-c", HELPER_THEN_FIT, mode], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    # kernels compiled as part of another (the ones it calls) are not counted on their own
+    assert 1 <= run("help")["compiled"] <= len(PLAN[entry])
+    counts = run("fit")
+    compiled = {name for name, (hits, misses) in counts.items() if misses}
+    assert compiled == {entry}, compiled
+    loaded = {name for name, (hits, misses) in counts.items() if hits}
+    assert loaded, counts
