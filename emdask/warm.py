@@ -1,13 +1,17 @@
 """Compile the kernels once per installation, before any worker needs them.
 
-The compiled kernels (numba, the ``fast`` extra) are compiled the first time a process calls
-them and kept in numba's on-disk cache. Without a warm cache every Dask worker compiles them
-on its first pass: a few seconds of CPU and a few hundred MiB of compiler memory per worker
-process, enough to push a small worker past Dask's pause threshold (80% of its memory limit)
-so that it stops taking tasks. :func:`warm_kernels` compiles every kernel for every kind of
-block a fit hands it (row-major or column-major, writeable or read-only, with or without row
-weights, complete rows, few or many missing cells) so that workers started afterwards on the
-same installation only load them::
+The compiled kernels (numba) are compiled the first time a process calls them and kept in
+numba's on-disk cache. Each kernel has one specialisation whatever the layout of the blocks it
+receives, and it is compiled once per machine: a process that needs it while another one
+compiles it waits and loads it from the cache (:func:`emdask.families._codegen.install_entries`).
+The process compiling a kernel on an empty cache starts a helper process that compiles the
+kernels it calls from the other end of their list (:func:`emdask.families._codegen.help_compile`).
+A fit on an empty cache still spends the seconds of that compile in one worker, and a few
+hundred MiB of compiler memory, enough to push a small worker past Dask's pause threshold
+(80% of its memory limit). :func:`warm_kernels` compiles every kernel ahead of time, touching
+every kind of block a fit hands it (row-major or column-major, writeable or read-only, with or
+without row weights, complete rows, few or many missing cells) so that workers started
+afterwards on the same installation only load them::
 
     python -m emdask.warm
 

@@ -24,6 +24,30 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_INTERRUPTED = 130
 
 
+#: What the commands import beyond the emdask library (the ``pipelines`` extra): module, and
+#: the package that provides it. Warehouse clients (s3fs, pyiceberg, ...) are checked where
+#: a URL needs them.
+REQUIRED_MODULES = (("prefect", "prefect"), ("matplotlib", "matplotlib"), ("PIL", "pillow"),
+                    ("fsspec", "fsspec"))
+INSTALL_PIPELINES = 'pip install "emdask[pipelines]"'
+
+
+def missing_packages():
+    """The packages of :data:`REQUIRED_MODULES` that cannot be imported (looked up, not
+    imported: Prefect must be configured before its first import)."""
+    import importlib.util
+
+    missing = []
+    for module, package in REQUIRED_MODULES:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(package)
+    return missing
+
+
 class CommandError(Exception):
     """An error to report in one line, with the exit status to use."""
 
@@ -165,7 +189,8 @@ def build_parser():
         epilog="Each command runs a Prefect flow; runs are recorded by the Prefect API in "
                "PREFECT_API_URL, or by a local ephemeral one. 'emdask COMMAND --help' "
                "documents each command. Exit status: 0 done, 1 the run failed, 2 bad input "
-               "(found before any work), 130 stopped by Ctrl-C.",
+               "(found before any work), 130 stopped by Ctrl-C. The commands need "
+               f"Prefect, matplotlib and pillow: {INSTALL_PIPELINES}.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -516,6 +541,13 @@ def main(argv=None):
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    missing = missing_packages()
+    if missing:  # before any work: the run would fail at its first plot or flow
+        names = " and ".join([", ".join(missing[:-1]), missing[-1]] if len(missing) > 1 else missing)
+        print(f"emdask {args.command}: error: the emdask command needs {names}, which "
+              f"{'are' if len(missing) > 1 else 'is'} not installed: {INSTALL_PIPELINES}",
+              file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
     configure_environment()  # before Prefect is imported: its settings read the environment
 
     def out(line):

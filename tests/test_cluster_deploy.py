@@ -193,7 +193,7 @@ def test_dockerfile_copies_what_exists_installs_the_flows_and_drops_root():
     runs = " ".join(rest for word, rest in instructions if word == "RUN")
     # emdask, its flows (Prefect), Dask and the compiled kernels, compiled into numba's
     # cache at build time so that workers only load them
-    assert 'pip install ".[pipelines,fast]"' in runs
+    assert 'pip install ".[pipelines]"' in runs
     assert "python -m emdask.warm" in runs
     envs = " ".join(rest for word, rest in instructions if word == "ENV")
     assert "NUMBA_CACHE_DIR=" in envs

@@ -252,7 +252,7 @@ def test_compiled_categorical_kernel_matches_the_numpy_steps(monkeypatch, missin
     from emdask.families import _kernels
 
     if not _kernels.compiled_available():
-        pytest.skip("needs numba (the fast extra)")
+        pytest.skip("needs numba")
     rng = np.random.default_rng(41)
     n_levels = (4, 2, 7)
     X = np.column_stack([rng.normal(size=3000)] + [
@@ -282,7 +282,7 @@ def test_compiled_categorical_kernel_refuses_a_cell_that_is_not_a_code():
     from emdask.families import _kernels
 
     if not _kernels.compiled_available():
-        pytest.skip("needs numba (the fast extra)")
+        pytest.skip("needs numba")
     fam = CategoricalFamily(2, (3, 3))
     params = fam.make_params([0.5, 0.5], np.full((2, 2, 3), 1 / 3))
     for bad in (3.0, -1.0, 1.5):

@@ -1,4 +1,5 @@
-"""How the compiled kernels are generated: vectors of the CPU's full width.
+"""How the compiled kernels are generated: vectors of the CPU's full width; one
+specialisation per kernel, compiled once per machine, on two cores when there are two.
 
 LLVM, which numba compiles with, holds its vectorised loops to 256-bit registers on most
 CPUs with 512-bit ones (AVX-512): on the first such CPUs, wide instructions lowered the clock.
@@ -49,3 +50,342 @@ def _configure() -> bool:
         return False
     env["NUMBA_CPU_FEATURES"] = features.flatten() + ",-prefer-256-bit"
     return True
+
+
+# --------------------------------------------------------------------------------------
+# One compiled specialisation per kernel, compiled once per machine
+# --------------------------------------------------------------------------------------
+
+#: Parameters typed as read-only arrays of any layout, whatever array they receive: the
+#: blocks (row-major from numpy, column-major from pandas and Parquet, read-only when received
+#: from the network or memory-mapped) and their row weights. Each would otherwise make numba
+#: compile the whole kernel again (some seconds) for every layout it meets. The kernels find
+#: a column-major block from its strides at run time.
+ANY_LAYOUT = frozenset({"X", "weights"})
+#: Parameters the kernels only read, typed read-only whether the array is or not (a full
+#: covariance's factors come as a read-only view, a tied one's as a fresh copy).
+READ_ONLY = frozenset({"means", "chol", "P", "const"})
+
+#: Seconds a process waits for another one compiling the same kernel before compiling it
+#: itself (a compile takes seconds; the wait only guards against a stuck process).
+LOCK_TIMEOUT = 600.0
+
+
+def install_entries(module) -> None:
+    """Make the compiled kernels of ``module`` called from Python compile (or load) one
+    specialisation each, once per machine.
+
+    A kernel's argument types are taken from its arguments except for the parameters named
+    in :data:`ANY_LAYOUT` and :data:`READ_ONLY`, so one specialisation serves every block.
+    A process that needs a specialisation numba's cache does not hold compiles it under a
+    lock file next to the cache: other processes of the machine (Dask workers) needing it
+    wait, then load it from the cache instead of compiling it too."""
+    from numba.core.registry import CPUDispatcher
+
+    for value in vars(module).values():
+        if (isinstance(value, CPUDispatcher) and value.__module__ == module.__name__
+                and not isinstance(value.__dict__.get("_compile_for_args"), _Entry)):
+            value.compile = _Compile(value)
+            value._compile_for_args = _Entry(value)
+
+
+def _name(dispatcher):
+    return f"{dispatcher.__module__}.{dispatcher.py_func.__name__}"
+
+
+#: While recording a compile plan (:func:`record_plan`): the kernels compiled, innermost last.
+_RECORDING = []
+
+
+class _Compile:
+    """A kernel's ``compile`` (numba calls it for kernels called from Python and for the
+    kernels they call): a specialisation not yet in this process is compiled or loaded
+    under the machine's lock of that kernel, so that a process compiling it (or a helper,
+    :func:`help_compile`) is waited for and its result loaded from the cache."""
+
+    def __init__(self, dispatcher):
+        self.dispatcher = dispatcher
+        self.compile = type(dispatcher).compile.__get__(dispatcher)
+
+    def __call__(self, sig, entry=False):
+        from numba.core import sigutils
+
+        dispatcher = self.dispatcher
+        args, _ = sigutils.normalize_signature(sig)
+        done = dispatcher.overloads.get(tuple(args))
+        if done is not None:
+            return done.entry_point
+        with machine_lock(dispatcher):
+            if entry and not _in_cache(dispatcher):  # compiled here: a helper takes a part
+                _start_helper(_name(dispatcher))
+            misses = sum(dispatcher.stats.cache_misses.values())
+            entry = self.compile(sig)
+            if _RECORDING and sum(dispatcher.stats.cache_misses.values()) > misses:
+                _RECORDING[-1].append((_name(dispatcher), tuple(args)))
+            return entry
+
+
+class _Entry:
+    """A kernel's ``_compile_for_args`` (what numba calls when no compiled specialisation
+    matches a call's argument types exactly): the specialisation of the widened types,
+    compiled or loaded under the machine's lock."""
+
+    def __init__(self, dispatcher):
+        import inspect
+
+        from numba.core import types
+
+        self.dispatcher = dispatcher
+        self.fallback = type(dispatcher)._compile_for_args.__get__(dispatcher)
+        names = list(inspect.signature(dispatcher.py_func).parameters)
+        self.widen = {}
+        for at, name in enumerate(names):
+            if name in ANY_LAYOUT:
+                self.widen[at] = lambda t: types.Array(t.dtype, t.ndim, "A", readonly=True)
+            elif name in READ_ONLY:
+                self.widen[at] = lambda t: t.copy(readonly=True)
+
+    def __call__(self, *args, **kws):
+        from numba.core import types
+        from numba.core.dispatcher import OmittedArg
+
+        if kws or any(isinstance(a, OmittedArg) for a in args):
+            return self.fallback(*args, **kws)
+        dispatcher = self.dispatcher
+        argtypes = [dispatcher.typeof_pyval(a) for a in args]
+        for at, widen in self.widen.items():
+            if at < len(argtypes) and isinstance(argtypes[at], types.Array):
+                argtypes[at] = widen(argtypes[at])
+        argtypes = tuple(argtypes)
+        done = dispatcher.overloads.get(argtypes)
+        if done is not None:
+            return done.entry_point
+        from numba.core.errors import ForceLiteralArg
+
+        try:
+            return dispatcher.compile(argtypes, entry=True)
+        except ForceLiteralArg:  # numba's own path re-types literal arguments
+            return self.fallback(*args)
+
+
+class machine_lock:
+    """Held while this process compiles (or loads) a kernel: an exclusive ``flock`` on a
+    file in the kernel's numba cache directory, released by the system if the process dies.
+    Does nothing where there is no such directory or no ``fcntl`` (Windows)."""
+
+    def __init__(self, dispatcher, wait=True):
+        self.wait = wait
+        self.held = False
+        self.path = None
+        cache = getattr(dispatcher, "_cache", None)
+        try:
+            folder = cache.cache_path
+            base = cache._impl.filename_base
+        except AttributeError:  # no cache (cache=False)
+            return
+        self.path = os.path.join(folder, f"{base}.lock")
+        self.fd = None
+
+    def __enter__(self):
+        if self.path is None:
+            return self
+        try:
+            import fcntl
+
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            # read-only is enough for flock: a lock file another user created serves too
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o666)
+        except (ImportError, OSError):
+            self.fd = None
+            return self
+        import time
+
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self.held = True
+                return self
+            except BlockingIOError:
+                if not self.wait or time.monotonic() > deadline:
+                    return self  # compile without it
+                time.sleep(0.05)
+            except OSError:  # a file system without locks
+                return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock
+            self.fd = None
+        self.held = False
+        return False
+
+
+# --------------------------------------------------------------------------------------
+# A second core for the first compile
+# --------------------------------------------------------------------------------------
+#
+# Compiling a kernel compiles the kernels it calls first, one after the other. On an empty
+# cache the process compiling a kernel starts a helper process that compiles the same called
+# kernels from the other end of the list (each under its own lock, taken by whichever process
+# comes first): the two meet in the middle, and the first process loads what the helper
+# compiled. The list (which kernels, with which argument types) is the compile plan of
+# :mod:`emdask.families._compile_plan`, written by ``python -m emdask.families._codegen``;
+# a stale plan costs the helper's work, never a wrong result (a kernel is compiled for the
+# argument types its caller asks for, whatever the plan says).
+
+#: Cores below which no helper is started.
+HELPER_MIN_CORES = 2
+
+
+def _in_cache(dispatcher) -> bool:
+    """Whether numba's cache holds an index for ``dispatcher`` (some specialisation of it was
+    compiled on this machine; ``True`` where that cannot be told, so no helper starts)."""
+    try:
+        return os.path.exists(dispatcher._cache._cache_file._index_path)
+    except AttributeError:
+        return True
+
+
+def _start_helper(entry):
+    """Start :func:`help_compile` for ``entry`` in a process of its own (not waited for)."""
+    from ._compile_plan import PLAN
+
+    if not PLAN.get(entry) or (os.cpu_count() or 1) < HELPER_MIN_CORES:
+        return
+    import subprocess
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    code = f"from emdask.families._codegen import help_compile; help_compile({entry!r})"
+    try:
+        helper = subprocess.Popen([sys.executable, "-c", code], env=env,
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, start_new_session=True)
+    except OSError:
+        return
+    import threading
+
+    threading.Thread(target=helper.wait, daemon=True).start()  # reaped when it ends
+
+
+def help_compile(entry) -> int:
+    """Compile the kernels ``entry`` calls, from the end of its plan, until one is compiled
+    already or being compiled (by the process compiling ``entry``). Returns how many this
+    process compiled."""
+    from . import _kernels
+    from ._compile_plan import PLAN
+
+    if _kernels._load_compiled() is None:
+        return 0
+    _kernels.compiled_discrete()
+    compiled = 0
+    for name, argtypes in reversed(PLAN.get(entry, ())):
+        dispatcher = _dispatcher(name)
+        args = _decode(argtypes) if dispatcher is not None else None
+        if args is None:
+            continue
+        if args in dispatcher.overloads:
+            continue
+        lock = machine_lock(dispatcher, wait=False)
+        with lock:
+            if lock.path is not None and not lock.held:
+                break  # being compiled: what comes before it is done or under way
+            hits = sum(dispatcher.stats.cache_hits.values())
+            compile_ = dispatcher.compile
+            # numba's own compile: this process holds the kernel's lock already
+            getattr(compile_, "compile", compile_)(args)
+            if sum(dispatcher.stats.cache_hits.values()) > hits:
+                break  # compiled already, and so is what comes before it
+            compiled += 1
+    return compiled
+
+
+def _dispatcher(name):
+    import importlib
+
+    module, _, attr = name.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError):
+        return None
+
+
+def _encode(t):
+    """A numba argument type as text (``float64[2,C,rw]``, ``int64``, ``bool``), or None."""
+    from numba.core import types
+
+    if isinstance(t, types.Array) and isinstance(t.dtype, (types.Float, types.Integer,
+                                                           types.Boolean)):
+        return f"{t.dtype}[{t.ndim},{t.layout},{'ro' if not t.mutable else 'rw'}]"
+    if isinstance(t, (types.Float, types.Integer)):
+        return str(t)
+    if isinstance(t, types.Boolean):
+        return "bool"
+    return None
+
+
+def _decode(argtypes):
+    from numba.core import types
+
+    out = []
+    for text in argtypes:
+        try:
+            if "[" in text:
+                dtype, _, rest = text.partition("[")
+                ndim, layout, access = rest.rstrip("]").split(",")
+                dt = types.boolean if dtype == "bool" else getattr(types, dtype)
+                out.append(types.Array(dt, int(ndim), layout, readonly=access == "ro"))
+            else:
+                out.append(types.boolean if text == "bool" else getattr(types, text))
+        except (AttributeError, ValueError):
+            return None
+    return tuple(out)
+
+
+def record_plan():
+    """Compile every kernel (:func:`emdask.warm.warm_kernels`) in this process on an empty
+    cache, and return each kernel called from Python's plan: the kernels its compile
+    compiled, in order, with their argument types."""
+    from . import _kernels
+
+    plans = {}
+    original = _Entry.__call__
+
+    def recording(self, *args, **kws):
+        name = _name(self.dispatcher)
+        _RECORDING.append([])
+        try:
+            return original(self, *args, **kws)
+        finally:
+            done = _RECORDING.pop()
+            steps = [(n, [_encode(t) for t in a]) for n, a in done if n != name]
+            if steps and name not in plans:
+                plans[name] = [(n, a) for n, a in steps if None not in a]
+
+    _Entry.__call__ = recording
+    try:
+        from ..warm import warm_kernels
+
+        _kernels._load_compiled()
+        warm_kernels()
+    finally:
+        _Entry.__call__ = original
+    return plans
+
+
+if __name__ == "__main__":
+    # python -m emdask.families._codegen: write the compile plan (needs an empty cache:
+    # run with NUMBA_CACHE_DIR set to a new directory)
+    import pprint
+
+    from emdask.families import _codegen  # the module the kernels use, not this __main__
+
+    plan = _codegen.record_plan()
+    target = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_compile_plan.py")
+    with open(target, "w") as f:
+        f.write('"""Compile plans of the kernels called from Python (see '
+                ':mod:`emdask.families._codegen`).\n\nWritten by ``NUMBA_CACHE_DIR=$(mktemp -d) '
+                'python -m emdask.families._codegen``; do not edit."""\n\n')
+        f.write("PLAN = " + pprint.pformat(plan, width=96, sort_dicts=True) + "\n")
+    print(f"{target}: {sum(len(v) for v in plan.values())} steps for {len(plan)} kernels")

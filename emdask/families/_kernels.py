@@ -896,7 +896,7 @@ _COMPILED = []
 
 
 def compiled_available():
-    """Whether numba can be imported (the ``fast`` extra)."""
+    """Whether numba can be imported (a dependency of emdask; an environment may lack it)."""
     return _load_compiled() is not None
 
 
@@ -910,7 +910,9 @@ def compiled_discrete():
         return None
     if not _COMPILED_DISCRETE:
         from . import _compiled_discrete
+        from ._codegen import install_entries
 
+        install_entries(_compiled_discrete)
         _COMPILED_DISCRETE.append(_compiled_discrete)
     return _COMPILED_DISCRETE[0]
 
@@ -925,5 +927,8 @@ def _load_compiled():
         except ImportError:
             _COMPILED.append(None)
         else:
+            from ._codegen import install_entries
+
+            install_entries(_compiled)
             _COMPILED.append(_compiled)
     return _COMPILED[0]
