@@ -5,7 +5,7 @@ numba's on-disk cache. Each kernel has one specialisation whatever the layout of
 receives, and it is compiled once per machine: a process that needs it while another one
 compiles it waits and loads it from the cache (:func:`emdask.families._codegen.install_entries`).
 The process compiling a kernel on an empty cache starts a helper process that compiles the
-kernels it calls from the other end of their list (:func:`emdask.families._codegen.help_compile`).
+kernels it calls from the other end of their list (:func:`emdask.families._prebuild.help_compile`).
 A fit on an empty cache still spends the seconds of that compile in one worker, and a few
 hundred MiB of compiler memory, enough to push a small worker past Dask's pause threshold
 (80% of its memory limit). :func:`warm_kernels` compiles every kernel ahead of time, touching

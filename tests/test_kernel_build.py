@@ -102,11 +102,11 @@ def test_blocks_of_every_layout_share_one_specialisation():
 HELPER_THEN_FIT = """
 import json, sys, warnings
 import numpy as np
-from emdask.families import _codegen
+from emdask.families import _codegen, _prebuild
 
 entry = "emdask.families._compiled.dense_block_stats"
 if sys.argv[1] == "help":
-    print(json.dumps({"compiled": _codegen.help_compile(entry)}))
+    print(json.dumps({"compiled": _prebuild.help_compile(entry)}))
 else:
     import dask
     from emdask import GaussianMixture
@@ -127,7 +127,7 @@ def test_a_helper_compiles_what_the_block_kernel_calls_from_its_plan(tmp_path):
     """The helper started on an empty cache compiles, from the compile plan, exactly the
     kernels the block kernel's compile needs: afterwards only the block kernel itself is left
     to compile (a stale plan, after a kernel's arguments changed, fails here: write it again
-    with ``NUMBA_CACHE_DIR=$(mktemp -d) python -m emdask.families._codegen``)."""
+    with ``NUMBA_CACHE_DIR=$(mktemp -d) python -m emdask.families._prebuild``)."""
     from emdask.families._compile_plan import PLAN
 
     entry = "emdask.families._compiled.dense_block_stats"

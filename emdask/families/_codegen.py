@@ -230,7 +230,7 @@ class machine_lock:
 # kernels from the other end of the list (each under its own lock, taken by whichever process
 # comes first): the two meet in the middle, and the first process loads what the helper
 # compiled. The list (which kernels, with which argument types) is the compile plan of
-# :mod:`emdask.families._compile_plan`, written by ``python -m emdask.families._codegen``;
+# :mod:`emdask.families._compile_plan`, written by ``python -m emdask.families._prebuild``;
 # a stale plan costs the helper's work, never a wrong result (a kernel is compiled for the
 # argument types its caller asks for, whatever the plan says).
 
@@ -257,7 +257,7 @@ def _start_helper(entry):
 
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    code = f"from emdask.families._codegen import help_compile; help_compile({entry!r})"
+    code = f"from emdask.families._prebuild import help_compile; help_compile({entry!r})"
     try:
         helper = subprocess.Popen([sys.executable, "-c", code], env=env,
                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -267,125 +267,3 @@ def _start_helper(entry):
     import threading
 
     threading.Thread(target=helper.wait, daemon=True).start()  # reaped when it ends
-
-
-def help_compile(entry) -> int:
-    """Compile the kernels ``entry`` calls, from the end of its plan, until one is compiled
-    already or being compiled (by the process compiling ``entry``). Returns how many this
-    process compiled."""
-    from . import _kernels
-    from ._compile_plan import PLAN
-
-    if _kernels._load_compiled() is None:
-        return 0
-    _kernels.compiled_discrete()
-    compiled = 0
-    for name, argtypes in reversed(PLAN.get(entry, ())):
-        dispatcher = _dispatcher(name)
-        args = _decode(argtypes) if dispatcher is not None else None
-        if args is None:
-            continue
-        if args in dispatcher.overloads:
-            continue
-        lock = machine_lock(dispatcher, wait=False)
-        with lock:
-            if lock.path is not None and not lock.held:
-                break  # being compiled: what comes before it is done or under way
-            hits = sum(dispatcher.stats.cache_hits.values())
-            compile_ = dispatcher.compile
-            # numba's own compile: this process holds the kernel's lock already
-            getattr(compile_, "compile", compile_)(args)
-            if sum(dispatcher.stats.cache_hits.values()) > hits:
-                break  # compiled already, and so is what comes before it
-            compiled += 1
-    return compiled
-
-
-def _dispatcher(name):
-    import importlib
-
-    module, _, attr = name.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError):
-        return None
-
-
-def _encode(t):
-    """A numba argument type as text (``float64[2,C,rw]``, ``int64``, ``bool``), or None."""
-    from numba.core import types
-
-    if isinstance(t, types.Array) and isinstance(t.dtype, (types.Float, types.Integer,
-                                                           types.Boolean)):
-        return f"{t.dtype}[{t.ndim},{t.layout},{'ro' if not t.mutable else 'rw'}]"
-    if isinstance(t, (types.Float, types.Integer)):
-        return str(t)
-    if isinstance(t, types.Boolean):
-        return "bool"
-    return None
-
-
-def _decode(argtypes):
-    from numba.core import types
-
-    out = []
-    for text in argtypes:
-        try:
-            if "[" in text:
-                dtype, _, rest = text.partition("[")
-                ndim, layout, access = rest.rstrip("]").split(",")
-                dt = types.boolean if dtype == "bool" else getattr(types, dtype)
-                out.append(types.Array(dt, int(ndim), layout, readonly=access == "ro"))
-            else:
-                out.append(types.boolean if text == "bool" else getattr(types, text))
-        except (AttributeError, ValueError):
-            return None
-    return tuple(out)
-
-
-def record_plan():
-    """Compile every kernel (:func:`emdask.warm.warm_kernels`) in this process on an empty
-    cache, and return each kernel called from Python's plan: the kernels its compile
-    compiled, in order, with their argument types."""
-    from . import _kernels
-
-    plans = {}
-    original = _Entry.__call__
-
-    def recording(self, *args, **kws):
-        name = _name(self.dispatcher)
-        _RECORDING.append([])
-        try:
-            return original(self, *args, **kws)
-        finally:
-            done = _RECORDING.pop()
-            steps = [(n, [_encode(t) for t in a]) for n, a in done if n != name]
-            if steps and name not in plans:
-                plans[name] = [(n, a) for n, a in steps if None not in a]
-
-    _Entry.__call__ = recording
-    try:
-        from ..warm import warm_kernels
-
-        _kernels._load_compiled()
-        warm_kernels()
-    finally:
-        _Entry.__call__ = original
-    return plans
-
-
-if __name__ == "__main__":
-    # python -m emdask.families._codegen: write the compile plan (needs an empty cache:
-    # run with NUMBA_CACHE_DIR set to a new directory)
-    import pprint
-
-    from emdask.families import _codegen  # the module the kernels use, not this __main__
-
-    plan = _codegen.record_plan()
-    target = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_compile_plan.py")
-    with open(target, "w") as f:
-        f.write('"""Compile plans of the kernels called from Python (see '
-                ':mod:`emdask.families._codegen`).\n\nWritten by ``NUMBA_CACHE_DIR=$(mktemp -d) '
-                'python -m emdask.families._codegen``; do not edit."""\n\n')
-        f.write("PLAN = " + pprint.pformat(plan, width=96, sort_dicts=True) + "\n")
-    print(f"{target}: {sum(len(v) for v in plan.values())} steps for {len(plan)} kernels")

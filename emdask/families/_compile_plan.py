@@ -1,6 +1,6 @@
 """Compile plans of the kernels called from Python (see :mod:`emdask.families._codegen`).
 
-Written by ``NUMBA_CACHE_DIR=$(mktemp -d) python -m emdask.families._codegen``; do not edit."""
+Written by ``NUMBA_CACHE_DIR=$(mktemp -d) python -m emdask.families._prebuild``; do not edit."""
 
 PLAN = {'emdask.families._compiled.dense_block_stats': [('emdask.families._compiled._informative_rows',
                                                   ['float64[2,A,ro]',
