@@ -1,13 +1,13 @@
 """The compiled Gaussian E-step under full (or tied) covariances: one call per block (needs
 numba: the ``fast`` extra).
 
-:func:`dense_block_stats` runs the steps of :mod:`emdask.families._compiled_products` over
-the chunks of a block whose missingness patterns :mod:`emdask.families._compiled_patterns`
-found. Its arguments are small named groups of arrays, each with one type (a read-only
-C-ordered float64 block, weights always an array, ...: see
-:func:`emdask.families._kernels.dense_block_stats`), so that it is compiled once. The
-numpy steps of :class:`emdask.families._kernels.DenseKernel` are the reference the tests
-compare it with. Importing this module raises ImportError when numba is not installed.
+:func:`find_patterns` finds a block's missingness patterns
+(:mod:`emdask.families._compiled_patterns`), then :func:`dense_block_stats` runs the steps
+of :mod:`emdask.families._compiled_products` over the chunks of the block. Their arguments
+are small named groups of arrays, each with one type (a read-only C-ordered float64 block,
+weights always an array, ...: see :func:`emdask.families._kernels.dense_block_stats`), so
+that each is compiled once. The numpy steps of :class:`emdask.families._kernels.DenseKernel`
+are the reference the tests compare them with. Importing this module raises ImportError when numba is not installed.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from ._compiled_patterns import (  # noqa: E402, F401
     Patterns,
     Tables,
     add_conditional_covariance,
-    find_patterns,
+    block_patterns,
     pattern_tables,
 )
 from ._compiled_products import (  # noqa: E402, F401
@@ -56,6 +56,21 @@ Model = namedtuple("Model", ["means", "chol", "precision", "const"])
 #: and ``lower`` (k, d, d) the lower triangles of the second moments about each
 #: component's mean.
 Moments = namedtuple("Moments", ["nk", "s1", "lower"])
+
+
+@njit(cache=True, nogil=True)
+def find_patterns(block, k, iwork):
+    """The informative rows of a :class:`Block` (some cell observed, weight above zero) and
+    their missingness patterns, for ``k`` components (see
+    :func:`emdask.families._compiled_patterns.block_patterns`; ``iwork``: int64 scratch of
+    at least ``5 n + 2^d`` values, ``5 n + 1`` above ``TABLE_FEATURES`` columns).
+
+    Returns
+    -------
+    Patterns
+    """
+    return block_patterns(block.data, block.column_major, block.weights, block.weighted, k,
+                          iwork)
 
 
 @njit(cache=True, nogil=True)
@@ -102,14 +117,14 @@ def dense_block_stats(block, model, patterns, tables, moments, chunk, work):
     n_in = rows.size
     n_pat = pat_m.size
     pattern_tables(precision, patterns, tables)
-    max_m = 8
+    max_m = 1
     for p in range(n_pat):
         max_m = max(max_m, pat_m[p])
     b = min(chunk, n_in)
     resp_by_pattern = work[: n_pat * k].reshape((n_pat, k))
     resp_by_pattern[:] = 0.0
     g_flat = work[n_pat * k : n_pat * k + k * d * b]
-    v = np.zeros(max_m)
+    v = np.zeros(k * max_m)
     z = np.zeros(max_m)
     q_full = np.empty((k, b))
     c_full = np.empty((k, d, b))

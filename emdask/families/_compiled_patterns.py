@@ -46,8 +46,8 @@ Patterns = namedtuple("Patterns", ["rows", "pats", "pat_m", "col_off", "cols", "
 Tables = namedtuple("Tables", ["table", "off", "compute"])
 
 
-@njit(cache=True, nogil=True)
-def find_patterns(data, column_major, weights, weighted, k, iwork):
+@njit(nogil=True)
+def block_patterns(data, column_major, weights, weighted, k, iwork):
     """The informative rows of a block and their missingness patterns.
 
     Parameters

@@ -22,8 +22,6 @@ from ._codegen import prefer_wide_vectors
 prefer_wide_vectors()  # before numba's first import
 
 from numba import njit  # noqa: E402
-from numba.cpython.unsafe.tuple import tuple_setitem  # noqa: E402
-from numba.np.unsafe.ndarray import to_fixed_tuple  # noqa: E402
 
 #: Reassociation and fused multiply-add only; no assumption about NaN, infinities or
 #: approximate exp/log.
@@ -192,45 +190,36 @@ def upper_times(chol, y, g):
 # Log-densities of a chunk, with the conditional terms of rows missing cells
 # --------------------------------------------------------------------------------------
 
-#: Missing counts whose conditional terms the compiler specialises (loops over the missing
-#: cells unrolled, values held in registers); rows missing more cells share one loop.
+#: Missing counts for which the compiler specialises the conditional terms' loop (unrolled
+#: over the missing cells); other counts run the same loop with the count read at run time.
 SPECIALISED_COUNTS = (1, 2, 3, 4)
 
 
 def _conditional_terms(M):
-    """The conditional terms of a row missing ``M`` cells, ``M`` fixed when compiled.
+    """The conditional terms of a row missing ``m`` cells, from ``v`` (k, m) flat, the
+    values ``(x̃₀ P_j)_m`` (:func:`_gather`); ``m`` fixed to ``M`` when compiled (the loops
+    over the missing cells unrolled), or any count with ``M = 0``.
 
-    For component j, with ``v = (x̃₀ P_j)_m`` (``g[j, m, i]`` when ``whole``, else from
-    ``y`` and the rows m of ``U_j``): the missing cells' conditional mean, centred on
-    ``mu_j``, ``-P_mm⁻¹ v`` into ``c``, and ``vᵀ P_mm⁻¹ v / 2`` plus the pattern's
-    correction added to ``q``. ``v`` and ``P_mm⁻¹ v`` are tuples of M values: the loops
-    over them are unrolled and the values kept in registers.
+    For component j: the missing cells' conditional mean, centred on ``mu_j``,
+    ``-P_mm⁻¹ v_j`` into ``c``, and ``v_jᵀ P_mm⁻¹ v_j / 2`` plus the pattern's correction
+    added to ``q``. ``z``: scratch of at least ``m`` values.
     """
 
     @njit(inline="always", fastmath=_FASTMATH)
-    def terms(i, co, base, cols, table, whole, g, chol, y, c, q, seed):
-        k, d = y.shape[0], y.shape[1]
-        v = to_fixed_tuple(seed, M)
+    def terms(i, m, co, base, cols, table, c, q, v, z):
+        k = q.shape[0]
+        n = M if M else m
         for j in range(k):
-            for a in range(M):
-                ca = cols[co + a]
-                if whole:
-                    va = g[j, ca, i]
-                else:
-                    va = 0.0
-                    for l in range(ca, d):
-                        va += chol[j, ca, l] * y[j, l, i]
-                v = tuple_setitem(v, a, va)
-            at = base + k + j * M * M
-            z = v
+            at = base + k + j * n * n
+            vj = j * n
             vz = 0.0
-            for a in range(M):
+            for a in range(n):
                 za = 0.0
-                for b in range(M):
-                    za += table[at + a * M + b] * v[b]
-                z = tuple_setitem(z, a, za)
-                vz += v[a] * za
-            for a in range(M):
+                for b in range(n):
+                    za += table[at + a * n + b] * v[vj + b]
+                z[a] = za
+                vz += v[vj + a] * za
+            for a in range(n):
                 c[j, cols[co + a], i] = -z[a]
             q[j, i] += 0.5 * vz + table[base + j]
 
@@ -238,48 +227,37 @@ def _conditional_terms(M):
 
 
 @njit(inline="always", fastmath=_FASTMATH)
-def _conditional_terms_any(i, m, co, base, cols, table, whole, g, chol, y, c, q, v, z):
-    """:func:`_conditional_terms` for a count known at run time (``v``, ``z``: scratch of
-    at least ``m`` values)."""
+def _gather(i, m, co, cols, whole, g, chol, y, v):
+    """``v[j m + a] = (x̃₀ P_j)[cols[co + a]]`` for row i: from ``g`` when ``whole``, else
+    from ``y`` and the row of ``U_j``."""
     k, d = y.shape[0], y.shape[1]
     for j in range(k):
         for a in range(m):
             ca = cols[co + a]
             if whole:
-                v[a] = g[j, ca, i]
+                v[j * m + a] = g[j, ca, i]
             else:
                 va = 0.0
                 for l in range(ca, d):
                     va += chol[j, ca, l] * y[j, l, i]
-                v[a] = va
-        at = base + k + j * m * m
-        vz = 0.0
-        for a in range(m):
-            za = 0.0
-            for b in range(m):
-                za += table[at + a * m + b] * v[b]
-            z[a] = za
-            vz += v[a] * za
-        for a in range(m):
-            c[j, cols[co + a], i] = -z[a]
-        q[j, i] += 0.5 * vz + table[base + j]
+                v[j * m + a] = va
 
 
 def _by_count(counts):
     """``terms(i, m, ...)``: :func:`_conditional_terms` specialised for each of ``counts``,
-    :func:`_conditional_terms_any` for any other count."""
+    and for any other count."""
     if not counts:
-        return _conditional_terms_any
+        return _conditional_terms(0)
     M = counts[0]
     fixed = _conditional_terms(M)
     others = _by_count(counts[1:])
 
     @njit(inline="always", fastmath=_FASTMATH)
-    def terms(i, m, co, base, cols, table, whole, g, chol, y, c, q, v, z):
+    def terms(i, m, co, base, cols, table, c, q, v, z):
         if m == M:
-            fixed(i, co, base, cols, table, whole, g, chol, y, c, q, v)
+            fixed(i, m, co, base, cols, table, c, q, v, z)
         else:
-            others(i, m, co, base, cols, table, whole, g, chol, y, c, q, v, z)
+            others(i, m, co, base, cols, table, c, q, v, z)
 
     return terms
 
@@ -299,7 +277,7 @@ def chunk_log_prob(y, incomplete, pats, patterns, tables, chol, c, q, v, z, g_fl
     ``-P_mm⁻¹ v`` (written into ``c`` (k, d, nb)) and the Mahalanobis term of the observed
     cells is ``|y|² - vᵀ P_mm⁻¹ v``. ``incomplete``: positions in the chunk of rows with
     missing cells; ``pats``: each row's pattern rank; ``v``, ``z``: scratch of at least
-    the largest missing count.
+    k and 1 times the largest missing count.
 
     Returns
     -------
@@ -325,8 +303,9 @@ def chunk_log_prob(y, incomplete, pats, patterns, tables, chol, c, q, v, z, g_fl
         upper_times(chol, y, g)
     for i in incomplete:
         p = pats[i]
-        _terms_by_count(i, pat_m[p], col_off[p], off[p], cols, table, whole, g, chol, y, c,
-                        q, v, z)
+        m, co = pat_m[p], col_off[p]
+        _gather(i, m, co, cols, whole, g, chol, y, v)
+        _terms_by_count(i, m, co, off[p], cols, table, c, q, v, z)
     top = np.full(nb, -np.inf)
     for j in range(k):
         for i in range(nb):

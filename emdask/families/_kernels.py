@@ -41,16 +41,18 @@ row with zeros in its missing cells,
 enters the second moment once per pattern, weighted by the pattern's summed
 responsibilities.
 
-Compiled steps (numba, optional)
---------------------------------
-With numba installed, the steps between the matrix products run as compiled passes over each
-chunk (:mod:`emdask.families._compiled`): log-densities less the row maximum, then one
-vectorised ``exp``, then responsibilities, rows centred on each component's own previous
-mean ``x - mu_j`` (exactly, as in the reference) and their second moments
-``Σ_i r_ij (x_i - mu_j)(x_i - mu_j)ᵀ`` by a register-blocked kernel over the lower triangle.
-Only the log-densities use the common shift (with the linear error bound above); the
-moments carry no shift error at all. Without numba the numpy steps above run; the tests
-compare both with the per-component reference.
+Compiled kernel (numba, optional)
+---------------------------------
+With numba installed, a whole block goes through one compiled call
+(:mod:`emdask.families._compiled`) instead of the numpy steps above: per chunk, rows centred
+on each component's own previous mean ``x - mu_j`` (exactly, as in the reference; missing
+cells zero) times ``U_j`` by register-blocked triangular products, the conditional terms of
+rows with missing cells from per-pattern tables (one loop, specialised by the compiler for
+each small missing count), log-densities less the row maximum, one vectorised ``exp``,
+responsibilities and the second moments ``Σ_i r_ij (x_i - mu_j)(x_i - mu_j)ᵀ`` by a
+register-blocked kernel over the lower triangle. No common shift is used there at all.
+Without numba (or with ``EMDASK_COMPILED=0``) the numpy steps above run; the tests compare
+both with the per-component reference and with each other.
 
 Diagonal and spherical covariance
 ---------------------------------
@@ -315,7 +317,7 @@ def dense_block_stats(X, weights, means, mix_weights, chol, const, chunk=COMPLET
                            np.array(const, dtype=np.float64, order="C"))
     block = _block(compiled, X, weights)
     if d <= compiled.MAX_KEY_FEATURES:
-        patterns = compiled.find_patterns(*block, k, _int_workspace(X.shape[0], d, compiled))
+        patterns = compiled.find_patterns(block, k, _int_workspace(X.shape[0], d, compiled))
     else:
         patterns = _numpy_patterns(compiled, X, weights)
     n_in, n_pat = patterns.rows.size, patterns.pat_m.size
@@ -366,7 +368,7 @@ def _block(compiled, X, weights):
 
 
 def _numpy_patterns(compiled, X, weights):
-    """:func:`emdask.families._compiled_patterns.find_patterns` for blocks too wide for
+    """:func:`emdask.families._compiled.find_patterns` for blocks too wide for
     one integer key per pattern: the rows sorted by pattern with numpy."""
     miss = np.isnan(X)
     keep = miss.sum(axis=1) < X.shape[1]
