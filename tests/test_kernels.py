@@ -121,8 +121,12 @@ def test_wide_rows_sort_their_patterns_by_bytes(path, d):
     k = 2
     params = random_params("full", k, d, seed=8)
     X = with_missing(sample(params, "full", 300, seed=9), 0.1, seed=10)
+    w = np.random.default_rng(11).poisson(1.0, len(X)).astype(float)
     family = GaussianFamily(k, "full")
-    assert_same_stats(family.partial_stats(X, params), reference_partial_stats(family, X, params), 1e-11)
+    for weights in (None, w):
+        for layout in (np.ascontiguousarray(X), np.asfortranarray(X)):
+            assert_same_stats(family.partial_stats(layout, params, weights),
+                              reference_partial_stats(family, X, params, weights), 1e-11)
 
 
 @pytest.mark.parametrize("cov_type", COV_TYPES)
