@@ -105,8 +105,7 @@ def test_rows_taken_in_pattern_order_when_the_tables_outgrow_the_cache(path, cov
     if path == "compiled":
         from emdask.families import _compiled
 
-        assert table_bytes > _compiled._SORT_TABLE_BYTES  # the case this test is about
-        assert miss.sum() / (miss.any(axis=1)).sum() < _kernels.BLOCK_MAX_MISSING
+        assert table_bytes > _compiled.SORT_TABLE_BYTES  # the case this test is about
     w = np.random.default_rng(54).poisson(1.0, len(X)).astype(float)
     family = GaussianFamily(k, cov_type)
     for weights in (None, w):
@@ -117,12 +116,17 @@ def test_rows_taken_in_pattern_order_when_the_tables_outgrow_the_cache(path, cov
 
 @pytest.mark.parametrize("d", [60, 70])
 def test_wide_rows_sort_their_patterns_by_bytes(path, d):
-    """Up to 62 columns a pattern is one integer key; wider rows take the chunked path."""
+    """Up to 62 columns a pattern is one integer key; wider rows find their patterns with
+    numpy and go through the same compiled kernel."""
     k = 2
     params = random_params("full", k, d, seed=8)
     X = with_missing(sample(params, "full", 300, seed=9), 0.1, seed=10)
+    w = np.random.default_rng(11).poisson(1.0, len(X)).astype(float)
     family = GaussianFamily(k, "full")
-    assert_same_stats(family.partial_stats(X, params), reference_partial_stats(family, X, params), 1e-11)
+    for weights in (None, w):
+        for layout in (np.ascontiguousarray(X), np.asfortranarray(X)):
+            assert_same_stats(family.partial_stats(layout, params, weights),
+                              reference_partial_stats(family, X, params, weights), 1e-11)
 
 
 @pytest.mark.parametrize("cov_type", COV_TYPES)
@@ -227,22 +231,31 @@ def test_compiled_path_is_optional():
 
 
 @pytest.mark.skipif(not _kernels.compiled_available(), reason="needs numba (the fast extra)")
-@pytest.mark.parametrize("max_missing", [0.0, 100.0])
-@pytest.mark.parametrize("cov_type", ["full", "tied"])
-def test_whole_block_and_pattern_sorted_paths_agree(monkeypatch, max_missing, cov_type):
-    """Rows with many missing cells each go to the pattern-sorted chunks, the others to the
-    whole-block kernel; forced one way or the other, both match the reference."""
-    monkeypatch.setattr(_kernels, "BLOCK_MAX_MISSING", max_missing)
-    k, d = 3, 9
-    params = random_params(cov_type, k, d, seed=21)
-    X = with_missing(sample(params, cov_type, 2000, seed=22), 0.3, seed=23)
-    weights = np.random.default_rng(24).poisson(1.0, len(X)).astype(float)
-    family = GaussianFamily(k, cov_type)
-    for w in (None, weights):
-        assert_same_stats(
-            family.partial_stats(X, params, w), reference_partial_stats(family, X, params, w),
-            1e-12,
-        )
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("share", [0.02, 0.9])
+def test_compiled_kernel_matches_the_numpy_steps_for_every_missing_count(
+    monkeypatch, order, weighted, share
+):
+    """Rows missing 0 to 8 cells (the counts the compiler specialises and the loop for any
+    other), in chunks where few rows miss cells (their conditional terms row by row) or
+    most do (from the whole chunk's products): the compiled kernel gives the numpy steps'
+    statistics, row- and column-major, with and without row weights."""
+    k, d = 3, 10
+    params = random_params("full", k, d, seed=61)
+    X = sample(params, "full", 4000, seed=62)
+    rng = np.random.default_rng(63)
+    counts = np.where(rng.random(len(X)) < share, rng.integers(1, 9, len(X)), 0)
+    for i in np.flatnonzero(counts):
+        X[i, rng.choice(d, counts[i], replace=False)] = np.nan
+    assert set(np.isnan(X).sum(axis=1)) == set(range(9))
+    X = np.asarray(X, order=order)
+    w = rng.poisson(1.0, len(X)).astype(float) if weighted else None
+    family = GaussianFamily(k, "full")
+    compiled = family.partial_stats(X, params, w)
+    monkeypatch.setattr(_kernels, "use_compiled", False)
+    assert_same_stats(compiled, family.partial_stats(X, params, w), 1e-12)
+    assert_same_stats(compiled, reference_partial_stats(family, X, params, w), 1e-12)
 
 
 @pytest.mark.skipif(not _kernels.compiled_available(), reason="needs numba (the fast extra)")
@@ -288,7 +301,7 @@ def fresh_with(family, X, params):
 
 @pytest.mark.skipif(not _kernels.compiled_available(), reason="needs numba (the fast extra)")
 def test_vectorised_exp_matches_numpy():
-    from emdask.families._compiled import exp_nonpositive
+    from emdask.families._compiled_products import exp_nonpositive
 
     x = np.concatenate([
         -np.logspace(-17, np.log10(708.0), 20_001), np.linspace(-708.0, 0.0, 20_001),

@@ -18,7 +18,7 @@ prefer_wide_vectors()  # before numba's first import
 
 from numba import njit  # noqa: E402
 
-from ._compiled import _FASTMATH, exp_nonpositive  # noqa: E402
+from ._compiled_products import _FASTMATH, exp_nonpositive  # noqa: E402
 
 _CHUNK = 256
 

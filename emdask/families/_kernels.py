@@ -41,16 +41,18 @@ row with zeros in its missing cells,
 enters the second moment once per pattern, weighted by the pattern's summed
 responsibilities.
 
-Compiled steps (numba, optional)
---------------------------------
-With numba installed, the steps between the matrix products run as compiled passes over each
-chunk (:mod:`emdask.families._compiled`): log-densities less the row maximum, then one
-vectorised ``exp``, then responsibilities, rows centred on each component's own previous
-mean ``x - mu_j`` (exactly, as in the reference) and their second moments
-``Σ_i r_ij (x_i - mu_j)(x_i - mu_j)ᵀ`` by a register-blocked kernel over the lower triangle.
-Only the log-densities use the common shift (with the linear error bound above); the
-moments carry no shift error at all. Without numba the numpy steps above run; the tests
-compare both with the per-component reference.
+Compiled kernel (numba, optional)
+---------------------------------
+With numba installed, a whole block goes through one compiled call
+(:mod:`emdask.families._compiled`) instead of the numpy steps above: per chunk, rows centred
+on each component's own previous mean ``x - mu_j`` (exactly, as in the reference; missing
+cells zero) times ``U_j`` by register-blocked triangular products, the conditional terms of
+rows with missing cells from per-pattern tables (one loop, specialised by the compiler for
+each small missing count), log-densities less the row maximum, one vectorised ``exp``,
+responsibilities and the second moments ``Σ_i r_ij (x_i - mu_j)(x_i - mu_j)ᵀ`` by a
+register-blocked kernel over the lower triangle. No common shift is used there at all.
+Without numba (or with ``EMDASK_COMPILED=0``) the numpy steps above run; the tests compare
+both with the per-component reference and with each other.
 
 Diagonal and spherical covariance
 ---------------------------------
@@ -289,56 +291,101 @@ def row_selection(X, weights):
     return X[complete], cw, incomplete
 
 
-#: The whole-block path handles a row's missing cells one row at a time; where incomplete
-#: rows miss more cells than this on average, the pattern-sorted chunks of
-#: :class:`DenseKernel` (their conditional terms from batched products) are faster
-#: (measured per 125k rows, d=16, k=8: 3.4 cells missing on average, 85 vs 91 ms on the
-#: whole-block path; 4.5 cells, 178 vs 142 ms; d=8, k=4, 3.6 cells: 90 vs 109 ms).
-BLOCK_MAX_MISSING = 4.0
-
-
 def dense_block_stats(X, weights, means, mix_weights, chol, const, chunk=COMPLETE_CHUNK):
     """E-step statistics of a whole block under full or tied covariances in one compiled
-    call (complete rows and rows with missing cells alike), or ``None`` where that path
-    does not apply (numba missing or turned off, more than
-    :data:`~emdask.families._compiled.MAX_KEY_FEATURES` columns, incomplete rows missing
-    more than :data:`BLOCK_MAX_MISSING` cells on average): the caller then runs
-    :class:`DenseKernel` chunk by chunk.
+    call (complete rows and rows with missing cells alike), or ``None`` when the compiled
+    kernels are not in use (numba missing, or ``EMDASK_COMPILED=0``): the caller then runs
+    the numpy steps of :class:`DenseKernel`.
+
+    Every argument reaches the compiled kernel with one type, so that it is compiled once:
+    the block read-only, C-ordered float64 (a column-major block as its transpose, without
+    a copy), the weights always an array, the parameters fresh C-ordered float64 arrays.
 
     Returns ``(n_rows, loglik, nk, s1, s2)`` with the moments about each component's mean.
     """
     compiled = _compiled_kernels()
+    if compiled is None:
+        return None
     k, d = means.shape
-    if compiled is None or d > compiled.MAX_KEY_FEATURES or X.shape[0] == 0:
-        return None
-    kernel = DenseKernel(means, mix_weights, chol, const)
-    if not (X.flags.c_contiguous or X.flags.f_contiguous):
-        X = np.ascontiguousarray(X)
-    use_weights = weights is not None
-    w = np.ascontiguousarray(weights, dtype=np.float64) if use_weights else np.ones(0)
-    nk = np.zeros(k)
-    s1 = np.zeros((k, d))
-    lower = np.zeros((k, d, d))
-    iwork, fwork = _workspace(X.shape[0], d, compiled._TABLE_FEATURES)
-    cache = _pattern_cache(kernel.precision, d, compiled._TABLE_FEATURES)
-    while True:
-        loglik, n_rows, status, needed, used = compiled.dense_block_stats(
-            X, w, use_weights, np.ascontiguousarray(means, dtype=np.float64), kernel.chol,
-            kernel.precision, np.asarray(const, dtype=np.float64), int(chunk),
-            BLOCK_MAX_MISSING, nk, s1, lower, iwork, fwork, cache.stamp, cache.slot,
-            cache.slot_stamp, cache.store, cache.used,
-        )
-        if status != 3:
-            break
-        cache.grow(needed)  # and again, with room for this block's new patterns
-    cache.used = used
-    if status != 3:
-        _grow_float_workspace(needed)
-    if status == 1:
-        raise ValueError(ILL_DEFINED)
-    if status == 2:
-        return None
+    nk, s1, lower = np.zeros(k), np.zeros((k, d)), np.zeros((k, d, d))
+    X = np.asarray(X, dtype=np.float64)
+    if X.shape[0] == 0:
+        return 0.0, 0.0, nk, s1, lower
+    chol = np.array(np.broadcast_to(chol, (k, d, d)), dtype=np.float64, order="C")
+    precision = np.einsum("kij,klj->kil", chol, chol)
+    model = compiled.Model(np.array(means, dtype=np.float64, order="C"), chol, precision,
+                           np.array(const, dtype=np.float64, order="C"))
+    block = _block(compiled, X, weights)
+    if d <= compiled.MAX_KEY_FEATURES:
+        patterns = compiled.find_patterns(block, k, _int_workspace(X.shape[0], d, compiled))
+    else:
+        patterns = _numpy_patterns(compiled, X, weights)
+    n_in, n_pat = patterns.rows.size, patterns.pat_m.size
+    if n_in == 0:
+        return 0.0, 0.0, nk, s1, lower
+    sizes = k + k * patterns.pat_m * patterns.pat_m
+    cache = _pattern_cache(precision, d, compiled.TABLE_FEATURES)
+    plan = None if cache is None else cache.plan(patterns.keys, sizes)
+    work_size = n_pat * k + k * d * min(chunk, n_in)
+    if plan is None:
+        work = _float_workspace(int(sizes.sum()) + work_size)
+        off = np.cumsum(sizes) - sizes
+        tables = compiled.Tables(work[: sizes.sum()], off, np.ones(n_pat, dtype=np.bool_))
+        work = work[sizes.sum() :]
+    else:
+        tables = compiled.Tables(cache.store, *plan)
+        work = _float_workspace(work_size)
+    loglik, n_rows = compiled.dense_block_stats(
+        block, model, patterns, tables, compiled.Moments(nk, s1, lower), int(chunk), work
+    )
+    if plan is not None:
+        cache.commit(patterns.keys, *plan)
     return n_rows, loglik, nk, s1, _mirror_lower(lower)
+
+
+def _read_only(a):
+    view = a.view()
+    view.flags.writeable = False
+    return view
+
+
+_NO_WEIGHTS = _read_only(np.empty(0))
+
+
+def _block(compiled, X, weights):
+    """The block as the compiled kernels take it (see :func:`dense_block_stats`)."""
+    if X.flags.c_contiguous:
+        data, column_major = X, False
+    elif X.flags.f_contiguous:
+        data, column_major = X.T, True
+    else:
+        data, column_major = np.ascontiguousarray(X), False
+    if weights is None:
+        w = _NO_WEIGHTS
+    else:
+        w = _read_only(np.ascontiguousarray(weights, dtype=np.float64))
+    return compiled.Block(_read_only(data), column_major, w, weights is not None)
+
+
+def _numpy_patterns(compiled, X, weights):
+    """:func:`emdask.families._compiled.find_patterns` for blocks too wide for
+    one integer key per pattern: the rows sorted by pattern with numpy."""
+    miss = np.isnan(X)
+    keep = miss.sum(axis=1) < X.shape[1]
+    if weights is not None:
+        keep &= weights > 0
+    rows = np.flatnonzero(keep)
+    if rows.size == 0:
+        none = np.zeros(0, dtype=np.int64)
+        return compiled.Patterns(none, none, none, none, none, none)
+    order, pats = _sort_by_pattern(miss[rows])[:2]
+    rows = rows[order]
+    first = np.concatenate(([True], pats[1:] != pats[:-1]))
+    masks = miss[rows[first]]  # (n_patterns, d) in rank order
+    pat_m = masks.sum(axis=1).astype(np.int64)
+    cols = np.nonzero(masks)[1].astype(np.int64)  # per pattern, ascending
+    return compiled.Patterns(rows.astype(np.int64), pats.astype(np.int64), pat_m,
+                             np.cumsum(pat_m) - pat_m, cols, np.zeros(pat_m.size, np.int64))
 
 
 #: Scratch space of the whole-block kernel, one per thread, kept between blocks up to this
@@ -348,33 +395,42 @@ WORKSPACE_MAX_BYTES = 256 * 2**20
 _WORKSPACE = threading.local()
 
 
-def _workspace(n, d, table_features):
-    """This thread's ``(iwork, fwork)`` for a block of ``n`` rows and ``d`` columns
-    (patterns found by a table of 2^d entries up to ``table_features`` columns)."""
-    need = 5 * n + ((1 << d) if d <= table_features else 1)
+def _int_workspace(n, d, compiled):
+    """This thread's int64 scratch for finding the patterns of ``n`` rows of ``d`` columns
+    (a table of 2^d entries up to ``TABLE_FEATURES`` columns)."""
+    need = 5 * n + ((1 << d) if d <= compiled.TABLE_FEATURES else 1)
     iwork = getattr(_WORKSPACE, "iwork", None)
     if iwork is None or iwork.size < need:
         iwork = np.empty(need, dtype=np.int64)
         if iwork.nbytes <= WORKSPACE_MAX_BYTES:
             _WORKSPACE.iwork = iwork
+    return iwork
+
+
+def _float_workspace(need):
+    """This thread's float64 scratch of at least ``need`` values."""
     fwork = getattr(_WORKSPACE, "fwork", None)
-    if fwork is None:
-        fwork = _WORKSPACE.fwork = np.empty(0)
-    return iwork, fwork
+    if fwork is None or fwork.size < need:
+        fwork = np.empty(need)
+        if fwork.nbytes <= WORKSPACE_MAX_BYTES:
+            _WORKSPACE.fwork = fwork
+    return fwork
 
 
 class _PatternCache:
     """This thread's pattern tables (``P_mm⁻¹`` and log-determinant terms) under the
-    precisions of the last block: a pass computes each pattern's once per thread instead
-    of once per block. See :func:`emdask.families._compiled.dense_block_stats`."""
+    precisions of the last block, in ``store`` at ``slot[key]`` for the patterns with
+    ``slot_stamp[key] == stamp``: a pass computes each pattern's once per thread instead of
+    once per block."""
 
     def __init__(self, size):
         self.precision = None
-        self.stamp = -1
+        self.stamp = 0
         self.slot = np.zeros(size, dtype=np.int64)
         self.slot_stamp = np.full(size, -1, dtype=np.int64)
         self.store = np.empty(0)
         self.used = 0
+        self._pending = 0
 
     def use(self, precision):
         p = self.precision
@@ -383,37 +439,42 @@ class _PatternCache:
             self.stamp += 1
             self.used = 0
 
-    def grow(self, needed):
-        if needed * 8 > WORKSPACE_MAX_BYTES:  # too large to keep: no cache for this block
-            self.stamp, self.precision, self.used = -1, None, 0
-            self.slot_stamp[:] = -1
-            return
-        store = np.empty(max(needed, 2 * self.store.size))
-        store[: self.used] = self.store[: self.used]
-        self.store = store
+    def plan(self, keys, sizes):
+        """``(off, compute)`` of a block's patterns (keys, table sizes): where their tables
+        are or go in ``store`` (grown as needed), and which are new; ``None`` when the new
+        ones would not fit in :data:`WORKSPACE_MAX_BYTES` (the cache is emptied)."""
+        hit = self.slot_stamp[keys] == self.stamp
+        new = np.where(hit, 0, sizes)
+        needed = self.used + int(new.sum())
+        if needed > self.store.size:
+            if needed * 8 > WORKSPACE_MAX_BYTES:
+                self.precision, self.used = None, 0
+                self.slot_stamp[:] = -1
+                return None
+            store = np.empty(max(needed, 2 * self.store.size))
+            store[: self.used] = self.store[: self.used]
+            self.store = store
+        self._pending = needed
+        return np.where(hit, self.slot[keys], self.used + np.cumsum(new) - new), ~hit
 
-
-class _NoCache:
-    stamp, used = -1, 0
-    slot = slot_stamp = np.zeros(1, dtype=np.int64)
-    store = np.empty(0)
+    def commit(self, keys, off, compute):
+        """Keep the tables of a block's new patterns (once computed)."""
+        fresh = keys[compute]
+        self.slot[fresh] = off[compute]
+        self.slot_stamp[fresh] = self.stamp
+        self.used = self._pending
 
 
 def _pattern_cache(precision, d, table_features):
+    """This thread's :class:`_PatternCache` under ``precision``, or ``None`` above
+    ``table_features`` columns (too many possible patterns for a table by key)."""
     if d > table_features:
-        return _NoCache()
+        return None
     cache = getattr(_WORKSPACE, "patterns", None)
     if cache is None:
         cache = _WORKSPACE.patterns = _PatternCache(1 << table_features)
     cache.use(precision)
     return cache
-
-
-def _grow_float_workspace(needed):
-    """Keep a float workspace as long as the last block needed, for the next one."""
-    fwork = getattr(_WORKSPACE, "fwork", None)
-    if (fwork is None or fwork.size < needed) and needed * 8 <= WORKSPACE_MAX_BYTES:
-        _WORKSPACE.fwork = np.empty(needed)
 
 
 @dataclass
@@ -481,9 +542,6 @@ class DenseKernel:
         nk = np.zeros(k)
         if X.shape[0] == 0:
             return nk
-        compiled = _compiled_kernels()
-        if compiled is not None:
-            return self._complete_compiled(compiled, X, row_w, s1, s2, totals, chunk)
         kd = k * d
         n = X.shape[0]
         b = min(chunk, n)
@@ -515,46 +573,6 @@ class DenseKernel:
         t2 = acc[:d].reshape(d, k, d).transpose(1, 0, 2)
         s1 += t1
         s2 += t2 - self.delta[:, :, None] * t1[:, None, :]
-        return nk
-
-    def _complete_compiled(self, compiled, X, row_w, s1, s2, totals, chunk):
-        """The compiled variant of :meth:`complete_stats`: log-densities from one product
-        about the common shift; responsibilities, rows centred on each component's own mean
-        and their moments (lower triangle, register-blocked) in compiled passes."""
-        k, d = self.k, self.d
-        kd = k * d
-        n = X.shape[0]
-        nk = np.zeros(k)
-        b = min(chunk, n)
-        xr_buf = np.empty((d, b))
-        xt_buf = np.empty((d, b))
-        y_buf = np.empty((kd, b))
-        q_buf = np.empty((k, b))
-        c_buf = np.empty((k, d, b))
-        lower = np.zeros((k, d, d))
-        stacked_t = np.ascontiguousarray(self.stacked[:d].T)  # (k·d, d)
-        offsets = -self.stacked[d].reshape(k, d)  # (mu_j - c) U_j
-        no_weights = np.ones(0)
-        for start in range(0, n, b):
-            stop = min(start + b, n)
-            nb = stop - start
-            xr = xr_buf[:, :nb]
-            np.copyto(xr, X[start:stop].T)
-            xt = np.subtract(xr, self.shift[:, None], out=xt_buf[:, :nb])
-            y = np.matmul(stacked_t, xt, out=y_buf[:, :nb]).reshape(k, d, nb)
-            q = q_buf[:, :nb]
-            top = compiled.complete_log_prob(y, offsets, self.const, q)
-            with np.errstate(under="ignore"):
-                np.exp(q, out=q)
-            c = c_buf[:, :, :nb]
-            loglik, n_rows = compiled.complete_weigh(
-                q, top, xr, self.means, no_weights if row_w is None else row_w[start:stop],
-                row_w is not None, c, nk,
-            )
-            totals.loglik += loglik
-            totals.n_rows += n_rows
-            compiled.lower_moments(c, q, lower, s1)
-        s2 += _mirror_lower(lower)
         return nk
 
     # -- rows with missing cells -------------------------------------------------------------
@@ -612,13 +630,6 @@ class DenseKernel:
         if n == 0:
             return nk
         resp_by_pattern = np.zeros((sum(c.shape[0] for c in cols_by_count.values()), k))
-        compiled = _compiled_kernels()
-        if compiled is not None:
-            self._incomplete_compiled(
-                compiled, rows.source, rows.rows, row_w, pattern_of_row, cols_by_count, s1,
-                s2, nk, resp_by_pattern, totals, chunk,
-            )
-            return nk
         X, miss = rows.X, rows.miss
         tables = self._pattern_tables(cols_by_count)
         big = self.missing_stacked
@@ -672,55 +683,6 @@ class DenseKernel:
             )
         s2 += extra.reshape(k, d, d)
 
-    def _incomplete_compiled(
-        self, compiled, source, rows, row_w, pattern_of_row, cols_by_count, s1, s2, nk,
-        resp_by_pattern, totals, chunk,
-    ):
-        """The compiled variant of the chunk loop of :meth:`incomplete_stats`: rows centred
-        on each component's own mean, ``x̃₀ U_j`` by one batched product, then one compiled
-        pass per chunk."""
-        k, d = self.k, self.d
-        n = rows.size
-        counts, col_off, inv_off, cols_flat = _flat_pattern_index(cols_by_count, k)
-        inv_flat = np.empty(int(inv_off[-1] + k * counts[-1] ** 2))
-        corr = np.empty((counts.size, k))
-        if not compiled.pattern_tables(
-            self.precision, cols_flat, col_off, counts, inv_off, inv_flat, corr
-        ):
-            raise ValueError(ILL_DEFINED)
-        chol_prec = np.concatenate([self.chol, self.precision], axis=2)  # (k, d, 2d)
-        b = min(chunk, n)
-        xc_buf = np.empty((k, d, b))
-        y_buf = np.empty((k, b, 2 * d))
-        q_buf = np.empty((k, b))
-        lower = np.zeros((k, d, d))
-        no_weights = np.ones(0)
-        for start in range(0, n, b):
-            stop = min(start + b, n)
-            nb = stop - start
-            xc = xc_buf[:, :, :nb]  # rows along the last axis
-            compiled.centre_rows(source, rows[start:stop], self.means, xc)
-            yg = np.matmul(xc.transpose(0, 2, 1), chol_prec, out=y_buf[:, :nb])
-            pats = pattern_of_row[start:stop]
-            q = q_buf[:, :nb]
-            top = compiled.incomplete_log_prob(
-                yg, self.const, pats, counts, col_off, inv_off, cols_flat, inv_flat, corr,
-                xc, q,
-            )
-            with np.errstate(under="ignore"):
-                np.exp(q, out=q)
-            loglik, n_rows = compiled.incomplete_weigh(
-                q, top, pats, no_weights if row_w is None else row_w[start:stop],
-                row_w is not None, nk, resp_by_pattern,
-            )
-            totals.loglik += loglik
-            totals.n_rows += n_rows
-            compiled.lower_moments(xc, q, lower, s1)
-        compiled.add_conditional_covariance(
-            lower, resp_by_pattern, counts, col_off, inv_off, cols_flat, inv_flat
-        )
-        s2 += _mirror_lower(lower)
-
     def _incomplete_rows_numpy(
         self, yg, xc, w, q, tables, counts, locals_, pats, weights, nk, resp_by_pattern, totals
     ):
@@ -760,28 +722,6 @@ def _mirror_lower(lower):
     """Symmetric matrices from their lower triangles (entries above the diagonal are
     ignored)."""
     return np.tril(lower) + np.swapaxes(np.tril(lower, -1), -1, -2)
-
-
-def _flat_pattern_index(cols_by_count, k):
-    """Pattern tables laid flat, indexed by pattern rank (for the compiled kernels): missing
-    count, offset of the pattern's columns in the flat columns, offset of its (k, m, m)
-    inverses in a flat array of inverses, and the flat columns."""
-    counts, col_off, inv_off, cols_flat = [], [], [], []
-    c_at = i_at = 0
-    for m, cols in cols_by_count.items():
-        n_pat = cols.shape[0]
-        counts.append(np.full(n_pat, m, dtype=np.int64))
-        col_off.append(c_at + m * np.arange(n_pat, dtype=np.int64))
-        inv_off.append(i_at + k * m * m * np.arange(n_pat, dtype=np.int64))
-        cols_flat.append(cols.ravel().astype(np.int64))
-        c_at += cols.size
-        i_at += n_pat * k * m * m
-    return (
-        np.concatenate(counts),
-        np.concatenate(col_off),
-        np.concatenate(inv_off),
-        np.concatenate(cols_flat),
-    )
 
 
 def _sort_by_pattern(miss):
