@@ -7,8 +7,7 @@ Each case runs in a process of its own with an empty numba cache (a fresh tempor
 them from the cache another worker of the machine filled); the second runs them. Cases:
 ``complete`` (no missing cell) and ``missing`` (20% of the cells missing completely at random).
 The cluster's start is not timed. For each fit the CPU time the workers spent (which the
-machine's load does not inflate, unlike the wall time; a compile helper is a process of its
-own, not counted) and the kernel they ran are printed:
+machine's load does not inflate, unlike the wall time) and the kernel they ran are printed:
 ``compiled`` (with, per worker, whether it compiled the kernel or loaded it from the cache)
 or ``numpy``.
 

@@ -4,8 +4,6 @@ The compiled kernels (numba) are compiled the first time a process calls them an
 numba's on-disk cache. Each kernel has one specialisation whatever the layout of the blocks it
 receives, and it is compiled once per machine: a process that needs it while another one
 compiles it waits and loads it from the cache (:func:`emdask.families._codegen.install_entries`).
-The process compiling a kernel on an empty cache starts a helper process that compiles the
-kernels it calls from the other end of their list (:func:`emdask.families._prebuild.help_compile`).
 A fit on an empty cache still spends the seconds of that compile in one worker, and a few
 hundred MiB of compiler memory, enough to push a small worker past Dask's pause threshold
 (80% of its memory limit). :func:`warm_kernels` compiles every kernel ahead of time, touching
@@ -102,10 +100,10 @@ def compile_counts() -> dict[str, tuple[int, int]]:
     a worker compiled nothing."""
     from numba.core.registry import CPUDispatcher
 
-    from .families import _compiled, _compiled_discrete
+    from .families import _compiled, _compiled_discrete, _compiled_patterns, _compiled_products
 
     counts = {}
-    for module in (_compiled, _compiled_discrete):
+    for module in (_compiled_patterns, _compiled_products, _compiled, _compiled_discrete):
         for name, value in vars(module).items():
             if isinstance(value, CPUDispatcher) and value.__module__ == module.__name__:
                 stats = value.stats

@@ -1,5 +1,5 @@
 """How the compiled kernels are generated: vectors of the CPU's full width; one
-specialisation per kernel, compiled once per machine, on two cores when there are two.
+specialisation per kernel, compiled once per machine.
 
 LLVM, which numba compiles with, holds its vectorised loops to 256-bit registers on most
 CPUs with 512-bit ones (AVX-512): on the first such CPUs, wide instructions lowered the clock.
@@ -89,25 +89,17 @@ def install_entries(module) -> None:
             value._compile_for_args = _Entry(value)
 
 
-def _name(dispatcher):
-    return f"{dispatcher.__module__}.{dispatcher.py_func.__name__}"
-
-
-#: While recording a compile plan (:func:`record_plan`): the kernels compiled, innermost last.
-_RECORDING = []
-
-
 class _Compile:
     """A kernel's ``compile`` (numba calls it for kernels called from Python and for the
     kernels they call): a specialisation not yet in this process is compiled or loaded
-    under the machine's lock of that kernel, so that a process compiling it (or a helper,
-    :func:`help_compile`) is waited for and its result loaded from the cache."""
+    under the machine's lock of that kernel, so that a process compiling it is waited for and
+    its result loaded from the cache."""
 
     def __init__(self, dispatcher):
         self.dispatcher = dispatcher
         self.compile = type(dispatcher).compile.__get__(dispatcher)
 
-    def __call__(self, sig, entry=False):
+    def __call__(self, sig):
         from numba.core import sigutils
 
         dispatcher = self.dispatcher
@@ -116,13 +108,7 @@ class _Compile:
         if done is not None:
             return done.entry_point
         with machine_lock(dispatcher):
-            if entry and not _in_cache(dispatcher):  # compiled here: a helper takes a part
-                _start_helper(_name(dispatcher))
-            misses = sum(dispatcher.stats.cache_misses.values())
-            entry = self.compile(sig)
-            if _RECORDING and sum(dispatcher.stats.cache_misses.values()) > misses:
-                _RECORDING[-1].append((_name(dispatcher), tuple(args)))
-            return entry
+            return self.compile(sig)
 
 
 class _Entry:
@@ -163,7 +149,7 @@ class _Entry:
         from numba.core.errors import ForceLiteralArg
 
         try:
-            return dispatcher.compile(argtypes, entry=True)
+            return dispatcher.compile(argtypes)
         except ForceLiteralArg:  # numba's own path re-types literal arguments
             return self.fallback(*args)
 
@@ -177,6 +163,7 @@ class machine_lock:
         self.wait = wait
         self.held = False
         self.path = None
+        self.fd = None
         cache = getattr(dispatcher, "_cache", None)
         try:
             folder = cache.cache_path
@@ -219,51 +206,3 @@ class machine_lock:
             self.fd = None
         self.held = False
         return False
-
-
-# --------------------------------------------------------------------------------------
-# A second core for the first compile
-# --------------------------------------------------------------------------------------
-#
-# Compiling a kernel compiles the kernels it calls first, one after the other. On an empty
-# cache the process compiling a kernel starts a helper process that compiles the same called
-# kernels from the other end of the list (each under its own lock, taken by whichever process
-# comes first): the two meet in the middle, and the first process loads what the helper
-# compiled. The list (which kernels, with which argument types) is the compile plan of
-# :mod:`emdask.families._compile_plan`, written by ``python -m emdask.families._prebuild``;
-# a stale plan costs the helper's work, never a wrong result (a kernel is compiled for the
-# argument types its caller asks for, whatever the plan says).
-
-#: Cores below which no helper is started.
-HELPER_MIN_CORES = 2
-
-
-def _in_cache(dispatcher) -> bool:
-    """Whether numba's cache holds an index for ``dispatcher`` (some specialisation of it was
-    compiled on this machine; ``True`` where that cannot be told, so no helper starts)."""
-    try:
-        return os.path.exists(dispatcher._cache._cache_file._index_path)
-    except AttributeError:
-        return True
-
-
-def _start_helper(entry):
-    """Start :func:`help_compile` for ``entry`` in a process of its own (not waited for)."""
-    from ._compile_plan import PLAN
-
-    if not PLAN.get(entry) or (os.cpu_count() or 1) < HELPER_MIN_CORES:
-        return
-    import subprocess
-
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    code = f"from emdask.families._prebuild import help_compile; help_compile({entry!r})"
-    try:
-        helper = subprocess.Popen([sys.executable, "-c", code], env=env,
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL, start_new_session=True)
-    except OSError:
-        return
-    import threading
-
-    threading.Thread(target=helper.wait, daemon=True).start()  # reaped when it ends

@@ -20,7 +20,7 @@ prefer_wide_vectors()  # before numba's first import
 
 from numba import njit  # noqa: E402
 
-from ._kernels import ILL_DEFINED  # noqa: E402
+from .base import ILL_DEFINED  # noqa: E402
 
 #: Widest row whose missingness pattern fits in one integer key (wider blocks find their
 #: patterns with numpy, :func:`emdask.families._kernels.numpy_patterns`).
@@ -46,7 +46,7 @@ Patterns = namedtuple("Patterns", ["rows", "pats", "pat_m", "col_off", "cols", "
 Tables = namedtuple("Tables", ["table", "off", "compute"])
 
 
-@njit(nogil=True)
+@njit(cache=True, nogil=True)
 def block_patterns(data, column_major, weights, weighted, k, iwork):
     """The informative rows of a block and their missingness patterns.
 
@@ -89,7 +89,7 @@ def block_patterns(data, column_major, weights, weighted, k, iwork):
     return Patterns(rows, pats, pat_m, col_off, cols, pat_keys)
 
 
-@njit(nogil=True)
+@njit(cache=True, nogil=True)
 def _informative_rows(data, column_major, weights, weighted, rows, keys):
     """Rows that carry information (some cell observed, weight above zero), in order, and
     the missing cells of each as bits, written into ``rows`` and ``keys`` (n,); returns them
@@ -132,7 +132,7 @@ def _informative_rows(data, column_major, weights, weighted, rows, keys):
     return rows[:at], keys[:at]
 
 
-@njit(nogil=True)
+@njit(cache=True, nogil=True)
 def _patterns(keys, d, local, found, pats, table):
     """Missingness patterns of the rows with bit keys ``keys``. ``local``, ``found``,
     ``pats`` (n,) and ``table`` (2^d when ``d <= TABLE_FEATURES``) are scratch space.
@@ -202,7 +202,7 @@ def _patterns(keys, d, local, found, pats, table):
     return pats, pat_m, col_off, cols, pat_keys
 
 
-@njit(nogil=True)
+@njit(cache=True, nogil=True)
 def _rows_by_pattern(rows, pats, n_pat, rows_out, pats_out):
     """``rows`` and their patterns ``pats`` reordered by pattern (stable), into the
     scratch ``rows_out``, ``pats_out``."""
@@ -220,7 +220,7 @@ def _rows_by_pattern(rows, pats, n_pat, rows_out, pats_out):
     return rows_out, pats_out
 
 
-@njit(nogil=True)
+@njit(cache=True, nogil=True)
 def pattern_tables(P, patterns, tables):
     """``P_mm⁻¹`` and ``0.5 m log 2π - 0.5 log det P_mm`` of every pattern p with
     ``tables.compute[p]`` and every component, into ``tables.table`` (see :class:`Tables`).
@@ -330,7 +330,7 @@ def pattern_tables(P, patterns, tables):
             table[off[p] + j] = 0.5 * m * log_2pi - 0.5 * log_det_upto[m, j]
 
 
-@njit(nogil=True)
+@njit(cache=True, nogil=True)
 def add_conditional_covariance(lower, resp_by_pattern, patterns, tables):
     """``lower_j[m, m] += Σ_patterns R_pj P_mm⁻¹`` on and below the diagonal (R: the
     pattern's summed responsibilities; columns ascending, so entry (a, b ≤ a) of ``P_mm⁻¹``

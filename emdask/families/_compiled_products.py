@@ -28,7 +28,7 @@ from numba import njit  # noqa: E402
 _FASTMATH = {"reassoc", "contract", "nsz"}
 
 
-@njit(nogil=True)
+@njit(cache=True, nogil=True)
 def centre_chunk(data, column_major, sel, means, xt, c):
     """``c[j, :, i] = X[sel[i]] - mu_j`` with zeros in the missing cells (``data``: the
     block ``X``, or ``Xᵀ`` when ``column_major``). Rows that follow each other in ``X``
@@ -122,7 +122,7 @@ def _set_products4(src, dst, j, s0, d0, w, nb):
         dst[j, d0 + 3, i] = w03 * x0 + w13 * x1 + w23 * x2 + w33 * x3
 
 
-@njit(nogil=True, fastmath=_FASTMATH)
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def chunk_products(chol, c, const, y, q):
     """``y[j] = c_j U_j`` and ``q[j] = const_j - |y[j]|² / 2`` for a chunk of rows centred
     on each component's mean, ``c`` (k, d, nb) with zeros in missing cells; ``U_j`` upper
@@ -159,7 +159,7 @@ def chunk_products(chol, c, const, y, q):
             q[j, i] = cj - 0.5 * q[j, i]
 
 
-@njit(nogil=True, fastmath=_FASTMATH)
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def upper_times(chol, y, g):
     """``g[j] += U_j y[j]`` (``U_j`` upper triangular, rows along the last axis), four
     outputs from four inputs per pass over the rows."""
@@ -265,7 +265,7 @@ def _by_count(counts):
 _terms_by_count = _by_count(SPECIALISED_COUNTS)
 
 
-@njit(nogil=True, fastmath=_FASTMATH)
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def chunk_log_prob(y, incomplete, pats, patterns, tables, chol, c, q, v, z, g_flat):
     """Observed-part weighted log-probabilities of a chunk (less each row's maximum) and,
     for rows with missing cells, the conditional means of those cells.
@@ -323,7 +323,7 @@ def chunk_log_prob(y, incomplete, pats, patterns, tables, chol, c, q, v, z, g_fl
 # Responsibilities and moments
 # --------------------------------------------------------------------------------------
 
-@njit(nogil=True, fastmath=_FASTMATH)
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def _row_normalizers(e, top, weights, use_weights):
     """Per row: the factor turning ``e`` (exp of log-probabilities less the row maximum
     ``top``) into weighted responsibilities; and the weighted log-likelihood and row count.
@@ -357,7 +357,7 @@ def _row_normalizers(e, top, weights, use_weights):
     return scale, loglik, n_rows
 
 
-@njit(nogil=True, fastmath=_FASTMATH)
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def chunk_weigh(e, top, weights, weighted, rows, incomplete, pats, nk, resp_by_pattern):
     """Responsibilities of a chunk (``e``: exp of the log-probabilities less the row
     maximum, overwritten), their sums, and their sums per pattern for the rows with missing
@@ -381,7 +381,7 @@ def chunk_weigh(e, top, weights, weighted, rows, incomplete, pats, nk, resp_by_p
     return loglik, n_rows
 
 
-@njit(nogil=True, fastmath=_FASTMATH)
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def lower_moments(c, r, lower, s1):
     """``lower[j] += Σ_i r_ji c_j[:, i] c_j[:, i]ᵀ`` on and below the diagonal, by 4 x 4
     blocks held in registers, and ``s1[j] += Σ_i r_ji c_j[:, i]`` on the way.

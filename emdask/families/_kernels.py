@@ -70,6 +70,8 @@ from functools import partial
 
 import numpy as np
 
+from .base import ILL_DEFINED
+
 __all__ = [
     "DenseKernel",
     "DiagonalKernel",
@@ -90,11 +92,6 @@ COMPLETE_CHUNK = 256
 #: Rows per chunk of rows with missing cells.
 MISSING_CHUNK = 256
 
-ILL_DEFINED = (
-    "Fitting the mixture model failed because some components have ill-defined empirical "
-    "covariance (for instance caused by singleton or collapsed samples). Try to decrease the "
-    "number of components, increase reg_covar, or scale the input data."
-)
 
 
 # --------------------------------------------------------------------------------------
@@ -863,12 +860,14 @@ _COMPILED_DISCRETE = []
 def _load_compiled():
     if not _COMPILED:
         try:
-            from . import _compiled
+            from . import _compiled, _compiled_patterns, _compiled_products
         except ImportError:
             _COMPILED.append(None)
         else:
             from ._codegen import install_entries
 
-            install_entries(_compiled)
+            # the block driver and the kernels it calls: each compiled once per machine
+            for module in (_compiled_patterns, _compiled_products, _compiled):
+                install_entries(module)
             _COMPILED.append(_compiled)
     return _COMPILED[0]

@@ -17,6 +17,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+#: The error of a component whose covariance is not positive definite.
+ILL_DEFINED = (
+    "Fitting the mixture model failed because some components have ill-defined empirical "
+    "covariance (for instance caused by singleton or collapsed samples). Try to decrease the "
+    "number of components, increase reg_covar, or scale the input data."
+)
+
 __all__ = [
     "Stats",
     "logsumexp_rows",
