@@ -227,12 +227,13 @@ def _request(method, url, **kwargs):
 
 
 @pytest.mark.skipif(not LINUX, reason="the guard is the kernel's parent-death signal (Linux)")
-def test_ctrl_c_stops_serve_within_seconds_even_mid_run(data, local_api_env, tmp_path):
-    """Ctrl-C reaches the whole process group, as from a terminal, while a flow run fits."""
+
+def _long_fit_deployment(tmp_path, data, name):
+    """A ``prefect.yaml`` serving one impute deployment whose fit runs until stopped."""
     config = tmp_path / "prefect.yaml"
     config.write_text(textwrap.dedent(f"""
         deployments:
-          - name: ctrl-c
+          - name: {name}
             entrypoint: pipelines.impute:impute_survey
             parameters:
               source: {data["good"]}
@@ -242,15 +243,26 @@ def test_ctrl_c_stops_serve_within_seconds_even_mid_run(data, local_api_env, tmp
               tol: 1.0e-300
               max_iter: 100000
         """))
+    return config
+
+
+def _run_until_fitting(serve, name):
+    """Start a run of the served deployment ``name`` through the API; return once it fits."""
+    serve.wait_for(r"being served")
+    api = f"http://127.0.0.1:{serve.api_port()}/api"
+    deployment = _request("GET", f"{api}/deployments/name/impute-survey/{name}").json()
+    _request("POST", f"{api}/deployments/{deployment['id']}/create_flow_run", json={})
+    serve.wait_for(r"fitting")  # the flow run fits, on a local cluster of its own
+
+
+def test_ctrl_c_stops_serve_within_seconds_even_mid_run(data, local_api_env, tmp_path):
+    """Ctrl-C reaches the whole process group, as from a terminal, while a flow run fits."""
+    config = _long_fit_deployment(tmp_path, data, "ctrl-c")
     env = {**local_api_env, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
     serve = _Command([*_command(), "serve", "--config", str(config)], env)
     processes = []
     try:
-        serve.wait_for(r"being served")
-        api = f"http://127.0.0.1:{serve.api_port()}/api"
-        deployment = _request("GET", f"{api}/deployments/name/impute-survey/ctrl-c").json()
-        _request("POST", f"{api}/deployments/{deployment['id']}/create_flow_run", json={})
-        serve.wait_for(r"fitting")  # the flow run fits, on a local cluster of its own
+        _run_until_fitting(serve, "ctrl-c")
         processes = _tree(serve.pid)
         started = time.monotonic()
         os.killpg(serve.pid, signal.SIGINT)  # Ctrl-C in a terminal
@@ -287,28 +299,12 @@ def _listeners(processes):
 def test_kill_9_of_serve_ends_its_flow_runs(data, local_api_env, tmp_path):
     """'emdask serve' killed outright: the flow run it started, its Dask cluster and the local
     API stop within 10 s, and nothing of them listens any more."""
-    config = tmp_path / "prefect.yaml"
-    config.write_text(textwrap.dedent(f"""
-        deployments:
-          - name: kill-9
-            entrypoint: pipelines.impute:impute_survey
-            parameters:
-              source: {data["good"]}
-              dest: {tmp_path / "out"}
-              id_column: rid
-              n_components: 2
-              tol: 1.0e-300
-              max_iter: 100000
-        """))
+    config = _long_fit_deployment(tmp_path, data, "kill-9")
     env = {**local_api_env, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
     serve = _Command([*_command(), "serve", "--config", str(config)], env)
     processes = []
     try:
-        serve.wait_for(r"being served")
-        api = f"http://127.0.0.1:{serve.api_port()}/api"
-        deployment = _request("GET", f"{api}/deployments/name/impute-survey/kill-9").json()
-        _request("POST", f"{api}/deployments/{deployment['id']}/create_flow_run", json={})
-        serve.wait_for(r"fitting")  # the flow run fits, on a local cluster of its own
+        _run_until_fitting(serve, "kill-9")
         processes = _tree(serve.pid)
         runs = [p for p in processes if p[0] != serve.pid]
         assert runs, processes
