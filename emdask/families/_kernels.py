@@ -842,15 +842,16 @@ def _compiled_kernels():
 
 
 def compiled_discrete():
-    """The compiled categorical kernel, or ``None`` (numba missing or turned off)."""
-    if _compiled_kernels() is None:
+    """The compiled categorical kernel (:mod:`emdask.families._cdiscrete`, built with the
+    package), or ``None`` (turned off with ``EMDASK_COMPILED=0``, or not built)."""
+    if not use_compiled:
         return None
     if not _COMPILED_DISCRETE:
-        from . import _compiled_discrete
-        from ._codegen import install_entries
-
-        install_entries(_compiled_discrete)
-        _COMPILED_DISCRETE.append(_compiled_discrete)
+        try:
+            from . import _cdiscrete
+        except ImportError:
+            _cdiscrete = None
+        _COMPILED_DISCRETE.append(_cdiscrete)
     return _COMPILED_DISCRETE[0]
 
 

@@ -598,16 +598,18 @@ class ProductMixtureFamily:
         part = self.parts[0]
         k = self.n_components
         table = np.ascontiguousarray(part.prepare(self._thetas(params)[0]).table)
+        X = np.asarray(X, dtype=np.float64)
         if not (X.flags.c_contiguous or X.flags.f_contiguous):
             X = np.ascontiguousarray(X)
-        use_weights = weights is not None
-        w = np.ascontiguousarray(weights, dtype=np.float64) if use_weights else np.ones(0)
+        column_major = not X.flags.c_contiguous
+        w = None if weights is None else np.ascontiguousarray(weights, dtype=np.float64)
         counts = np.zeros((part.n_slots, k))
         nk = np.zeros(k)
         loglik, n_rows, bad = compiled.categorical_block_stats(
-            X, part.cols.astype(np.int64), part.offsets.astype(np.int64),
-            part.n_levels.astype(np.int64), table, safe_log(params.weights), w, use_weights,
-            self.missing == "expected", counts, nk,
+            X.T if column_major else X, column_major, part.cols.astype(np.int64),
+            part.offsets.astype(np.int64), part.n_levels.astype(np.int64), table,
+            np.ascontiguousarray(safe_log(params.weights)), w, self.missing == "expected",
+            counts, nk,
         )
         if bad >= 0:
             row = X[bad, part.cols]

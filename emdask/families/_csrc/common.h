@@ -20,7 +20,7 @@
 /* An argument's array: a contiguous buffer of `need` items of `itemsize` bytes at least,
  * writable when `writable`. On failure a TypeError or ValueError naming the argument is
  * set and -1 returned; the caller releases the buffers it got with PyBuffer_Release. */
-static int get_array(PyObject *obj, const char *name, Py_ssize_t itemsize, Py_ssize_t need,
+static inline int get_array(PyObject *obj, const char *name, Py_ssize_t itemsize, Py_ssize_t need,
                      int writable, Py_buffer *view)
 {
     int flags = PyBUF_ANY_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0);
