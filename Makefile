@@ -4,9 +4,13 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.emdask-installed
 
-.PHONY: install warm test demo bench clean
+.PHONY: install test demo bench clean
 
-$(STAMP): pyproject.toml
+KERNELS := setup.py $(wildcard emdask/families/_csrc/*.c emdask/families/_csrc/*.h)
+
+# The install (editable) builds the C kernels beside their sources; a change to them builds
+# them again.
+$(STAMP): pyproject.toml $(KERNELS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[test]"
@@ -14,19 +18,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Compile the kernels in this process (or find them in numba's cache) so that no Dask
-# worker has to compile them on its first pass.
-warm: $(STAMP)
-	$(PY) -m emdask.warm
-
-test: warm
+test: $(STAMP)
 	$(PY) -m pytest -q --durations=20 tests
 
-demo: warm
+demo: $(STAMP)
 	$(PY) -m pipelines.cli demo
 
-bench: warm
+bench: $(STAMP)
 	$(PY) benchmarks/gmm_vs_sklearn.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache emdask/families/*.so
