@@ -1,6 +1,1164 @@
-/* The compiled Gaussian E-step (to be written). */
+/* The compiled Gaussian E-step under full (or tied) covariances: one call per block.
+ *
+ * find_patterns: a block's informative rows (some cell observed, weight above zero) and
+ * their missingness patterns. dense_block_stats: per pattern and component the tables of
+ * P_mm^-1 and the log-density correction, then per chunk of rows, rows along the last axis
+ * so that every step runs along the rows (vectorised): rows centred on each component's
+ * mean (missing cells zero), times U_j; the conditional terms of the rows missing cells
+ * (one loop, specialised by the compiler for each small missing count); exp;
+ * responsibilities; the second moments. The numpy steps of emdask.families._kernels are the
+ * reference the tests compare these with; emdask.families._compiled is the Python side
+ * (the named groups of arrays these functions read by attribute, and the errors).
+ *
+ * Sums along the rows may be reassociated (`omp simd reduction`): results agree with the
+ * numpy steps to rounding. The GIL is released while a block is computed. */
 #include "common.h"
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cgaussian", NULL, -1, NULL};
+/* Everything a top-level compute function calls is inlined into each CPU version. */
+#define STEP static inline __attribute__((always_inline))
+
+#define MAX_KEY_FEATURES 62
+#define TABLE_FEATURES 16
+#define SORT_TABLE_BYTES (1 << 20)
+
+#define ERR_MEMORY (-1)
+#define ERR_ILL_DEFINED (-2)
+#define ERR_INDEX (-3)
+
+typedef int64_t i64;
+
+static void *alloc_doubles(Py_ssize_t n)
+{
+    size_t bytes = ((size_t)(n > 0 ? n : 1) * sizeof(double) + 63) & ~(size_t)63;
+    return aligned_alloc(64, bytes);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Arrays from the named groups
+ * ------------------------------------------------------------------------------------- */
+
+#define MAX_VIEWS 24
+
+typedef struct {
+    Py_buffer views[MAX_VIEWS];
+    int count;
+} Views;
+
+static void release_views(Views *v)
+{
+    for (int i = 0; i < v->count; i++)
+        PyBuffer_Release(&v->views[i]);
+    v->count = 0;
+}
+
+/* Attribute `name` of `group` as a C-contiguous array of at least `need` items; its view
+ * (shape included) kept in `v` until release_views. NULL with an exception set on failure. */
+static Py_buffer *field(PyObject *group, const char *name, Py_ssize_t itemsize,
+                        Py_ssize_t need, int writable, Views *v)
+{
+    PyObject *obj = PyObject_GetAttrString(group, name);
+    if (obj == NULL)
+        return NULL;
+    Py_buffer *view = &v->views[v->count];
+    int failed = get_array(obj, name, itemsize, need, writable, view);
+    Py_DECREF(obj);
+    if (failed)
+        return NULL;
+    v->count++;
+    if (!PyBuffer_IsContiguous(view, 'C')) {
+        PyErr_Format(PyExc_ValueError, "%s must be C-ordered", name);
+        return NULL;
+    }
+    return view;
+}
+
+static int flag(PyObject *group, const char *name)
+{
+    PyObject *obj = PyObject_GetAttrString(group, name);
+    if (obj == NULL)
+        return -1;
+    int truth = PyObject_IsTrue(obj);
+    Py_DECREF(obj);
+    return truth;
+}
+
+static Py_ssize_t items(const Py_buffer *view) { return view->len / view->itemsize; }
+
+/* A 2-d array's shape, or an error naming it. */
+static int shape2(const Py_buffer *view, const char *name, Py_ssize_t *rows, Py_ssize_t *cols)
+{
+    if (view->ndim != 2) {
+        PyErr_Format(PyExc_ValueError, "%s must be 2-dimensional", name);
+        return -1;
+    }
+    *rows = view->shape[0];
+    *cols = view->shape[1];
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Missingness patterns
+ * ------------------------------------------------------------------------------------- */
+
+/* idx[0..n) = 0..n-1 ordered by (key[i], then tie[i] when tie, then i): a merge sort,
+ * stable; tmp: scratch of n. */
+static void sort_indices(i64 *restrict idx, Py_ssize_t n, const i64 *key, const i64 *tie,
+                         i64 *restrict tmp)
+{
+    for (Py_ssize_t i = 0; i < n; i++)
+        idx[i] = i;
+    i64 *src = idx, *dst = tmp;
+    for (Py_ssize_t width = 1; width < n; width *= 2) {
+        for (Py_ssize_t lo = 0; lo < n; lo += 2 * width) {
+            Py_ssize_t mid = lo + width < n ? lo + width : n;
+            Py_ssize_t hi = lo + 2 * width < n ? lo + 2 * width : n;
+            Py_ssize_t a = lo, b = mid, at = lo;
+            while (a < mid && b < hi) {
+                i64 x = src[a], y = src[b];
+                int take_b = key[y] < key[x] || (tie && key[y] == key[x] && tie[y] < tie[x]);
+                dst[at++] = take_b ? src[b++] : src[a++];
+            }
+            while (a < mid)
+                dst[at++] = src[a++];
+            while (b < hi)
+                dst[at++] = src[b++];
+        }
+        i64 *swap = src;
+        src = dst;
+        dst = swap;
+    }
+    if (src != idx)
+        memcpy(idx, src, (size_t)n * sizeof(i64));
+}
+
+/* Rows carrying information, in order, into rows; their missing cells as bits into keys
+ * (bit l: column l). Returns their number. */
+static Py_ssize_t informative_rows(const double *restrict data, int column_major,
+                                   Py_ssize_t n, Py_ssize_t d, const double *weights,
+                                   int weighted, i64 *restrict rows, i64 *restrict keys)
+{
+    Py_ssize_t at = 0;
+    if (column_major) {
+        /* the bits a column at a time, contiguous and branch-free */
+        for (Py_ssize_t i = 0; i < n; i++)
+            keys[i] = 0;
+        for (Py_ssize_t l = 0; l < d; l++) {
+            const double *col = data + l * n;
+            i64 bit = (i64)1 << l;
+            for (Py_ssize_t i = 0; i < n; i++)
+                keys[i] |= col[i] != col[i] ? bit : 0;
+        }
+        i64 every = ((i64)1 << d) - 1;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            i64 key = keys[i];
+            if (key == every || (weighted && !(weights[i] > 0.0)))
+                continue;
+            rows[at] = i;
+            keys[at] = key;
+            at++;
+        }
+        return at;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (weighted && !(weights[i] > 0.0))
+            continue;
+        const double *row = data + i * d;
+        i64 key = 0;
+        Py_ssize_t count = 0;
+        for (Py_ssize_t l = 0; l < d; l++) {
+            if (row[l] != row[l]) {
+                key |= (i64)1 << l;
+                count++;
+            }
+        }
+        if (count < d) {
+            rows[at] = i;
+            keys[at] = key;
+            at++;
+        }
+    }
+    return at;
+}
+
+/* The patterns found: per pattern (by rank: missing count, then key) its missing count,
+ * the offset of its missing columns in cols, its key; then the columns, ascending. */
+typedef struct {
+    Py_ssize_t n_in, n_pat, n_cols, rows_at, pats_at;
+    i64 *small; /* pat_m | col_off | keys | cols */
+} Found;
+
+/* The informative rows of a block and their patterns (see find_patterns below). iwork:
+ * 5 n + 2^d values (5 n + 1 above TABLE_FEATURES columns). */
+CPU_VERSIONS
+static int block_patterns(const double *data, int column_major, Py_ssize_t n, Py_ssize_t d,
+                          const double *weights, int weighted, Py_ssize_t k, i64 *iwork,
+                          Found *out)
+{
+    i64 *rows = iwork, *keys = iwork + n, *local = iwork + 2 * n, *found = iwork + 3 * n,
+        *pats = iwork + 4 * n, *table = iwork + 5 * n;
+    Py_ssize_t n_in = informative_rows(data, column_major, n, d, weights, weighted, rows, keys);
+    Py_ssize_t n_pat = 0;
+    /* pattern ids by first appearance (table), or in key order (sort) */
+    if (d <= TABLE_FEATURES) {
+        Py_ssize_t size = (Py_ssize_t)1 << d;
+        for (Py_ssize_t t = 0; t < size; t++)
+            table[t] = -1;
+        for (Py_ssize_t a = 0; a < n_in; a++) {
+            i64 key = keys[a], p = table[key];
+            if (p < 0) {
+                p = n_pat++;
+                table[key] = p;
+                found[p] = key;
+            }
+            local[a] = p;
+        }
+    } else {
+        i64 *order = malloc((size_t)(2 * n_in + 1) * sizeof(i64));
+        if (order == NULL)
+            return ERR_MEMORY;
+        sort_indices(order, n_in, keys, NULL, order + n_in);
+        i64 last = 0;
+        for (Py_ssize_t b = 0; b < n_in; b++) {
+            Py_ssize_t a = order[b];
+            if (b == 0 || keys[a] != last) {
+                found[n_pat++] = keys[a];
+                last = keys[a];
+            }
+            local[a] = n_pat - 1;
+        }
+        free(order);
+    }
+    /* ranks: by missing count, then by key */
+    i64 *scratch = malloc((size_t)(4 * n_pat + 1) * sizeof(i64));
+    if (scratch == NULL)
+        return ERR_MEMORY;
+    i64 *count = scratch, *order = scratch + n_pat, *rank = scratch + 2 * n_pat,
+        *tmp = scratch + 3 * n_pat;
+    Py_ssize_t n_cols = 0;
+    for (Py_ssize_t p = 0; p < n_pat; p++) {
+        count[p] = __builtin_popcountll((unsigned long long)found[p]);
+        n_cols += count[p];
+    }
+    sort_indices(order, n_pat, count, found, tmp);
+    for (Py_ssize_t r = 0; r < n_pat; r++)
+        rank[order[r]] = r;
+    i64 *small = malloc((size_t)(3 * n_pat + n_cols + 1) * sizeof(i64));
+    if (small == NULL) {
+        free(scratch);
+        return ERR_MEMORY;
+    }
+    i64 *pat_m = small, *col_off = small + n_pat, *pat_keys = small + 2 * n_pat,
+        *cols = small + 3 * n_pat;
+    for (Py_ssize_t p = 0; p < n_pat; p++) {
+        pat_m[rank[p]] = count[p];
+        pat_keys[rank[p]] = found[p];
+    }
+    Py_ssize_t at = 0;
+    for (Py_ssize_t r = 0; r < n_pat; r++) {
+        col_off[r] = at;
+        at += pat_m[r];
+    }
+    for (Py_ssize_t p = 0; p < n_pat; p++) {
+        Py_ssize_t c = col_off[rank[p]];
+        for (Py_ssize_t l = 0; l < d; l++)
+            if ((found[p] >> l) & 1)
+                cols[c++] = l;
+    }
+    for (Py_ssize_t a = 0; a < n_in; a++)
+        pats[a] = rank[local[a]];
+    free(scratch);
+    out->rows_at = 0;
+    out->pats_at = 4 * n;
+    /* Rows look their pattern's tables up one at a time; when those tables outgrow the
+     * core's cache, rows taken in pattern order (a counting sort, stable) read each table
+     * once per run of rows instead of once per row, from memory. */
+    Py_ssize_t table_bytes = 0;
+    for (Py_ssize_t p = 0; p < n_pat; p++)
+        table_bytes += 8 * k * (pat_m[p] * pat_m[p] + 1);
+    if (table_bytes > SORT_TABLE_BYTES) {
+        i64 *start = calloc((size_t)n_pat + 1, sizeof(i64));
+        if (start == NULL) {
+            free(small);
+            return ERR_MEMORY;
+        }
+        i64 *rows_out = iwork + n, *pats_out = iwork + 2 * n;
+        for (Py_ssize_t a = 0; a < n_in; a++)
+            start[pats[a] + 1]++;
+        for (Py_ssize_t p = 0; p < n_pat; p++)
+            start[p + 1] += start[p];
+        for (Py_ssize_t a = 0; a < n_in; a++) {
+            i64 p = pats[a], to = start[p]++;
+            rows_out[to] = rows[a];
+            pats_out[to] = p;
+        }
+        free(start);
+        out->rows_at = n;
+        out->pats_at = 2 * n;
+    }
+    out->n_in = n_in;
+    out->n_pat = n_pat;
+    out->n_cols = n_cols;
+    out->small = small;
+    return 0;
+}
+
+/* find_patterns(block, k, iwork) -> (n_in, rows_at, pats_at, n_pat, small) */
+static PyObject *py_find_patterns(PyObject *self, PyObject *args)
+{
+    PyObject *block, *iwork_obj;
+    Py_ssize_t k;
+    if (!PyArg_ParseTuple(args, "OnO", &block, &k, &iwork_obj))
+        return NULL;
+    Views v = {.count = 0};
+    Py_ssize_t n, d;
+    int column_major = flag(block, "column_major"), weighted = flag(block, "weighted");
+    if (column_major < 0 || weighted < 0)
+        return NULL;
+    Py_buffer *data = field(block, "data", 8, 0, 0, &v);
+    if (data == NULL || shape2(data, "data", &n, &d) < 0)
+        goto fail;
+    if (column_major) {
+        Py_ssize_t t = n;
+        n = d;
+        d = t;
+    }
+    if (d < 1 || d > MAX_KEY_FEATURES) {
+        PyErr_Format(PyExc_ValueError, "data must have 1 to %d columns (got %zd)",
+                     MAX_KEY_FEATURES, d);
+        goto fail;
+    }
+    Py_buffer *weights = field(block, "weights", 8, weighted ? n : 0, 0, &v);
+    if (weights == NULL)
+        goto fail;
+    Py_ssize_t need = 5 * n + (d <= TABLE_FEATURES ? (Py_ssize_t)1 << d : 1);
+    Py_buffer iwork;
+    if (get_array(iwork_obj, "iwork", 8, need, 1, &iwork) < 0)
+        goto fail;
+    v.views[v.count++] = iwork;
+    Found found;
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = block_patterns(data->buf, column_major, n, d, weights->buf, weighted, k,
+                            iwork.buf, &found);
+    Py_END_ALLOW_THREADS
+    release_views(&v);
+    if (status < 0)
+        return PyErr_NoMemory();
+    PyObject *small = PyByteArray_FromStringAndSize(
+        (const char *)found.small, (Py_ssize_t)((3 * found.n_pat + found.n_cols) * 8));
+    free(found.small);
+    if (small == NULL)
+        return NULL;
+    return Py_BuildValue("nnnnN", found.n_in, found.rows_at, found.pats_at, found.n_pat, small);
+fail:
+    release_views(&v);
+    return NULL;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Pattern tables
+ * ------------------------------------------------------------------------------------- */
+
+typedef struct {
+    const double *data;
+    int column_major;
+    Py_ssize_t n;
+    const double *weights;
+    int weighted;
+    const double *means, *chol, *precision, *cnst;
+    Py_ssize_t k, d;
+    const i64 *rows, *pats, *pat_m, *col_off, *cols;
+    Py_ssize_t n_in, n_pat;
+    double *table;
+    const i64 *off;
+    const uint8_t *compute;
+    double *nk, *s1, *lower;
+    Py_ssize_t chunk;
+    double *work;
+} Args;
+
+/* P_mm^-1 and 0.5 m log 2pi - 0.5 log det P_mm of every pattern p with compute[p] and every
+ * component: per pattern p and component j the correction at table[off[p] + j], the k
+ * inverses (row-major, columns ascending) from table[off[p] + k]. ERR_ILL_DEFINED when some
+ * P_mm is not positive definite. */
+STEP int pattern_tables(const Args *A)
+{
+    const Py_ssize_t k = A->k, d = A->d;
+    const double log_2pi = log(2.0 * M_PI);
+    Py_ssize_t size = 1;
+    for (Py_ssize_t p = 0; p < A->n_pat; p++)
+        size = A->pat_m[p] > size ? A->pat_m[p] : size;
+    /* Every step is the same for all k components: components along the last axis, so
+     * that each step runs on all of them at once (each component's arithmetic, and so its
+     * result, is the same as one at a time). */
+    Py_ssize_t total = d * d * k + 2 * size * size * k + size * k + (size + 1) * k + k;
+    double *mem = alloc_doubles(total);
+    i64 *cidx = malloc((size_t)(2 * size) * sizeof(i64));
+    if (mem == NULL || cidx == NULL) {
+        free(mem);
+        free(cidx);
+        return ERR_MEMORY;
+    }
+    memset(mem, 0, (size_t)total * sizeof(double));
+    double *Pt = mem, *L = Pt + d * d * k, *Li = L + size * size * k, *rdiag = Li + size * size * k,
+           *log_det_upto = rdiag + size * k, *acc = log_det_upto + (size + 1) * k;
+    i64 *c = cidx, *prev = cidx + size;
+    for (Py_ssize_t j = 0; j < k; j++)
+        for (Py_ssize_t a = 0; a < d; a++)
+            for (Py_ssize_t b = 0; b < d; b++)
+                Pt[(a * d + b) * k + j] = A->precision[(j * d + a) * d + b];
+    for (Py_ssize_t a = 0; a < size; a++)
+        prev[a] = -1;
+#define AT(M, a, b) ((M) + ((a) * size + (b)) * k)
+    /* Factors of P_mm with the missing columns taken in descending order. Patterns come
+     * ranked by count, then by their highest columns first, so a pattern's descending
+     * column list usually starts like the previous one's: the leading rows of the Cholesky
+     * factor, of its inverse and the partial log-determinants are kept and only the rows
+     * after the shared prefix are computed. */
+    Py_ssize_t prev_m = 0;
+    int status = 0;
+    for (Py_ssize_t p = 0; p < A->n_pat && status == 0; p++) {
+        if (!A->compute[p])
+            continue;
+        const Py_ssize_t m = A->pat_m[p];
+        for (Py_ssize_t a = 0; a < m; a++)
+            c[a] = A->cols[A->col_off[p] + m - 1 - a];
+        Py_ssize_t shared = 0;
+        if (m == prev_m)
+            while (shared < m && c[shared] == prev[shared])
+                shared++;
+        for (Py_ssize_t a = 0; a < m; a++)
+            prev[a] = c[a];
+        prev_m = m;
+        for (Py_ssize_t a = shared; a < m; a++) {
+            const i64 ca = c[a];
+            for (Py_ssize_t b = 0; b < a; b++) {
+                const double *pab = Pt + (ca * d + c[b]) * k;
+                for (Py_ssize_t j = 0; j < k; j++)
+                    acc[j] = pab[j];
+                for (Py_ssize_t t = 0; t < b; t++) {
+                    const double *lat = AT(L, a, t), *lbt = AT(L, b, t);
+                    for (Py_ssize_t j = 0; j < k; j++)
+                        acc[j] -= lat[j] * lbt[j];
+                }
+                double *lab = AT(L, a, b);
+                const double *rb = rdiag + b * k;
+                for (Py_ssize_t j = 0; j < k; j++)
+                    lab[j] = acc[j] * rb[j];
+            }
+            const double *paa = Pt + (ca * d + ca) * k;
+            for (Py_ssize_t j = 0; j < k; j++)
+                acc[j] = paa[j];
+            for (Py_ssize_t t = 0; t < a; t++) {
+                const double *lat = AT(L, a, t);
+                for (Py_ssize_t j = 0; j < k; j++)
+                    acc[j] -= lat[j] * lat[j];
+            }
+            for (Py_ssize_t j = 0; j < k; j++)
+                if (!(acc[j] > 0.0))
+                    status = ERR_ILL_DEFINED;
+            if (status)
+                break;
+            double *laa = AT(L, a, a), *ra = rdiag + a * k;
+            for (Py_ssize_t j = 0; j < k; j++) {
+                double lsq = sqrt(acc[j]);
+                laa[j] = lsq;
+                ra[j] = 1.0 / lsq;
+                log_det_upto[(a + 1) * k + j] = log_det_upto[a * k + j] + log(acc[j]);
+            }
+            /* row a of L^-1 (forward substitution) */
+            double *liaa = AT(Li, a, a);
+            for (Py_ssize_t j = 0; j < k; j++)
+                liaa[j] = ra[j];
+            for (Py_ssize_t b = 0; b < a; b++) {
+                for (Py_ssize_t j = 0; j < k; j++)
+                    acc[j] = 0.0;
+                for (Py_ssize_t t = b; t < a; t++) {
+                    const double *lat = AT(L, a, t), *litb = AT(Li, t, b);
+                    for (Py_ssize_t j = 0; j < k; j++)
+                        acc[j] += lat[j] * litb[j];
+                }
+                double *liab = AT(Li, a, b);
+                for (Py_ssize_t j = 0; j < k; j++)
+                    liab[j] = -acc[j] * ra[j];
+            }
+        }
+        if (status)
+            break;
+        /* P_mm^-1 = Li^T Li in descending order; stored in ascending column order */
+        const Py_ssize_t mm = m * m;
+        double *base = A->table + A->off[p] + k;
+        for (Py_ssize_t a = 0; a < m; a++) {
+            for (Py_ssize_t b = a; b < m; b++) {
+                for (Py_ssize_t j = 0; j < k; j++)
+                    acc[j] = 0.0;
+                for (Py_ssize_t t = b; t < m; t++) {
+                    const double *lta = AT(Li, t, a), *ltb = AT(Li, t, b);
+                    for (Py_ssize_t j = 0; j < k; j++)
+                        acc[j] += lta[j] * ltb[j];
+                }
+                Py_ssize_t ra = m - 1 - a, rb = m - 1 - b;
+                for (Py_ssize_t j = 0; j < k; j++) {
+                    base[j * mm + ra * m + rb] = acc[j];
+                    base[j * mm + rb * m + ra] = acc[j];
+                }
+            }
+        }
+        for (Py_ssize_t j = 0; j < k; j++)
+            A->table[A->off[p] + j] = 0.5 * (double)m * log_2pi - 0.5 * log_det_upto[m * k + j];
+    }
+#undef AT
+    free(mem);
+    free(cidx);
+    return status;
+}
+
+/* lower_j[m, m] += sum over patterns of R_pj P_mm^-1 on and below the diagonal (R: the
+ * pattern's summed responsibilities; columns ascending, so entry (a, b <= a) of P_mm^-1
+ * falls on or below the diagonal). */
+STEP void add_conditional_covariance(const Args *A, const double *resp_by_pattern)
+{
+    const Py_ssize_t k = A->k, d = A->d;
+    for (Py_ssize_t p = 0; p < A->n_pat; p++) {
+        const Py_ssize_t m = A->pat_m[p];
+        const i64 *cols = A->cols + A->col_off[p];
+        for (Py_ssize_t j = 0; j < k; j++) {
+            const double r = resp_by_pattern[p * k + j];
+            const double *inv = A->table + A->off[p] + k + j * m * m;
+            double *lower = A->lower + j * d * d;
+            for (Py_ssize_t a = 0; a < m; a++)
+                for (Py_ssize_t b = 0; b <= a; b++)
+                    lower[cols[a] * d + cols[b]] += r * inv[a * m + b];
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Steps of a chunk: arrays (k, d, nb) or (k, nb), rows along the last axis
+ * ------------------------------------------------------------------------------------- */
+
+/* c[j, :, i] = X[sel[i]] - mu_j with zeros in the missing cells. Rows that follow each
+ * other in X (the usual case: every row of the block carries information) are read without
+ * the index: a column-major X a column at a time straight into c, a row-major one through
+ * its transpose xt. */
+STEP void centre_chunk(const Args *A, const i64 *sel, Py_ssize_t nb, double *restrict xt,
+                       double *restrict c)
+{
+    const Py_ssize_t k = A->k, d = A->d, n = A->n;
+    const double *data = A->data;
+    const i64 s0 = sel[0];
+    if (sel[nb - 1] - s0 == nb - 1) {
+        if (A->column_major) {
+            for (Py_ssize_t j = 0; j < k; j++)
+                for (Py_ssize_t l = 0; l < d; l++) {
+                    const double mu = A->means[j * d + l];
+                    const double *restrict x = data + l * n + s0;
+                    double *restrict out = c + (j * d + l) * nb;
+#pragma omp simd
+                    for (Py_ssize_t i = 0; i < nb; i++)
+                        out[i] = x[i] == x[i] ? x[i] - mu : 0.0;
+                }
+            return;
+        }
+        for (Py_ssize_t i = 0; i < nb; i++)
+            for (Py_ssize_t l = 0; l < d; l++)
+                xt[l * nb + i] = data[(s0 + i) * d + l];
+    } else if (A->column_major) {
+        for (Py_ssize_t l = 0; l < d; l++)
+            for (Py_ssize_t i = 0; i < nb; i++)
+                xt[l * nb + i] = data[l * n + sel[i]];
+    } else {
+        for (Py_ssize_t i = 0; i < nb; i++)
+            for (Py_ssize_t l = 0; l < d; l++)
+                xt[l * nb + i] = data[sel[i] * d + l];
+    }
+    for (Py_ssize_t j = 0; j < k; j++)
+        for (Py_ssize_t l = 0; l < d; l++) {
+            const double mu = A->means[j * d + l];
+            const double *restrict x = xt + l * nb;
+            double *restrict out = c + (j * d + l) * nb;
+#pragma omp simd
+            for (Py_ssize_t i = 0; i < nb; i++)
+                out[i] = x[i] == x[i] ? x[i] - mu : 0.0;
+        }
+}
+
+/* U[r0 : r0 + 4, c0 : c0 + 4] (r0 <= c0) of one component's U (d x d), zero below the
+ * diagonal of U; as w[4 s + o] = U[r0 + s, c0 + o], or its transpose. */
+STEP void upper_block4(const double *U, Py_ssize_t d, Py_ssize_t r0, Py_ssize_t c0,
+                       int transpose, double w[16])
+{
+    for (int s = 0; s < 4; s++)
+        for (int o = 0; o < 4; o++) {
+            double u = r0 == c0 && s > o ? 0.0 : U[(r0 + s) * d + c0 + o];
+            w[transpose ? 4 * o + s : 4 * s + o] = u;
+        }
+}
+
+/* dst[o] (+)= sum_s w[4 s + o] src[s] for o, s in 0..3, along the rows: four outputs from
+ * four inputs per pass (8 loads and 4 stores per 16 multiply-adds). */
+STEP void products4(const double *restrict src, double *restrict dst, const double w[16],
+                    Py_ssize_t nb, int add)
+{
+#pragma omp simd
+    for (Py_ssize_t i = 0; i < nb; i++) {
+        double x[4], t[4];
+        for (int s = 0; s < 4; s++)
+            x[s] = src[s * nb + i];
+        for (int o = 0; o < 4; o++)
+            t[o] = add ? dst[o * nb + i] : 0.0;
+        for (int s = 0; s < 4; s++)
+            for (int o = 0; o < 4; o++)
+                t[o] += w[4 * s + o] * x[s];
+        for (int o = 0; o < 4; o++)
+            dst[o * nb + i] = t[o];
+    }
+}
+
+/* y[j] = c_j U_j and q[j] = const_j - |y[j]|^2 / 2 (U_j upper triangular: only its upper
+ * triangle is read). */
+STEP void chunk_products(const Args *A, const double *restrict c, Py_ssize_t nb,
+                         double *restrict y, double *restrict q)
+{
+    const Py_ssize_t k = A->k, d = A->d, full = d - d % 4;
+    double w[16];
+    for (Py_ssize_t j = 0; j < k; j++) {
+        const double *U = A->chol + j * d * d;
+        const double *cj = c + j * d * nb;
+        double *yj = y + j * d * nb, *restrict qj = q + j * nb;
+        for (Py_ssize_t i = 0; i < nb; i++)
+            qj[i] = 0.0;
+        for (Py_ssize_t lb = 0; lb < full; lb += 4) {
+            /* U is upper triangular: the first block sets the outputs */
+            upper_block4(U, d, 0, lb, 0, w);
+            products4(cj, yj + lb * nb, w, nb, 0);
+            for (Py_ssize_t mb = 4; mb < lb + 4; mb += 4) {
+                upper_block4(U, d, mb, lb, 0, w);
+                products4(cj + mb * nb, yj + lb * nb, w, nb, 1);
+            }
+            const double *restrict t = yj + lb * nb;
+#pragma omp simd
+            for (Py_ssize_t i = 0; i < nb; i++)
+                qj[i] += t[i] * t[i] + t[nb + i] * t[nb + i] + t[2 * nb + i] * t[2 * nb + i] +
+                         t[3 * nb + i] * t[3 * nb + i];
+        }
+        /* outputs past the last full block of four */
+        for (Py_ssize_t l = full; l < d; l++) {
+            double *restrict yl = yj + l * nb;
+            for (Py_ssize_t i = 0; i < nb; i++)
+                yl[i] = 0.0;
+            for (Py_ssize_t m = 0; m <= l; m++) {
+                const double u = U[m * d + l];
+                const double *restrict cm = cj + m * nb;
+#pragma omp simd
+                for (Py_ssize_t i = 0; i < nb; i++)
+                    yl[i] += u * cm[i];
+            }
+#pragma omp simd
+            for (Py_ssize_t i = 0; i < nb; i++)
+                qj[i] += yl[i] * yl[i];
+        }
+        const double cn = A->cnst[j];
+#pragma omp simd
+        for (Py_ssize_t i = 0; i < nb; i++)
+            qj[i] = cn - 0.5 * qj[i];
+    }
+}
+
+/* g[j] += U_j y[j] (U_j upper triangular), four outputs from four inputs per pass. */
+STEP void upper_times(const Args *A, const double *restrict y, Py_ssize_t nb,
+                      double *restrict g)
+{
+    const Py_ssize_t k = A->k, d = A->d, full = d - d % 4;
+    double w[16];
+    for (Py_ssize_t j = 0; j < k; j++) {
+        const double *U = A->chol + j * d * d;
+        const double *yj = y + j * d * nb;
+        double *gj = g + j * d * nb;
+        for (Py_ssize_t ab = 0; ab < full; ab += 4) {
+            for (Py_ssize_t lb = ab; lb < full; lb += 4) { /* U[a, l] = 0 for l < a */
+                upper_block4(U, d, ab, lb, 1, w);
+                products4(yj + lb * nb, gj + ab * nb, w, nb, 1);
+            }
+            /* inputs past the last full block of four */
+            for (Py_ssize_t l = full; l < d; l++)
+                for (Py_ssize_t a = ab; a < ab + 4; a++) {
+                    const double u = U[a * d + l];
+                    const double *restrict yl = yj + l * nb;
+                    double *restrict ga = gj + a * nb;
+#pragma omp simd
+                    for (Py_ssize_t i = 0; i < nb; i++)
+                        ga[i] += u * yl[i];
+                }
+        }
+        /* outputs past the last full block of four */
+        for (Py_ssize_t a = full; a < d; a++)
+            for (Py_ssize_t l = a; l < d; l++) {
+                const double u = U[a * d + l];
+                const double *restrict yl = yj + l * nb;
+                double *restrict ga = gj + a * nb;
+#pragma omp simd
+                for (Py_ssize_t i = 0; i < nb; i++)
+                    ga[i] += u * yl[i];
+            }
+    }
+}
+
+/* The conditional terms of row i missing m cells (M: m fixed at compile time, or 0 for a
+ * count read at run time), from v (k, m) flat, the values (x0 P_j)_m. For component j: the
+ * missing cells' conditional mean, centred on mu_j, -P_mm^-1 v_j into c, and
+ * v_j^T P_mm^-1 v_j / 2 plus the pattern's correction added to q. z: scratch of m. */
+STEP void conditional_terms(const int M, Py_ssize_t m, const Args *A, Py_ssize_t i,
+                            Py_ssize_t nb, const i64 *cols, const double *tab,
+                            double *restrict c, double *restrict q, const double *v,
+                            double *restrict z)
+{
+    const Py_ssize_t k = A->k, d = A->d, n = M ? M : m;
+    for (Py_ssize_t j = 0; j < k; j++) {
+        const double *inv = tab + k + j * n * n;
+        const double *vj = v + j * n;
+        double vz = 0.0;
+        for (Py_ssize_t a = 0; a < n; a++) {
+            double za = 0.0;
+            for (Py_ssize_t b = 0; b < n; b++)
+                za += inv[a * n + b] * vj[b];
+            z[a] = za;
+            vz += vj[a] * za;
+        }
+        for (Py_ssize_t a = 0; a < n; a++)
+            c[(j * d + cols[a]) * nb + i] = -z[a];
+        q[j * nb + i] += 0.5 * vz + tab[j];
+    }
+}
+
+/* Observed-part log-probabilities of a chunk, less each row's maximum (top, 0 where it is
+ * not finite), and for rows missing cells the conditional means of those cells.
+ *
+ * On entry y and q are as chunk_products leaves them: y the row centred on mu_j with zeros
+ * in its missing cells (x0) times U_j. For a row missing cells m, with v = (x0 P_j)_m (from
+ * y and the rows m of U_j), the conditional mean of the missing cells, centred on mu_j, is
+ * -P_mm^-1 v (into c) and the Mahalanobis term of the observed cells |y|^2 - v^T P_mm^-1 v.
+ * incomplete: positions in the chunk of rows missing cells; pc: each row's pattern rank. */
+STEP void chunk_log_prob(const Args *A, const double *restrict y, const i64 *incomplete,
+                         Py_ssize_t n_inc, const i64 *pc, Py_ssize_t nb, double *restrict c,
+                         double *restrict q, double *restrict v, double *restrict z,
+                         double *restrict g, double *restrict top)
+{
+    const Py_ssize_t k = A->k, d = A->d;
+    /* v row by row costs the sum of (d - column) per missing cell; for many such cells the
+     * whole chunk's y U_j^T at once (vectorised along the rows) is cheaper */
+    Py_ssize_t work = 0;
+    for (Py_ssize_t t = 0; t < n_inc; t++) {
+        const i64 p = pc[incomplete[t]];
+        const i64 *cols = A->cols + A->col_off[p];
+        for (Py_ssize_t a = 0; a < A->pat_m[p]; a++)
+            work += d - cols[a];
+    }
+    const int whole = 8 * work > nb * d * (d + 1) / 2;
+    if (whole) {
+        memset(g, 0, (size_t)(k * d * nb) * sizeof(double));
+        upper_times(A, y, nb, g);
+    }
+    for (Py_ssize_t t = 0; t < n_inc; t++) {
+        const Py_ssize_t i = incomplete[t];
+        const i64 p = pc[i];
+        const Py_ssize_t m = A->pat_m[p];
+        const i64 *cols = A->cols + A->col_off[p];
+        for (Py_ssize_t j = 0; j < k; j++)
+            for (Py_ssize_t a = 0; a < m; a++) {
+                const i64 ca = cols[a];
+                if (whole) {
+                    v[j * m + a] = g[(j * d + ca) * nb + i];
+                } else {
+                    const double *U = A->chol + (j * d + ca) * d;
+                    double va = 0.0;
+                    for (Py_ssize_t l = ca; l < d; l++)
+                        va += U[l] * y[(j * d + l) * nb + i];
+                    v[j * m + a] = va;
+                }
+            }
+        const double *tab = A->table + A->off[p];
+        switch (m) { /* the same loop, compiled for each small count */
+        case 1: conditional_terms(1, m, A, i, nb, cols, tab, c, q, v, z); break;
+        case 2: conditional_terms(2, m, A, i, nb, cols, tab, c, q, v, z); break;
+        case 3: conditional_terms(3, m, A, i, nb, cols, tab, c, q, v, z); break;
+        case 4: conditional_terms(4, m, A, i, nb, cols, tab, c, q, v, z); break;
+        default: conditional_terms(0, m, A, i, nb, cols, tab, c, q, v, z); break;
+        }
+    }
+    for (Py_ssize_t i = 0; i < nb; i++)
+        top[i] = -INFINITY;
+    for (Py_ssize_t j = 0; j < k; j++) {
+        const double *restrict qj = q + j * nb;
+#pragma omp simd
+        for (Py_ssize_t i = 0; i < nb; i++)
+            top[i] = qj[i] > top[i] ? qj[i] : top[i];
+    }
+    for (Py_ssize_t i = 0; i < nb; i++)
+        if (top[i] == -INFINITY)
+            top[i] = 0.0;
+    for (Py_ssize_t j = 0; j < k; j++) {
+        double *restrict qj = q + j * nb;
+#pragma omp simd
+        for (Py_ssize_t i = 0; i < nb; i++)
+            qj[i] -= top[i];
+    }
+}
+
+/* Responsibilities of a chunk (e: exp of the log-probabilities less the row maximum top,
+ * overwritten), their sums, and their sums per pattern for the rows missing cells; adds
+ * the chunk's weighted log-likelihood and row count. Each row's total lies in [1, k] (its
+ * largest term is exp(0) = 1), so without weights one log of a product of 32 totals
+ * replaces 32 logs. */
+STEP void chunk_weigh(const Args *A, double *restrict e, const double *restrict top,
+                      const i64 *sel, const i64 *incomplete, Py_ssize_t n_inc, const i64 *pc,
+                      Py_ssize_t nb, double *restrict total, double *restrict scale,
+                      double *resp_by_pattern, double *loglik, double *n_rows)
+{
+    const Py_ssize_t k = A->k;
+    for (Py_ssize_t i = 0; i < nb; i++)
+        total[i] = 0.0;
+    for (Py_ssize_t j = 0; j < k; j++) {
+        const double *restrict ej = e + j * nb;
+#pragma omp simd
+        for (Py_ssize_t i = 0; i < nb; i++)
+            total[i] += ej[i];
+    }
+    double ll = 0.0, nr = 0.0;
+    if (A->weighted) {
+        for (Py_ssize_t i = 0; i < nb; i++) {
+            const double wi = A->weights[sel[i]];
+            scale[i] = wi / total[i];
+            ll += wi * (log(total[i]) + top[i]);
+            nr += wi;
+        }
+    } else {
+#pragma omp simd reduction(+ : ll)
+        for (Py_ssize_t i = 0; i < nb; i++) {
+            scale[i] = 1.0 / total[i];
+            ll += top[i];
+        }
+        for (Py_ssize_t a = 0; a < nb; a += 32) {
+            double prod = 1.0;
+            for (Py_ssize_t i = a; i < (a + 32 < nb ? a + 32 : nb); i++)
+                prod *= total[i];
+            ll += log(prod);
+        }
+        nr = (double)nb;
+    }
+    *loglik += ll;
+    *n_rows += nr;
+    for (Py_ssize_t j = 0; j < k; j++) {
+        double *restrict ej = e + j * nb;
+        double s = 0.0;
+#pragma omp simd reduction(+ : s)
+        for (Py_ssize_t i = 0; i < nb; i++) {
+            const double r = ej[i] * scale[i];
+            ej[i] = r;
+            s += r;
+        }
+        A->nk[j] += s;
+    }
+    for (Py_ssize_t t = 0; t < n_inc; t++) {
+        const Py_ssize_t i = incomplete[t];
+        double *rp = resp_by_pattern + pc[i] * k;
+        for (Py_ssize_t j = 0; j < k; j++)
+            rp[j] += e[j * nb + i];
+    }
+}
+
+/* One 4 x 4 block of sum_i r_i c_i c_i^T: rows lb.. (cl) against columns mb.. (cm), into
+ * lower (row stride d); on the diagonal (diag) only its lower triangle, and the weighted
+ * rows' sums into s1. */
+STEP void moments_block4(const double *restrict r, const double *restrict cl,
+                         const double *restrict cm, Py_ssize_t nb, const int diag,
+                         double *restrict lower, Py_ssize_t d, double *restrict s1)
+{
+    double a[16] = {0.0}, b[4] = {0.0};
+#pragma omp simd reduction(+ : a, b)
+    for (Py_ssize_t i = 0; i < nb; i++) {
+        double x[4], w[4];
+        for (int s = 0; s < 4; s++) {
+            x[s] = cl[s * nb + i];
+            w[s] = r[i] * cm[s * nb + i];
+        }
+        for (int s = 0; s < 4; s++)
+            for (int o = 0; o < 4; o++)
+                if (!diag || o <= s)
+                    a[4 * s + o] += x[s] * w[o];
+        if (diag)
+            for (int o = 0; o < 4; o++)
+                b[o] += w[o];
+    }
+    for (int s = 0; s < 4; s++)
+        for (int o = 0; o < 4; o++)
+            if (!diag || o <= s)
+                lower[s * d + o] += a[4 * s + o];
+    if (diag)
+        for (int o = 0; o < 4; o++)
+            s1[o] += b[o];
+}
+
+/* lower[j] += sum_i r_ji c_j[:, i] c_j[:, i]^T on and below the diagonal, by 4 x 4 blocks
+ * held in registers, and s1[j] += sum_i r_ji c_j[:, i] on the way. */
+STEP void lower_moments(const Args *A, const double *restrict c, const double *restrict r,
+                        Py_ssize_t nb)
+{
+    const Py_ssize_t k = A->k, d = A->d, full = d - d % 4;
+    for (Py_ssize_t j = 0; j < k; j++) {
+        const double *cj = c + j * d * nb, *rj = r + j * nb;
+        double *lower = A->lower + j * d * d, *s1 = A->s1 + j * d;
+        for (Py_ssize_t lb = 0; lb < full; lb += 4) {
+            /* the diagonal block, whose pass also sums the weighted rows */
+            moments_block4(rj, cj + lb * nb, cj + lb * nb, nb, 1, lower + lb * d + lb, d,
+                           s1 + lb);
+            for (Py_ssize_t mb = 0; mb < lb; mb += 4)
+                moments_block4(rj, cj + lb * nb, cj + mb * nb, nb, 0, lower + lb * d + mb, d,
+                               NULL);
+        }
+        /* rows past the last full block of four */
+        for (Py_ssize_t l = full; l < d; l++) {
+            const double *restrict cl = cj + l * nb;
+            for (Py_ssize_t m = 0; m <= l; m++) {
+                const double *restrict cm = cj + m * nb;
+                double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+                for (Py_ssize_t i = 0; i < nb; i++)
+                    acc += rj[i] * cl[i] * cm[i];
+                lower[l * d + m] += acc;
+            }
+            double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+            for (Py_ssize_t i = 0; i < nb; i++)
+                acc += rj[i] * cl[i];
+            s1[l] += acc;
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------
+ * A block
+ * ------------------------------------------------------------------------------------- */
+
+/* Row positions and pattern ranks within bounds, pattern tables within the table. */
+static int check_indices(const Args *A, Py_ssize_t table_size)
+{
+    for (Py_ssize_t a = 0; a < A->n_in; a++)
+        if (A->rows[a] < 0 || A->rows[a] >= A->n || A->pats[a] < 0 || A->pats[a] >= A->n_pat)
+            return ERR_INDEX;
+    for (Py_ssize_t p = 0; p < A->n_pat; p++) {
+        const i64 m = A->pat_m[p];
+        if (m < 0 || m >= A->d || A->off[p] < 0 || A->off[p] + A->k + A->k * m * m > table_size)
+            return ERR_INDEX;
+        for (Py_ssize_t a = 0; a < m; a++)
+            if (A->cols[A->col_off[p] + a] < 0 || A->cols[A->col_off[p] + a] >= A->d)
+                return ERR_INDEX;
+    }
+    return 0;
+}
+
+CPU_VERSIONS
+static int block_stats(const Args *A, double *loglik_out, double *n_rows_out)
+{
+    const Py_ssize_t k = A->k, d = A->d, n_in = A->n_in, n_pat = A->n_pat;
+    int status = pattern_tables(A);
+    if (status)
+        return status;
+    Py_ssize_t max_m = 1;
+    for (Py_ssize_t p = 0; p < n_pat; p++)
+        max_m = A->pat_m[p] > max_m ? A->pat_m[p] : max_m;
+    const Py_ssize_t b = A->chunk < n_in ? A->chunk : n_in;
+    double *resp_by_pattern = A->work, *g = A->work + n_pat * k;
+    memset(resp_by_pattern, 0, (size_t)(n_pat * k) * sizeof(double));
+    /* v, z, q, c, y, xt, top, total, scale; positions of the rows missing cells */
+    const Py_ssize_t total = k * max_m + max_m + k * b + 2 * k * d * b + d * b + 3 * b;
+    double *mem = alloc_doubles(total);
+    i64 *inc = malloc((size_t)b * sizeof(i64));
+    if (mem == NULL || inc == NULL) {
+        free(mem);
+        free(inc);
+        return ERR_MEMORY;
+    }
+    double *v = mem, *z = v + k * max_m, *q = z + max_m, *c = q + k * b, *y = c + k * d * b,
+           *xt = y + k * d * b, *top = xt + d * b, *tot = top + b, *scale = tot + b;
+    double loglik = 0.0, n_rows = 0.0;
+    for (Py_ssize_t start = 0; start < n_in; start += b) {
+        const Py_ssize_t nb = b < n_in - start ? b : n_in - start;
+        const i64 *sel = A->rows + start, *pc = A->pats + start;
+        Py_ssize_t n_inc = 0;
+        for (Py_ssize_t i = 0; i < nb; i++)
+            if (A->pat_m[pc[i]] > 0)
+                inc[n_inc++] = i;
+        centre_chunk(A, sel, nb, xt, c);
+        chunk_products(A, c, nb, y, q);
+        chunk_log_prob(A, y, inc, n_inc, pc, nb, c, q, v, z, g, top);
+        exp_nonpositive(q, k * nb);
+        chunk_weigh(A, q, top, sel, inc, n_inc, pc, nb, tot, scale, resp_by_pattern, &loglik,
+                    &n_rows);
+        lower_moments(A, c, q, nb);
+    }
+    add_conditional_covariance(A, resp_by_pattern);
+    free(mem);
+    free(inc);
+    *loglik_out = loglik;
+    *n_rows_out = n_rows;
+    return 0;
+}
+
+/* dense_block_stats(block, model, patterns, tables, moments, chunk, work) -> (loglik,
+ * n_rows), or None when P_mm of some pattern is not positive definite (nothing added). */
+static PyObject *py_dense_block_stats(PyObject *self, PyObject *args)
+{
+    PyObject *block, *model, *patterns, *tables, *moments, *work_obj;
+    Py_ssize_t chunk;
+    if (!PyArg_ParseTuple(args, "OOOOOnO", &block, &model, &patterns, &tables, &moments,
+                          &chunk, &work_obj))
+        return NULL;
+    if (chunk < 1) {
+        PyErr_SetString(PyExc_ValueError, "chunk must be at least 1");
+        return NULL;
+    }
+    Views v = {.count = 0};
+    Args A = {.chunk = chunk};
+    Py_buffer *b;
+    Py_ssize_t rows, cols;
+    if ((A.column_major = flag(block, "column_major")) < 0 ||
+        (A.weighted = flag(block, "weighted")) < 0)
+        return NULL;
+    if (!(b = field(model, "means", 8, 0, 0, &v)) || shape2(b, "means", &A.k, &A.d) < 0)
+        goto fail;
+    A.means = b->buf;
+    const Py_ssize_t k = A.k, d = A.d;
+    if (!(b = field(block, "data", 8, 0, 0, &v)) || shape2(b, "data", &rows, &cols) < 0)
+        goto fail;
+    A.data = b->buf;
+    A.n = A.column_major ? cols : rows;
+    if ((A.column_major ? rows : cols) != d) {
+        PyErr_Format(PyExc_ValueError, "data must have %zd features, as the means", d);
+        goto fail;
+    }
+    if (!(b = field(block, "weights", 8, A.weighted ? A.n : 0, 0, &v)))
+        goto fail;
+    A.weights = b->buf;
+    if (!(b = field(model, "chol", 8, k * d * d, 0, &v)))
+        goto fail;
+    A.chol = b->buf;
+    if (!(b = field(model, "precision", 8, k * d * d, 0, &v)))
+        goto fail;
+    A.precision = b->buf;
+    if (!(b = field(model, "const", 8, k, 0, &v)))
+        goto fail;
+    A.cnst = b->buf;
+    if (!(b = field(patterns, "rows", 8, 0, 0, &v)))
+        goto fail;
+    A.rows = b->buf;
+    A.n_in = items(b);
+    if (!(b = field(patterns, "pats", 8, A.n_in, 0, &v)))
+        goto fail;
+    A.pats = b->buf;
+    if (!(b = field(patterns, "pat_m", 8, 0, 0, &v)))
+        goto fail;
+    A.pat_m = b->buf;
+    A.n_pat = items(b);
+    if (!(b = field(patterns, "col_off", 8, A.n_pat, 0, &v)))
+        goto fail;
+    A.col_off = b->buf;
+    Py_ssize_t n_cols = 0;
+    for (Py_ssize_t p = 0; p < A.n_pat; p++)
+        n_cols = A.col_off[p] + A.pat_m[p] > n_cols ? A.col_off[p] + A.pat_m[p] : n_cols;
+    if (!(b = field(patterns, "cols", 8, n_cols, 0, &v)))
+        goto fail;
+    A.cols = b->buf;
+    if (!(b = field(tables, "table", 8, 0, 1, &v)))
+        goto fail;
+    A.table = b->buf;
+    const Py_ssize_t table_size = items(b);
+    if (!(b = field(tables, "off", 8, A.n_pat, 0, &v)))
+        goto fail;
+    A.off = b->buf;
+    if (!(b = field(tables, "compute", 1, A.n_pat, 0, &v)))
+        goto fail;
+    A.compute = b->buf;
+    if (!(b = field(moments, "nk", 8, k, 1, &v)))
+        goto fail;
+    A.nk = b->buf;
+    if (!(b = field(moments, "s1", 8, k * d, 1, &v)))
+        goto fail;
+    A.s1 = b->buf;
+    if (!(b = field(moments, "lower", 8, k * d * d, 1, &v)))
+        goto fail;
+    A.lower = b->buf;
+    if (A.n_in == 0) {
+        release_views(&v);
+        return Py_BuildValue("dd", 0.0, 0.0);
+    }
+    const Py_ssize_t rows_per_chunk = chunk < A.n_in ? chunk : A.n_in;
+    Py_buffer work;
+    if (get_array(work_obj, "work", 8, A.n_pat * k + k * d * rows_per_chunk, 1, &work) < 0)
+        goto fail;
+    v.views[v.count++] = work;
+    A.work = work.buf;
+    double loglik = 0.0, n_rows = 0.0;
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = check_indices(&A, table_size);
+    if (status == 0)
+        status = block_stats(&A, &loglik, &n_rows);
+    Py_END_ALLOW_THREADS
+    release_views(&v);
+    if (status == ERR_ILL_DEFINED)
+        Py_RETURN_NONE;
+    if (status == ERR_INDEX) {
+        PyErr_SetString(PyExc_IndexError,
+                        "patterns or tables point outside the block or the table");
+        return NULL;
+    }
+    if (status == ERR_MEMORY)
+        return PyErr_NoMemory();
+    return Py_BuildValue("dd", loglik, n_rows);
+fail:
+    release_views(&v);
+    return NULL;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * exp
+ * ------------------------------------------------------------------------------------- */
+
+CPU_VERSIONS
+static void exp_in_place(double *q, Py_ssize_t size) { exp_nonpositive(q, size); }
+
+static PyObject *py_exp_nonpositive(PyObject *self, PyObject *arg)
+{
+    Py_buffer view;
+    if (get_array(arg, "q", 8, 0, 1, &view) < 0)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    exp_in_place(view.buf, view.len / 8);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"find_patterns", py_find_patterns, METH_VARARGS,
+     "find_patterns(block, k, iwork) -> (n_in, rows_at, pats_at, n_pat, small)\n\n"
+     "The informative rows of a block and their missingness patterns (see "
+     "emdask.families._compiled.find_patterns)."},
+    {"dense_block_stats", py_dense_block_stats, METH_VARARGS,
+     "dense_block_stats(block, model, patterns, tables, moments, chunk, work) -> "
+     "(loglik, n_rows) or None\n\n"
+     "E-step statistics of a block under full (or tied) covariances (see "
+     "emdask.families._compiled.dense_block_stats); None when the precision of the missing "
+     "cells of some pattern is not positive definite."},
+    {"exp_nonpositive", py_exp_nonpositive, METH_O,
+     "exp_nonpositive(q): q = exp(q) in place, for a float64 array of values <= 0."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_cgaussian",
+    "The compiled Gaussian E-step under full or tied covariances.", -1, methods,
+};
 
 PyMODINIT_FUNC PyInit__cgaussian(void) { return PyModule_Create(&module); }
