@@ -867,6 +867,11 @@ STEP void chunk_weigh(const Args *A, double *restrict e, const double *restrict 
     }
 }
 
+/* Eight rows at once, as one value: partial sums along the rows kept per lane (one AVX-512
+ * register, two AVX2 ones) and added up at the end (a reassociated sum). */
+#define LANES 8
+typedef double lanes_t __attribute__((vector_size(8 * LANES), aligned(8), may_alias));
+
 /* One 4 x 4 block of sum_i r_i c_i c_i^T: rows lb.. (cl) against columns mb.. (cm), into
  * lower (row stride d); on the diagonal (diag) only its lower triangle, and the weighted
  * rows' sums into s1. */
@@ -874,13 +879,18 @@ STEP void moments_block4(const double *restrict r, const double *restrict cl,
                          const double *restrict cm, Py_ssize_t nb, const int diag,
                          double *restrict lower, Py_ssize_t d, double *restrict s1)
 {
-    double a[16] = {0.0}, b[4] = {0.0};
-#pragma omp simd reduction(+ : a, b)
-    for (Py_ssize_t i = 0; i < nb; i++) {
-        double x[4], w[4];
+    lanes_t a[16], b[4];
+    for (int e = 0; e < 16; e++)
+        a[e] = (lanes_t){0.0};
+    for (int o = 0; o < 4; o++)
+        b[o] = (lanes_t){0.0};
+    Py_ssize_t i = 0;
+    for (; i + LANES <= nb; i += LANES) {
+        lanes_t x[4], w[4];
+        const lanes_t ri = *(const lanes_t *)(r + i);
         for (int s = 0; s < 4; s++) {
-            x[s] = cl[s * nb + i];
-            w[s] = r[i] * cm[s * nb + i];
+            x[s] = *(const lanes_t *)(cl + s * nb + i);
+            w[s] = ri * *(const lanes_t *)(cm + s * nb + i);
         }
         for (int s = 0; s < 4; s++)
             for (int o = 0; o < 4; o++)
@@ -890,13 +900,36 @@ STEP void moments_block4(const double *restrict r, const double *restrict cl,
             for (int o = 0; o < 4; o++)
                 b[o] += w[o];
     }
+    double sa[16], sb[4];
+    for (int e = 0; e < 16; e++) {
+        sa[e] = 0.0;
+        for (int t = 0; t < LANES; t++)
+            sa[e] += a[e][t];
+    }
+    for (int o = 0; o < 4; o++) {
+        sb[o] = 0.0;
+        for (int t = 0; t < LANES; t++)
+            sb[o] += b[o][t];
+    }
+    for (; i < nb; i++) { /* rows past the last eight */
+        double x[4], w[4];
+        for (int s = 0; s < 4; s++) {
+            x[s] = cl[s * nb + i];
+            w[s] = r[i] * cm[s * nb + i];
+        }
+        for (int s = 0; s < 4; s++)
+            for (int o = 0; o < 4; o++)
+                sa[4 * s + o] += x[s] * w[o];
+        for (int o = 0; o < 4; o++)
+            sb[o] += w[o];
+    }
     for (int s = 0; s < 4; s++)
         for (int o = 0; o < 4; o++)
             if (!diag || o <= s)
-                lower[s * d + o] += a[4 * s + o];
+                lower[s * d + o] += sa[4 * s + o];
     if (diag)
         for (int o = 0; o < 4; o++)
-            s1[o] += b[o];
+            s1[o] += sb[o];
 }
 
 /* lower[j] += sum_i r_ji c_j[:, i] c_j[:, i]^T on and below the diagonal, by 4 x 4 blocks
