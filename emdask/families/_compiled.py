@@ -107,9 +107,8 @@ def dense_block_stats(block, model, patterns, tables, moments, chunk, work):
     chunk : int
         Rows per chunk.
     work : ndarray (float64)
-        Scratch space kept by the caller between blocks (fresh allocations cost page
-        faults at every block in Dask workers, whose allocator hands large blocks back to
-        the system), at least ``n_patterns k + k d min(chunk, rows)`` long.
+        Scratch space kept by the caller between blocks, at least ``n_patterns k`` long
+        (the responsibilities summed per pattern).
 
     Returns
     -------

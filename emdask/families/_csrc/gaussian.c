@@ -534,129 +534,138 @@ STEP void add_conditional_covariance(const Args *A, const double *resp_by_patter
 }
 
 /* ---------------------------------------------------------------------------------------
- * Steps of a chunk: arrays (k, d, nb) or (k, nb), rows along the last axis
+ * Steps of a chunk: arrays (k, d, ld) or (k, nb), rows along the last axis (nb of them; ld
+ * the row stride of the larger arrays, so that their rows fall on different cache sets)
  * ------------------------------------------------------------------------------------- */
 
-/* c[j, :, i] = X[sel[i]] - mu_j with zeros in the missing cells. Rows that follow each
- * other in X (the usual case: every row of the block carries information) are read without
- * the index: a column-major X a column at a time straight into c, a row-major one through
- * its transpose xt. */
-STEP void centre_chunk(const Args *A, const i64 *sel, Py_ssize_t nb, double *restrict xt,
-                       double *restrict c)
+/* The chunk's rows as columns: x[l * stride + i] = X[sel[i], l]. Rows that follow each other
+ * in X (the usual case: every row of the block carries information) are read without the
+ * index: a column-major X in place, a row-major one through its transpose xt. */
+STEP const double *chunk_rows(const Args *A, const i64 *sel, Py_ssize_t nb, Py_ssize_t ld,
+                              double *restrict xt, Py_ssize_t *stride)
 {
-    const Py_ssize_t k = A->k, d = A->d, n = A->n;
+    const Py_ssize_t d = A->d, n = A->n;
     const double *data = A->data;
     const i64 s0 = sel[0];
+    *stride = ld;
     if (sel[nb - 1] - s0 == nb - 1) {
         if (A->column_major) {
-            for (Py_ssize_t j = 0; j < k; j++)
-                for (Py_ssize_t l = 0; l < d; l++) {
-                    const double mu = A->means[j * d + l];
-                    const double *restrict x = data + l * n + s0;
-                    double *restrict out = c + (j * d + l) * nb;
-#pragma omp simd
-                    for (Py_ssize_t i = 0; i < nb; i++)
-                        out[i] = x[i] == x[i] ? x[i] - mu : 0.0;
-                }
-            return;
+            *stride = n;
+            return data + s0;
         }
         for (Py_ssize_t i = 0; i < nb; i++)
             for (Py_ssize_t l = 0; l < d; l++)
-                xt[l * nb + i] = data[(s0 + i) * d + l];
+                xt[l * ld + i] = data[(s0 + i) * d + l];
     } else if (A->column_major) {
         for (Py_ssize_t l = 0; l < d; l++)
             for (Py_ssize_t i = 0; i < nb; i++)
-                xt[l * nb + i] = data[l * n + sel[i]];
+                xt[l * ld + i] = data[l * n + sel[i]];
     } else {
         for (Py_ssize_t i = 0; i < nb; i++)
             for (Py_ssize_t l = 0; l < d; l++)
-                xt[l * nb + i] = data[sel[i] * d + l];
+                xt[l * ld + i] = data[sel[i] * d + l];
     }
-    for (Py_ssize_t j = 0; j < k; j++)
-        for (Py_ssize_t l = 0; l < d; l++) {
-            const double mu = A->means[j * d + l];
-            const double *restrict x = xt + l * nb;
-            double *restrict out = c + (j * d + l) * nb;
-#pragma omp simd
-            for (Py_ssize_t i = 0; i < nb; i++)
-                out[i] = x[i] == x[i] ? x[i] - mu : 0.0;
-        }
+    return xt;
 }
 
-/* U[r0 : r0 + 4, c0 : c0 + 4] (r0 <= c0) of one component's U (d x d), zero below the
- * diagonal of U; as w[4 s + o] = U[r0 + s, c0 + o], or its transpose. */
-STEP void upper_block4(const double *U, Py_ssize_t d, Py_ssize_t r0, Py_ssize_t c0,
-                       int transpose, double w[16])
-{
-    for (int s = 0; s < 4; s++)
-        for (int o = 0; o < 4; o++) {
-            double u = r0 == c0 && s > o ? 0.0 : U[(r0 + s) * d + c0 + o];
-            w[transpose ? 4 * o + s : 4 * s + o] = u;
-        }
-}
+/* Eight rows at once, as one value: in products each lane a row; in sums along the rows partial sums kept per lane (one AVX-512
+ * register, two AVX2 ones) and added up at the end (a reassociated sum). */
+#define LANES 8
+typedef double lanes_t __attribute__((vector_size(8 * LANES), aligned(8), may_alias));
 
-/* dst[o] (+)= sum_s w[4 s + o] src[s] for o, s in 0..3, along the rows: four outputs from
- * four inputs per pass (8 loads and 4 stores per 16 multiply-adds). */
-STEP void products4(const double *restrict src, double *restrict dst, const double w[16],
-                    Py_ssize_t nb, int add)
+typedef int64_t mask_t __attribute__((vector_size(8 * LANES), aligned(8), may_alias));
+
+/* Up to eight outputs at a time: dst[o] = sum_s w[8 s + o] src[s] for s < n_in and
+ * o < n_out, eight rows (from i) with the outputs held in registers (one load per eight
+ * multiply-adds); with q, q += sum_o dst[o]^2 on the way. w: zero where U is. */
+STEP void products8(const double *restrict src, Py_ssize_t n_in, const double *restrict w,
+                    double *restrict dst, Py_ssize_t n_out, Py_ssize_t ld, Py_ssize_t i,
+                    double *restrict q)
 {
-#pragma omp simd
-    for (Py_ssize_t i = 0; i < nb; i++) {
-        double x[4], t[4];
-        for (int s = 0; s < 4; s++)
-            x[s] = src[s * nb + i];
-        for (int o = 0; o < 4; o++)
-            t[o] = add ? dst[o * nb + i] : 0.0;
-        for (int s = 0; s < 4; s++)
-            for (int o = 0; o < 4; o++)
-                t[o] += w[4 * s + o] * x[s];
-        for (int o = 0; o < 4; o++)
-            dst[o * nb + i] = t[o];
+    lanes_t acc[8];
+    for (int o = 0; o < 8; o++)
+        acc[o] = (lanes_t){0.0};
+    for (Py_ssize_t s = 0; s < n_in; s++) {
+        const lanes_t x = *(const lanes_t *)(src + s * ld + i);
+        for (int o = 0; o < 8; o++)
+            acc[o] += w[8 * s + o] * x;
+    }
+    for (int o = 0; o < 8; o++)
+        if (o < n_out)
+            *(lanes_t *)(dst + o * ld + i) = acc[o];
+    if (q) {
+        lanes_t sq = *(lanes_t *)(q + i);
+        for (int o = 0; o < 8; o++)
+            sq += acc[o] * acc[o];
+        *(lanes_t *)(q + i) = sq;
     }
 }
 
-/* y[j] = c_j U_j and q[j] = const_j - |y[j]|^2 / 2 (U_j upper triangular: only its upper
- * triangle is read). */
-STEP void chunk_products(const Args *A, const double *restrict c, Py_ssize_t nb,
-                         double *restrict y, double *restrict q)
+/* products8 for one row i (the rows past the last eight). */
+STEP void products1(const double *restrict src, Py_ssize_t n_in, const double *restrict w,
+                    double *restrict dst, Py_ssize_t n_out, Py_ssize_t ld, Py_ssize_t i,
+                    double *restrict q)
 {
-    const Py_ssize_t k = A->k, d = A->d, full = d - d % 4;
-    double w[16];
+    double acc[8] = {0.0};
+    for (Py_ssize_t s = 0; s < n_in; s++)
+        for (int o = 0; o < 8; o++)
+            acc[o] += w[8 * s + o] * src[s * ld + i];
+    for (int o = 0; o < 8; o++)
+        if (o < n_out)
+            dst[o * ld + i] = acc[o];
+    if (q)
+        for (int o = 0; o < 8; o++)
+            q[i] += acc[o] * acc[o];
+}
+
+/* U's columns ob .. ob + 7 as the weights of products8 for c U: w[8 m + o] = U[m, ob + o]
+ * for m <= ob + o < d, else 0 (m < ob + 8). */
+STEP void upper_columns8(const double *U, Py_ssize_t d, Py_ssize_t ob, double *restrict w)
+{
+    const Py_ssize_t n_out = d - ob < 8 ? d - ob : 8;
+    for (Py_ssize_t m = 0; m < ob + n_out; m++)
+        for (int o = 0; o < 8; o++)
+            w[8 * m + o] = o < n_out && m <= ob + o ? U[m * d + ob + o] : 0.0;
+}
+
+/* c[j] = x - mu_j with zeros in the missing cells, y[j] = c_j U_j and q[j] = const_j -
+ * |y[j]|^2 / 2 (U_j upper triangular: only its upper triangle is read), eight rows at a
+ * time, each step on rows still in the core's first cache. x: the chunk's rows as columns
+ * (row stride `stride`); w: scratch of 8 d (d + 7) / 8. */
+STEP void chunk_products(const Args *A, const double *restrict x, Py_ssize_t stride,
+                         Py_ssize_t nb, Py_ssize_t ld, double *restrict c, double *restrict y,
+                         double *restrict q, double *restrict w)
+{
+    const Py_ssize_t k = A->k, d = A->d, blocks = (d + 7) / 8;
     for (Py_ssize_t j = 0; j < k; j++) {
-        const double *U = A->chol + j * d * d;
-        const double *cj = c + j * d * nb;
-        double *yj = y + j * d * nb, *restrict qj = q + j * nb;
+        const double *U = A->chol + j * d * d, *mu = A->means + j * d;
+        double *restrict cj = c + j * d * ld, *restrict yj = y + j * d * ld,
+                        *restrict qj = q + j * nb;
+        for (Py_ssize_t ob = 0; ob < blocks; ob++)
+            upper_columns8(U, d, 8 * ob, w + 8 * d * ob);
         for (Py_ssize_t i = 0; i < nb; i++)
             qj[i] = 0.0;
-        for (Py_ssize_t lb = 0; lb < full; lb += 4) {
-            /* U is upper triangular: the first block sets the outputs */
-            upper_block4(U, d, 0, lb, 0, w);
-            products4(cj, yj + lb * nb, w, nb, 0);
-            for (Py_ssize_t mb = 4; mb < lb + 4; mb += 4) {
-                upper_block4(U, d, mb, lb, 0, w);
-                products4(cj + mb * nb, yj + lb * nb, w, nb, 1);
+        Py_ssize_t i = 0;
+        for (; i + LANES <= nb; i += LANES) {
+            for (Py_ssize_t l = 0; l < d; l++) {
+                const lanes_t xl = *(const lanes_t *)(x + l * stride + i);
+                const mask_t seen = xl == xl;
+                *(lanes_t *)(cj + l * ld + i) = (lanes_t)((mask_t)(xl - mu[l]) & seen);
             }
-            const double *restrict t = yj + lb * nb;
-#pragma omp simd
-            for (Py_ssize_t i = 0; i < nb; i++)
-                qj[i] += t[i] * t[i] + t[nb + i] * t[nb + i] + t[2 * nb + i] * t[2 * nb + i] +
-                         t[3 * nb + i] * t[3 * nb + i];
+            for (Py_ssize_t ob = 0; ob < blocks; ob++) {
+                const Py_ssize_t o0 = 8 * ob, n_out = d - o0 < 8 ? d - o0 : 8;
+                products8(cj, o0 + n_out, w + 8 * d * ob, yj + o0 * ld, n_out, ld, i, qj);
+            }
         }
-        /* outputs past the last full block of four */
-        for (Py_ssize_t l = full; l < d; l++) {
-            double *restrict yl = yj + l * nb;
-            for (Py_ssize_t i = 0; i < nb; i++)
-                yl[i] = 0.0;
-            for (Py_ssize_t m = 0; m <= l; m++) {
-                const double u = U[m * d + l];
-                const double *restrict cm = cj + m * nb;
-#pragma omp simd
-                for (Py_ssize_t i = 0; i < nb; i++)
-                    yl[i] += u * cm[i];
+        for (; i < nb; i++) { /* rows past the last eight */
+            for (Py_ssize_t l = 0; l < d; l++) {
+                const double xl = x[l * stride + i];
+                cj[l * ld + i] = xl == xl ? xl - mu[l] : 0.0;
             }
-#pragma omp simd
-            for (Py_ssize_t i = 0; i < nb; i++)
-                qj[i] += yl[i] * yl[i];
+            for (Py_ssize_t ob = 0; ob < blocks; ob++) {
+                const Py_ssize_t o0 = 8 * ob, n_out = d - o0 < 8 ? d - o0 : 8;
+                products1(cj, o0 + n_out, w + 8 * d * ob, yj + o0 * ld, n_out, ld, i, qj);
+            }
         }
         const double cn = A->cnst[j];
 #pragma omp simd
@@ -665,42 +674,27 @@ STEP void chunk_products(const Args *A, const double *restrict c, Py_ssize_t nb,
     }
 }
 
-/* g[j] += U_j y[j] (U_j upper triangular), four outputs from four inputs per pass. */
-STEP void upper_times(const Args *A, const double *restrict y, Py_ssize_t nb,
-                      double *restrict g)
+/* g[j] = U_j y[j] (U_j upper triangular). w: scratch of 8 d. */
+STEP void upper_times(const Args *A, const double *restrict y, Py_ssize_t nb, Py_ssize_t ld,
+                      double *restrict g, double *restrict w)
 {
-    const Py_ssize_t k = A->k, d = A->d, full = d - d % 4;
-    double w[16];
+    const Py_ssize_t k = A->k, d = A->d;
     for (Py_ssize_t j = 0; j < k; j++) {
         const double *U = A->chol + j * d * d;
-        const double *yj = y + j * d * nb;
-        double *gj = g + j * d * nb;
-        for (Py_ssize_t ab = 0; ab < full; ab += 4) {
-            for (Py_ssize_t lb = ab; lb < full; lb += 4) { /* U[a, l] = 0 for l < a */
-                upper_block4(U, d, ab, lb, 1, w);
-                products4(yj + lb * nb, gj + ab * nb, w, nb, 1);
-            }
-            /* inputs past the last full block of four */
-            for (Py_ssize_t l = full; l < d; l++)
-                for (Py_ssize_t a = ab; a < ab + 4; a++) {
-                    const double u = U[a * d + l];
-                    const double *restrict yl = yj + l * nb;
-                    double *restrict ga = gj + a * nb;
-#pragma omp simd
-                    for (Py_ssize_t i = 0; i < nb; i++)
-                        ga[i] += u * yl[i];
-                }
+        for (Py_ssize_t ab = 0; ab < d; ab += 8) {
+            /* outputs ab.. from inputs ab .. d - 1: g[a] = sum_{l >= a} U[a, l] y[l] */
+            const Py_ssize_t n_out = d - ab < 8 ? d - ab : 8, n_in = d - ab;
+            for (Py_ssize_t s = 0; s < n_in; s++)
+                for (int o = 0; o < 8; o++)
+                    w[8 * s + o] = o < n_out && s >= o ? U[(ab + o) * d + ab + s] : 0.0;
+            const double *yb = y + (j * d + ab) * ld;
+            double *gb = g + (j * d + ab) * ld;
+            Py_ssize_t i = 0;
+            for (; i + LANES <= nb; i += LANES)
+                products8(yb, n_in, w, gb, n_out, ld, i, NULL);
+            for (; i < nb; i++)
+                products1(yb, n_in, w, gb, n_out, ld, i, NULL);
         }
-        /* outputs past the last full block of four */
-        for (Py_ssize_t a = full; a < d; a++)
-            for (Py_ssize_t l = a; l < d; l++) {
-                const double u = U[a * d + l];
-                const double *restrict yl = yj + l * nb;
-                double *restrict ga = gj + a * nb;
-#pragma omp simd
-                for (Py_ssize_t i = 0; i < nb; i++)
-                    ga[i] += u * yl[i];
-            }
     }
 }
 
@@ -709,7 +703,7 @@ STEP void upper_times(const Args *A, const double *restrict y, Py_ssize_t nb,
  * missing cells' conditional mean, centred on mu_j, -P_mm^-1 v_j into c, and
  * v_j^T P_mm^-1 v_j / 2 plus the pattern's correction added to q. z: scratch of m. */
 STEP void conditional_terms(const int M, Py_ssize_t m, const Args *A, Py_ssize_t i,
-                            Py_ssize_t nb, const i64 *cols, const double *tab,
+                            Py_ssize_t nb, Py_ssize_t ld, const i64 *cols, const double *tab,
                             double *restrict c, double *restrict q, const double *v,
                             double *restrict z)
 {
@@ -726,7 +720,7 @@ STEP void conditional_terms(const int M, Py_ssize_t m, const Args *A, Py_ssize_t
             vz += vj[a] * za;
         }
         for (Py_ssize_t a = 0; a < n; a++)
-            c[(j * d + cols[a]) * nb + i] = -z[a];
+            c[(j * d + cols[a]) * ld + i] = -z[a];
         q[j * nb + i] += 0.5 * vz + tab[j];
     }
 }
@@ -740,9 +734,9 @@ STEP void conditional_terms(const int M, Py_ssize_t m, const Args *A, Py_ssize_t
  * -P_mm^-1 v (into c) and the Mahalanobis term of the observed cells |y|^2 - v^T P_mm^-1 v.
  * incomplete: positions in the chunk of rows missing cells; pc: each row's pattern rank. */
 STEP void chunk_log_prob(const Args *A, const double *restrict y, const i64 *incomplete,
-                         Py_ssize_t n_inc, const i64 *pc, Py_ssize_t nb, double *restrict c,
+                         Py_ssize_t n_inc, const i64 *pc, Py_ssize_t nb, Py_ssize_t ld, double *restrict c,
                          double *restrict q, double *restrict v, double *restrict z,
-                         double *restrict g, double *restrict top)
+                         double *restrict g, double *restrict w, double *restrict top)
 {
     const Py_ssize_t k = A->k, d = A->d;
     /* v row by row costs the sum of (d - column) per missing cell; for many such cells the
@@ -755,10 +749,8 @@ STEP void chunk_log_prob(const Args *A, const double *restrict y, const i64 *inc
             work += d - cols[a];
     }
     const int whole = 8 * work > nb * d * (d + 1) / 2;
-    if (whole) {
-        memset(g, 0, (size_t)(k * d * nb) * sizeof(double));
-        upper_times(A, y, nb, g);
-    }
+    if (whole)
+        upper_times(A, y, nb, ld, g, w);
     for (Py_ssize_t t = 0; t < n_inc; t++) {
         const Py_ssize_t i = incomplete[t];
         const i64 p = pc[i];
@@ -768,22 +760,22 @@ STEP void chunk_log_prob(const Args *A, const double *restrict y, const i64 *inc
             for (Py_ssize_t a = 0; a < m; a++) {
                 const i64 ca = cols[a];
                 if (whole) {
-                    v[j * m + a] = g[(j * d + ca) * nb + i];
+                    v[j * m + a] = g[(j * d + ca) * ld + i];
                 } else {
                     const double *U = A->chol + (j * d + ca) * d;
                     double va = 0.0;
                     for (Py_ssize_t l = ca; l < d; l++)
-                        va += U[l] * y[(j * d + l) * nb + i];
+                        va += U[l] * y[(j * d + l) * ld + i];
                     v[j * m + a] = va;
                 }
             }
         const double *tab = A->table + A->off[p];
         switch (m) { /* the same loop, compiled for each small count */
-        case 1: conditional_terms(1, m, A, i, nb, cols, tab, c, q, v, z); break;
-        case 2: conditional_terms(2, m, A, i, nb, cols, tab, c, q, v, z); break;
-        case 3: conditional_terms(3, m, A, i, nb, cols, tab, c, q, v, z); break;
-        case 4: conditional_terms(4, m, A, i, nb, cols, tab, c, q, v, z); break;
-        default: conditional_terms(0, m, A, i, nb, cols, tab, c, q, v, z); break;
+        case 1: conditional_terms(1, m, A, i, nb, ld, cols, tab, c, q, v, z); break;
+        case 2: conditional_terms(2, m, A, i, nb, ld, cols, tab, c, q, v, z); break;
+        case 3: conditional_terms(3, m, A, i, nb, ld, cols, tab, c, q, v, z); break;
+        case 4: conditional_terms(4, m, A, i, nb, ld, cols, tab, c, q, v, z); break;
+        default: conditional_terms(0, m, A, i, nb, ld, cols, tab, c, q, v, z); break;
         }
     }
     for (Py_ssize_t i = 0; i < nb; i++)
@@ -867,16 +859,11 @@ STEP void chunk_weigh(const Args *A, double *restrict e, const double *restrict 
     }
 }
 
-/* Eight rows at once, as one value: partial sums along the rows kept per lane (one AVX-512
- * register, two AVX2 ones) and added up at the end (a reassociated sum). */
-#define LANES 8
-typedef double lanes_t __attribute__((vector_size(8 * LANES), aligned(8), may_alias));
-
 /* One 4 x 4 block of sum_i r_i c_i c_i^T: rows lb.. (cl) against columns mb.. (cm), into
  * lower (row stride d); on the diagonal (diag) only its lower triangle, and the weighted
  * rows' sums into s1. */
 STEP void moments_block4(const double *restrict r, const double *restrict cl,
-                         const double *restrict cm, Py_ssize_t nb, const int diag,
+                         const double *restrict cm, Py_ssize_t nb, Py_ssize_t ld, const int diag,
                          double *restrict lower, Py_ssize_t d, double *restrict s1)
 {
     lanes_t a[16], b[4];
@@ -889,8 +876,8 @@ STEP void moments_block4(const double *restrict r, const double *restrict cl,
         lanes_t x[4], w[4];
         const lanes_t ri = *(const lanes_t *)(r + i);
         for (int s = 0; s < 4; s++) {
-            x[s] = *(const lanes_t *)(cl + s * nb + i);
-            w[s] = ri * *(const lanes_t *)(cm + s * nb + i);
+            x[s] = *(const lanes_t *)(cl + s * ld + i);
+            w[s] = ri * *(const lanes_t *)(cm + s * ld + i);
         }
         for (int s = 0; s < 4; s++)
             for (int o = 0; o < 4; o++)
@@ -914,8 +901,8 @@ STEP void moments_block4(const double *restrict r, const double *restrict cl,
     for (; i < nb; i++) { /* rows past the last eight */
         double x[4], w[4];
         for (int s = 0; s < 4; s++) {
-            x[s] = cl[s * nb + i];
-            w[s] = r[i] * cm[s * nb + i];
+            x[s] = cl[s * ld + i];
+            w[s] = r[i] * cm[s * ld + i];
         }
         for (int s = 0; s < 4; s++)
             for (int o = 0; o < 4; o++)
@@ -935,25 +922,25 @@ STEP void moments_block4(const double *restrict r, const double *restrict cl,
 /* lower[j] += sum_i r_ji c_j[:, i] c_j[:, i]^T on and below the diagonal, by 4 x 4 blocks
  * held in registers, and s1[j] += sum_i r_ji c_j[:, i] on the way. */
 STEP void lower_moments(const Args *A, const double *restrict c, const double *restrict r,
-                        Py_ssize_t nb)
+                        Py_ssize_t nb, Py_ssize_t ld)
 {
     const Py_ssize_t k = A->k, d = A->d, full = d - d % 4;
     for (Py_ssize_t j = 0; j < k; j++) {
-        const double *cj = c + j * d * nb, *rj = r + j * nb;
+        const double *cj = c + j * d * ld, *rj = r + j * nb;
         double *lower = A->lower + j * d * d, *s1 = A->s1 + j * d;
         for (Py_ssize_t lb = 0; lb < full; lb += 4) {
             /* the diagonal block, whose pass also sums the weighted rows */
-            moments_block4(rj, cj + lb * nb, cj + lb * nb, nb, 1, lower + lb * d + lb, d,
+            moments_block4(rj, cj + lb * ld, cj + lb * ld, nb, ld, 1, lower + lb * d + lb, d,
                            s1 + lb);
             for (Py_ssize_t mb = 0; mb < lb; mb += 4)
-                moments_block4(rj, cj + lb * nb, cj + mb * nb, nb, 0, lower + lb * d + mb, d,
+                moments_block4(rj, cj + lb * ld, cj + mb * ld, nb, ld, 0, lower + lb * d + mb, d,
                                NULL);
         }
         /* rows past the last full block of four */
         for (Py_ssize_t l = full; l < d; l++) {
-            const double *restrict cl = cj + l * nb;
+            const double *restrict cl = cj + l * ld;
             for (Py_ssize_t m = 0; m <= l; m++) {
-                const double *restrict cm = cj + m * nb;
+                const double *restrict cm = cj + m * ld;
                 double acc = 0.0;
 #pragma omp simd reduction(+ : acc)
                 for (Py_ssize_t i = 0; i < nb; i++)
@@ -1001,10 +988,17 @@ static int block_stats(const Args *A, double *loglik_out, double *n_rows_out)
     for (Py_ssize_t p = 0; p < n_pat; p++)
         max_m = A->pat_m[p] > max_m ? A->pat_m[p] : max_m;
     const Py_ssize_t b = A->chunk < n_in ? A->chunk : n_in;
-    double *resp_by_pattern = A->work, *g = A->work + n_pat * k;
+    /* the row stride of the (k, d, ld) arrays: a whole number of eight-row groups, and an
+     * odd number of cache lines, so that the d rows read together do not compete for a few
+     * sets of the first-level cache (as they would with a power-of-two stride) */
+    Py_ssize_t ld = (b + 7) / 8 * 8;
+    if (ld % 16 == 0)
+        ld += 8;
+    double *resp_by_pattern = A->work;
     memset(resp_by_pattern, 0, (size_t)(n_pat * k) * sizeof(double));
-    /* v, z, q, c, y, xt, top, total, scale; positions of the rows missing cells */
-    const Py_ssize_t total = k * max_m + max_m + k * b + 2 * k * d * b + d * b + 3 * b;
+    /* v, z, q, c, y, g, xt, top, total, scale, w; positions of the rows missing cells */
+    const Py_ssize_t total =
+        k * max_m + max_m + k * b + 3 * k * d * ld + d * ld + 3 * b + d * (d + 8);
     double *mem = alloc_doubles(total);
     i64 *inc = malloc((size_t)b * sizeof(i64));
     if (mem == NULL || inc == NULL) {
@@ -1012,8 +1006,9 @@ static int block_stats(const Args *A, double *loglik_out, double *n_rows_out)
         free(inc);
         return ERR_MEMORY;
     }
-    double *v = mem, *z = v + k * max_m, *q = z + max_m, *c = q + k * b, *y = c + k * d * b,
-           *xt = y + k * d * b, *top = xt + d * b, *tot = top + b, *scale = tot + b;
+    double *v = mem, *z = v + k * max_m, *q = z + max_m, *c = q + k * b, *y = c + k * d * ld,
+           *g = y + k * d * ld, *xt = g + k * d * ld, *top = xt + d * ld, *tot = top + b,
+           *scale = tot + b, *w = scale + b;
     double loglik = 0.0, n_rows = 0.0;
     for (Py_ssize_t start = 0; start < n_in; start += b) {
         const Py_ssize_t nb = b < n_in - start ? b : n_in - start;
@@ -1022,13 +1017,14 @@ static int block_stats(const Args *A, double *loglik_out, double *n_rows_out)
         for (Py_ssize_t i = 0; i < nb; i++)
             if (A->pat_m[pc[i]] > 0)
                 inc[n_inc++] = i;
-        centre_chunk(A, sel, nb, xt, c);
-        chunk_products(A, c, nb, y, q);
-        chunk_log_prob(A, y, inc, n_inc, pc, nb, c, q, v, z, g, top);
+        Py_ssize_t stride;
+        const double *x = chunk_rows(A, sel, nb, ld, xt, &stride);
+        chunk_products(A, x, stride, nb, ld, c, y, q, w);
+        chunk_log_prob(A, y, inc, n_inc, pc, nb, ld, c, q, v, z, g, w, top);
         exp_nonpositive(q, k * nb);
         chunk_weigh(A, q, top, sel, inc, n_inc, pc, nb, tot, scale, resp_by_pattern, &loglik,
                     &n_rows);
-        lower_moments(A, c, q, nb);
+        lower_moments(A, c, q, nb, ld);
     }
     add_conditional_covariance(A, resp_by_pattern);
     free(mem);
@@ -1125,9 +1121,8 @@ static PyObject *py_dense_block_stats(PyObject *self, PyObject *args)
         release_views(&v);
         return Py_BuildValue("dd", 0.0, 0.0);
     }
-    const Py_ssize_t rows_per_chunk = chunk < A.n_in ? chunk : A.n_in;
     Py_buffer work;
-    if (get_array(work_obj, "work", 8, A.n_pat * k + k * d * rows_per_chunk, 1, &work) < 0)
+    if (get_array(work_obj, "work", 8, A.n_pat * k, 1, &work) < 0)
         goto fail;
     v.views[v.count++] = work;
     A.work = work.buf;
