@@ -280,20 +280,38 @@ def test_compiled_kernel_is_built_in_this_installation():
     assert _kernels._compiled_kernels() is not None
 
 
+CPU_VERSIONS = []
+if _kernels.compiled_available():
+    from emdask.families import _cgaussian
+
+    CPU_VERSIONS = _cgaussian.versions()
+
+
+@pytest.fixture(params=CPU_VERSIONS)
+def cpu_version(request):
+    """Each CPU version of the compiled block kernel this machine runs (the widest is the
+    one in use otherwise)."""
+    _cgaussian.use_version(request.param)
+    yield request.param
+    _cgaussian.use_version(CPU_VERSIONS[0])
+
+
 @pytest.mark.skipif(not _kernels.compiled_available(), reason="needs the compiled C module")
 @pytest.mark.parametrize("order", ["C", "F"])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("share", [0.02, 0.9])
 def test_compiled_kernel_matches_the_numpy_steps_for_every_missing_count(
-    monkeypatch, order, weighted, share
+    monkeypatch, cpu_version, order, weighted, share
 ):
     """Rows missing 0 to 8 cells (the counts the compiler specialises and the loop for any
     other), in chunks where few rows miss cells (their conditional terms row by row) or
-    most do (from the whole chunk's products): the compiled kernel gives the numpy steps'
-    statistics, row- and column-major, with and without row weights."""
+    most do (from the whole chunk's products): every CPU version of the compiled kernel
+    gives the numpy steps' statistics, row- and column-major, with and without row weights
+    (10 columns: blocks of outputs and moments cut short; the last chunk's rows not a
+    whole number of vectors)."""
     k, d = 3, 10
     params = random_params("full", k, d, seed=61)
-    X = sample(params, "full", 4000, seed=62)
+    X = sample(params, "full", 4003, seed=62)
     rng = np.random.default_rng(63)
     counts = np.where(rng.random(len(X)) < share, rng.integers(1, 9, len(X)), 0)
     for i in np.flatnonzero(counts):

@@ -107,8 +107,9 @@ def dense_block_stats(block, model, patterns, tables, moments, chunk, work):
     chunk : int
         Rows per chunk.
     work : ndarray (float64)
-        Scratch space kept by the caller between blocks, at least ``n_patterns k`` long
-        (the responsibilities summed per pattern).
+        Scratch space kept by the caller between blocks (fresh allocations cost page
+        faults at every block in Dask workers, whose allocator hands large blocks back to
+        the system), at least :func:`work_size` long.
 
     Returns
     -------
@@ -124,6 +125,15 @@ def dense_block_stats(block, model, patterns, tables, moments, chunk, work):
     if result is None:
         raise ValueError(ILL_DEFINED)
     return result
+
+
+def work_size(k, d, patterns, chunk):
+    """Length of the float64 scratch space :func:`dense_block_stats` needs for ``k``
+    components of ``d`` features, a block's :class:`Patterns` (at least one row) and chunks
+    of ``chunk`` rows."""
+    max_m = int(patterns.pat_m.max()) if patterns.pat_m.size else 0
+    return _cgaussian.work_size(k, d, patterns.pat_m.size, max_m,
+                                min(chunk, patterns.rows.size))
 
 
 def exp_nonpositive(q):

@@ -323,7 +323,7 @@ def dense_block_stats(X, weights, means, mix_weights, chol, const, chunk=COMPLET
     sizes = k + k * patterns.pat_m * patterns.pat_m
     cache = _pattern_cache(precision, d, compiled.TABLE_FEATURES)
     plan = None if cache is None else cache.plan(patterns.keys, sizes)
-    work_size = n_pat * k
+    work_size = compiled.work_size(k, d, patterns, chunk)
     if plan is None:
         work = _float_workspace(int(sizes.sum()) + work_size)
         off = np.cumsum(sizes) - sizes

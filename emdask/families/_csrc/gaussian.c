@@ -568,394 +568,6 @@ STEP const double *chunk_rows(const Args *A, const i64 *sel, Py_ssize_t nb, Py_s
     return xt;
 }
 
-/* Eight rows at once, as one value: in products each lane a row; in sums along the rows partial sums kept per lane (one AVX-512
- * register, two AVX2 ones) and added up at the end (a reassociated sum). */
-#define LANES 8
-typedef double lanes_t __attribute__((vector_size(8 * LANES), aligned(8), may_alias));
-
-typedef int64_t mask_t __attribute__((vector_size(8 * LANES), aligned(8), may_alias));
-
-/* Up to eight outputs at a time: dst[o] = sum_s w[8 s + o] src[s] for s < n_in and
- * o < n_out, eight rows (from i) with the outputs held in registers (one load per eight
- * multiply-adds); with q, q += sum_o dst[o]^2 on the way. w: zero where U is. */
-STEP void products8(const double *restrict src, Py_ssize_t n_in, const double *restrict w,
-                    double *restrict dst, Py_ssize_t n_out, Py_ssize_t ld, Py_ssize_t i,
-                    double *restrict q)
-{
-    lanes_t acc[8];
-    for (int o = 0; o < 8; o++)
-        acc[o] = (lanes_t){0.0};
-    for (Py_ssize_t s = 0; s < n_in; s++) {
-        const lanes_t x = *(const lanes_t *)(src + s * ld + i);
-        for (int o = 0; o < 8; o++)
-            acc[o] += w[8 * s + o] * x;
-    }
-    for (int o = 0; o < 8; o++)
-        if (o < n_out)
-            *(lanes_t *)(dst + o * ld + i) = acc[o];
-    if (q) {
-        lanes_t sq = *(lanes_t *)(q + i);
-        for (int o = 0; o < 8; o++)
-            sq += acc[o] * acc[o];
-        *(lanes_t *)(q + i) = sq;
-    }
-}
-
-/* products8 for one row i (the rows past the last eight). */
-STEP void products1(const double *restrict src, Py_ssize_t n_in, const double *restrict w,
-                    double *restrict dst, Py_ssize_t n_out, Py_ssize_t ld, Py_ssize_t i,
-                    double *restrict q)
-{
-    double acc[8] = {0.0};
-    for (Py_ssize_t s = 0; s < n_in; s++)
-        for (int o = 0; o < 8; o++)
-            acc[o] += w[8 * s + o] * src[s * ld + i];
-    for (int o = 0; o < 8; o++)
-        if (o < n_out)
-            dst[o * ld + i] = acc[o];
-    if (q)
-        for (int o = 0; o < 8; o++)
-            q[i] += acc[o] * acc[o];
-}
-
-/* U's columns ob .. ob + 7 as the weights of products8 for c U: w[8 m + o] = U[m, ob + o]
- * for m <= ob + o < d, else 0 (m < ob + 8). */
-STEP void upper_columns8(const double *U, Py_ssize_t d, Py_ssize_t ob, double *restrict w)
-{
-    const Py_ssize_t n_out = d - ob < 8 ? d - ob : 8;
-    for (Py_ssize_t m = 0; m < ob + n_out; m++)
-        for (int o = 0; o < 8; o++)
-            w[8 * m + o] = o < n_out && m <= ob + o ? U[m * d + ob + o] : 0.0;
-}
-
-/* c[j] = x - mu_j with zeros in the missing cells, y[j] = c_j U_j and q[j] = const_j -
- * |y[j]|^2 / 2 (U_j upper triangular: only its upper triangle is read), eight rows at a
- * time, each step on rows still in the core's first cache. x: the chunk's rows as columns
- * (row stride `stride`); w: scratch of 8 d (d + 7) / 8. */
-STEP void chunk_products(const Args *A, const double *restrict x, Py_ssize_t stride,
-                         Py_ssize_t nb, Py_ssize_t ld, double *restrict c, double *restrict y,
-                         double *restrict q, double *restrict w)
-{
-    const Py_ssize_t k = A->k, d = A->d, blocks = (d + 7) / 8;
-    for (Py_ssize_t j = 0; j < k; j++) {
-        const double *U = A->chol + j * d * d, *mu = A->means + j * d;
-        double *restrict cj = c + j * d * ld, *restrict yj = y + j * d * ld,
-                        *restrict qj = q + j * nb;
-        for (Py_ssize_t ob = 0; ob < blocks; ob++)
-            upper_columns8(U, d, 8 * ob, w + 8 * d * ob);
-        for (Py_ssize_t i = 0; i < nb; i++)
-            qj[i] = 0.0;
-        Py_ssize_t i = 0;
-        for (; i + LANES <= nb; i += LANES) {
-            for (Py_ssize_t l = 0; l < d; l++) {
-                const lanes_t xl = *(const lanes_t *)(x + l * stride + i);
-                const mask_t seen = xl == xl;
-                *(lanes_t *)(cj + l * ld + i) = (lanes_t)((mask_t)(xl - mu[l]) & seen);
-            }
-            for (Py_ssize_t ob = 0; ob < blocks; ob++) {
-                const Py_ssize_t o0 = 8 * ob, n_out = d - o0 < 8 ? d - o0 : 8;
-                products8(cj, o0 + n_out, w + 8 * d * ob, yj + o0 * ld, n_out, ld, i, qj);
-            }
-        }
-        for (; i < nb; i++) { /* rows past the last eight */
-            for (Py_ssize_t l = 0; l < d; l++) {
-                const double xl = x[l * stride + i];
-                cj[l * ld + i] = xl == xl ? xl - mu[l] : 0.0;
-            }
-            for (Py_ssize_t ob = 0; ob < blocks; ob++) {
-                const Py_ssize_t o0 = 8 * ob, n_out = d - o0 < 8 ? d - o0 : 8;
-                products1(cj, o0 + n_out, w + 8 * d * ob, yj + o0 * ld, n_out, ld, i, qj);
-            }
-        }
-        const double cn = A->cnst[j];
-#pragma omp simd
-        for (Py_ssize_t i = 0; i < nb; i++)
-            qj[i] = cn - 0.5 * qj[i];
-    }
-}
-
-/* g[j] = U_j y[j] (U_j upper triangular). w: scratch of 8 d. */
-STEP void upper_times(const Args *A, const double *restrict y, Py_ssize_t nb, Py_ssize_t ld,
-                      double *restrict g, double *restrict w)
-{
-    const Py_ssize_t k = A->k, d = A->d;
-    for (Py_ssize_t j = 0; j < k; j++) {
-        const double *U = A->chol + j * d * d;
-        for (Py_ssize_t ab = 0; ab < d; ab += 8) {
-            /* outputs ab.. from inputs ab .. d - 1: g[a] = sum_{l >= a} U[a, l] y[l] */
-            const Py_ssize_t n_out = d - ab < 8 ? d - ab : 8, n_in = d - ab;
-            for (Py_ssize_t s = 0; s < n_in; s++)
-                for (int o = 0; o < 8; o++)
-                    w[8 * s + o] = o < n_out && s >= o ? U[(ab + o) * d + ab + s] : 0.0;
-            const double *yb = y + (j * d + ab) * ld;
-            double *gb = g + (j * d + ab) * ld;
-            Py_ssize_t i = 0;
-            for (; i + LANES <= nb; i += LANES)
-                products8(yb, n_in, w, gb, n_out, ld, i, NULL);
-            for (; i < nb; i++)
-                products1(yb, n_in, w, gb, n_out, ld, i, NULL);
-        }
-    }
-}
-
-/* The conditional terms of row i missing m cells (M: m fixed at compile time, or 0 for a
- * count read at run time), from v (k, m) flat, the values (x0 P_j)_m. For component j: the
- * missing cells' conditional mean, centred on mu_j, -P_mm^-1 v_j into c, and
- * v_j^T P_mm^-1 v_j / 2 plus the pattern's correction added to q. z: scratch of m. */
-STEP void conditional_terms(const int M, Py_ssize_t m, const Args *A, Py_ssize_t i,
-                            Py_ssize_t nb, Py_ssize_t ld, const i64 *cols, const double *tab,
-                            double *restrict c, double *restrict q, const double *v,
-                            double *restrict z)
-{
-    const Py_ssize_t k = A->k, d = A->d, n = M ? M : m;
-    for (Py_ssize_t j = 0; j < k; j++) {
-        const double *inv = tab + k + j * n * n;
-        const double *vj = v + j * n;
-        double vz = 0.0;
-        for (Py_ssize_t a = 0; a < n; a++) {
-            double za = 0.0;
-            for (Py_ssize_t b = 0; b < n; b++)
-                za += inv[a * n + b] * vj[b];
-            z[a] = za;
-            vz += vj[a] * za;
-        }
-        for (Py_ssize_t a = 0; a < n; a++)
-            c[(j * d + cols[a]) * ld + i] = -z[a];
-        q[j * nb + i] += 0.5 * vz + tab[j];
-    }
-}
-
-/* Observed-part log-probabilities of a chunk, less each row's maximum (top, 0 where it is
- * not finite), and for rows missing cells the conditional means of those cells.
- *
- * On entry y and q are as chunk_products leaves them: y the row centred on mu_j with zeros
- * in its missing cells (x0) times U_j. For a row missing cells m, with v = (x0 P_j)_m (from
- * y and the rows m of U_j), the conditional mean of the missing cells, centred on mu_j, is
- * -P_mm^-1 v (into c) and the Mahalanobis term of the observed cells |y|^2 - v^T P_mm^-1 v.
- * incomplete: positions in the chunk of rows missing cells; pc: each row's pattern rank. */
-STEP void chunk_log_prob(const Args *A, const double *restrict y, const i64 *incomplete,
-                         Py_ssize_t n_inc, const i64 *pc, Py_ssize_t nb, Py_ssize_t ld, double *restrict c,
-                         double *restrict q, double *restrict v, double *restrict z,
-                         double *restrict g, double *restrict w, double *restrict top)
-{
-    const Py_ssize_t k = A->k, d = A->d;
-    /* v row by row costs the sum of (d - column) per missing cell; for many such cells the
-     * whole chunk's y U_j^T at once (vectorised along the rows) is cheaper */
-    Py_ssize_t work = 0;
-    for (Py_ssize_t t = 0; t < n_inc; t++) {
-        const i64 p = pc[incomplete[t]];
-        const i64 *cols = A->cols + A->col_off[p];
-        for (Py_ssize_t a = 0; a < A->pat_m[p]; a++)
-            work += d - cols[a];
-    }
-    const int whole = 8 * work > nb * d * (d + 1) / 2;
-    if (whole)
-        upper_times(A, y, nb, ld, g, w);
-    for (Py_ssize_t t = 0; t < n_inc; t++) {
-        const Py_ssize_t i = incomplete[t];
-        const i64 p = pc[i];
-        const Py_ssize_t m = A->pat_m[p];
-        const i64 *cols = A->cols + A->col_off[p];
-        for (Py_ssize_t j = 0; j < k; j++)
-            for (Py_ssize_t a = 0; a < m; a++) {
-                const i64 ca = cols[a];
-                if (whole) {
-                    v[j * m + a] = g[(j * d + ca) * ld + i];
-                } else {
-                    const double *U = A->chol + (j * d + ca) * d;
-                    double va = 0.0;
-                    for (Py_ssize_t l = ca; l < d; l++)
-                        va += U[l] * y[(j * d + l) * ld + i];
-                    v[j * m + a] = va;
-                }
-            }
-        const double *tab = A->table + A->off[p];
-        switch (m) { /* the same loop, compiled for each small count */
-        case 1: conditional_terms(1, m, A, i, nb, ld, cols, tab, c, q, v, z); break;
-        case 2: conditional_terms(2, m, A, i, nb, ld, cols, tab, c, q, v, z); break;
-        case 3: conditional_terms(3, m, A, i, nb, ld, cols, tab, c, q, v, z); break;
-        case 4: conditional_terms(4, m, A, i, nb, ld, cols, tab, c, q, v, z); break;
-        default: conditional_terms(0, m, A, i, nb, ld, cols, tab, c, q, v, z); break;
-        }
-    }
-    for (Py_ssize_t i = 0; i < nb; i++)
-        top[i] = -INFINITY;
-    for (Py_ssize_t j = 0; j < k; j++) {
-        const double *restrict qj = q + j * nb;
-#pragma omp simd
-        for (Py_ssize_t i = 0; i < nb; i++)
-            top[i] = qj[i] > top[i] ? qj[i] : top[i];
-    }
-    for (Py_ssize_t i = 0; i < nb; i++)
-        if (top[i] == -INFINITY)
-            top[i] = 0.0;
-    for (Py_ssize_t j = 0; j < k; j++) {
-        double *restrict qj = q + j * nb;
-#pragma omp simd
-        for (Py_ssize_t i = 0; i < nb; i++)
-            qj[i] -= top[i];
-    }
-}
-
-/* Responsibilities of a chunk (e: exp of the log-probabilities less the row maximum top,
- * overwritten), their sums, and their sums per pattern for the rows missing cells; adds
- * the chunk's weighted log-likelihood and row count. Each row's total lies in [1, k] (its
- * largest term is exp(0) = 1), so without weights one log of a product of 32 totals
- * replaces 32 logs. */
-STEP void chunk_weigh(const Args *A, double *restrict e, const double *restrict top,
-                      const i64 *sel, const i64 *incomplete, Py_ssize_t n_inc, const i64 *pc,
-                      Py_ssize_t nb, double *restrict total, double *restrict scale,
-                      double *resp_by_pattern, double *loglik, double *n_rows)
-{
-    const Py_ssize_t k = A->k;
-    for (Py_ssize_t i = 0; i < nb; i++)
-        total[i] = 0.0;
-    for (Py_ssize_t j = 0; j < k; j++) {
-        const double *restrict ej = e + j * nb;
-#pragma omp simd
-        for (Py_ssize_t i = 0; i < nb; i++)
-            total[i] += ej[i];
-    }
-    double ll = 0.0, nr = 0.0;
-    if (A->weighted) {
-        for (Py_ssize_t i = 0; i < nb; i++) {
-            const double wi = A->weights[sel[i]];
-            scale[i] = wi / total[i];
-            ll += wi * (log(total[i]) + top[i]);
-            nr += wi;
-        }
-    } else {
-#pragma omp simd reduction(+ : ll)
-        for (Py_ssize_t i = 0; i < nb; i++) {
-            scale[i] = 1.0 / total[i];
-            ll += top[i];
-        }
-        for (Py_ssize_t a = 0; a < nb; a += 32) {
-            double prod = 1.0;
-            for (Py_ssize_t i = a; i < (a + 32 < nb ? a + 32 : nb); i++)
-                prod *= total[i];
-            ll += log(prod);
-        }
-        nr = (double)nb;
-    }
-    *loglik += ll;
-    *n_rows += nr;
-    for (Py_ssize_t j = 0; j < k; j++) {
-        double *restrict ej = e + j * nb;
-        double s = 0.0;
-#pragma omp simd reduction(+ : s)
-        for (Py_ssize_t i = 0; i < nb; i++) {
-            const double r = ej[i] * scale[i];
-            ej[i] = r;
-            s += r;
-        }
-        A->nk[j] += s;
-    }
-    for (Py_ssize_t t = 0; t < n_inc; t++) {
-        const Py_ssize_t i = incomplete[t];
-        double *rp = resp_by_pattern + pc[i] * k;
-        for (Py_ssize_t j = 0; j < k; j++)
-            rp[j] += e[j * nb + i];
-    }
-}
-
-/* One 4 x 4 block of sum_i r_i c_i c_i^T: rows lb.. (cl) against columns mb.. (cm), into
- * lower (row stride d); on the diagonal (diag) only its lower triangle, and the weighted
- * rows' sums into s1. */
-STEP void moments_block4(const double *restrict r, const double *restrict cl,
-                         const double *restrict cm, Py_ssize_t nb, Py_ssize_t ld, const int diag,
-                         double *restrict lower, Py_ssize_t d, double *restrict s1)
-{
-    lanes_t a[16], b[4];
-    for (int e = 0; e < 16; e++)
-        a[e] = (lanes_t){0.0};
-    for (int o = 0; o < 4; o++)
-        b[o] = (lanes_t){0.0};
-    Py_ssize_t i = 0;
-    for (; i + LANES <= nb; i += LANES) {
-        lanes_t x[4], w[4];
-        const lanes_t ri = *(const lanes_t *)(r + i);
-        for (int s = 0; s < 4; s++) {
-            x[s] = *(const lanes_t *)(cl + s * ld + i);
-            w[s] = ri * *(const lanes_t *)(cm + s * ld + i);
-        }
-        for (int s = 0; s < 4; s++)
-            for (int o = 0; o < 4; o++)
-                if (!diag || o <= s)
-                    a[4 * s + o] += x[s] * w[o];
-        if (diag)
-            for (int o = 0; o < 4; o++)
-                b[o] += w[o];
-    }
-    double sa[16], sb[4];
-    for (int e = 0; e < 16; e++) {
-        sa[e] = 0.0;
-        for (int t = 0; t < LANES; t++)
-            sa[e] += a[e][t];
-    }
-    for (int o = 0; o < 4; o++) {
-        sb[o] = 0.0;
-        for (int t = 0; t < LANES; t++)
-            sb[o] += b[o][t];
-    }
-    for (; i < nb; i++) { /* rows past the last eight */
-        double x[4], w[4];
-        for (int s = 0; s < 4; s++) {
-            x[s] = cl[s * ld + i];
-            w[s] = r[i] * cm[s * ld + i];
-        }
-        for (int s = 0; s < 4; s++)
-            for (int o = 0; o < 4; o++)
-                sa[4 * s + o] += x[s] * w[o];
-        for (int o = 0; o < 4; o++)
-            sb[o] += w[o];
-    }
-    for (int s = 0; s < 4; s++)
-        for (int o = 0; o < 4; o++)
-            if (!diag || o <= s)
-                lower[s * d + o] += sa[4 * s + o];
-    if (diag)
-        for (int o = 0; o < 4; o++)
-            s1[o] += sb[o];
-}
-
-/* lower[j] += sum_i r_ji c_j[:, i] c_j[:, i]^T on and below the diagonal, by 4 x 4 blocks
- * held in registers, and s1[j] += sum_i r_ji c_j[:, i] on the way. */
-STEP void lower_moments(const Args *A, const double *restrict c, const double *restrict r,
-                        Py_ssize_t nb, Py_ssize_t ld)
-{
-    const Py_ssize_t k = A->k, d = A->d, full = d - d % 4;
-    for (Py_ssize_t j = 0; j < k; j++) {
-        const double *cj = c + j * d * ld, *rj = r + j * nb;
-        double *lower = A->lower + j * d * d, *s1 = A->s1 + j * d;
-        for (Py_ssize_t lb = 0; lb < full; lb += 4) {
-            /* the diagonal block, whose pass also sums the weighted rows */
-            moments_block4(rj, cj + lb * ld, cj + lb * ld, nb, ld, 1, lower + lb * d + lb, d,
-                           s1 + lb);
-            for (Py_ssize_t mb = 0; mb < lb; mb += 4)
-                moments_block4(rj, cj + lb * ld, cj + mb * ld, nb, ld, 0, lower + lb * d + mb, d,
-                               NULL);
-        }
-        /* rows past the last full block of four */
-        for (Py_ssize_t l = full; l < d; l++) {
-            const double *restrict cl = cj + l * ld;
-            for (Py_ssize_t m = 0; m <= l; m++) {
-                const double *restrict cm = cj + m * ld;
-                double acc = 0.0;
-#pragma omp simd reduction(+ : acc)
-                for (Py_ssize_t i = 0; i < nb; i++)
-                    acc += rj[i] * cl[i] * cm[i];
-                lower[l * d + m] += acc;
-            }
-            double acc = 0.0;
-#pragma omp simd reduction(+ : acc)
-            for (Py_ssize_t i = 0; i < nb; i++)
-                acc += rj[i] * cl[i];
-            s1[l] += acc;
-        }
-    }
-}
-
 /* ---------------------------------------------------------------------------------------
  * A block
  * ------------------------------------------------------------------------------------- */
@@ -977,61 +589,125 @@ static int check_indices(const Args *A, Py_ssize_t table_size)
     return 0;
 }
 
-CPU_VERSIONS
-static int block_stats(const Args *A, double *loglik_out, double *n_rows_out)
+/* The row stride of the (k, d, ld) arrays of chunks of b rows: a whole number of eight-row
+ * groups, and an odd number of cache lines, so that the d rows read together do not compete
+ * for a few sets of the first-level cache (as they would with a power-of-two stride). */
+static Py_ssize_t row_stride(Py_ssize_t b)
 {
-    const Py_ssize_t k = A->k, d = A->d, n_in = A->n_in, n_pat = A->n_pat;
-    int status = pattern_tables(A);
-    if (status)
-        return status;
-    Py_ssize_t max_m = 1;
-    for (Py_ssize_t p = 0; p < n_pat; p++)
-        max_m = A->pat_m[p] > max_m ? A->pat_m[p] : max_m;
-    const Py_ssize_t b = A->chunk < n_in ? A->chunk : n_in;
-    /* the row stride of the (k, d, ld) arrays: a whole number of eight-row groups, and an
-     * odd number of cache lines, so that the d rows read together do not compete for a few
-     * sets of the first-level cache (as they would with a power-of-two stride) */
     Py_ssize_t ld = (b + 7) / 8 * 8;
-    if (ld % 16 == 0)
-        ld += 8;
-    double *resp_by_pattern = A->work;
-    memset(resp_by_pattern, 0, (size_t)(n_pat * k) * sizeof(double));
-    /* v, z, q, c, y, g, xt, top, total, scale, w; positions of the rows missing cells */
-    const Py_ssize_t total =
-        k * max_m + max_m + k * b + 3 * k * d * ld + d * ld + 3 * b + d * (d + 8);
-    double *mem = alloc_doubles(total);
-    i64 *inc = malloc((size_t)b * sizeof(i64));
-    if (mem == NULL || inc == NULL) {
-        free(mem);
-        free(inc);
-        return ERR_MEMORY;
+    return ld % 16 == 0 ? ld + 8 : ld;
+}
+
+/* Scratch values of a block (chunks of b rows, missing counts up to max_m): the lane sums of
+ * the moments, v, z, q, c, y, g, xt, top, total, scale, w, the positions of the rows missing
+ * cells, and an alignment. */
+#define MAX_LANES 8
+
+static Py_ssize_t scratch_size(Py_ssize_t k, Py_ssize_t d, Py_ssize_t b, Py_ssize_t max_m)
+{
+    const Py_ssize_t ld = row_stride(b);
+    return k * (d + 1) * d * MAX_LANES + k * max_m + max_m + k * b + 3 * k * d * ld + d * ld +
+           3 * b + d * (d + 8) + b + 8;
+}
+
+/* The kernel of a block in three CPU versions, picked when the module loads: AVX-512 (eight
+ * rows per 512-bit register), AVX2 with FMA (four rows per 256-bit register) and the
+ * baseline (two rows per 128-bit register): each with vectors of the width its registers
+ * hold, so that the rows' partial sums and the eight outputs of the products stay in
+ * registers (wider ones split in halves would spill). */
+typedef int (*block_stats_fn)(const Args *A, double *loglik_out, double *n_rows_out);
+
+#define VERSION(name) name##_baseline
+#define LANES 2
+#include "gaussian_chunks.h"
+#undef VERSION
+#undef LANES
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define X86_VERSIONS 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,bmi,bmi2,popcnt")
+#define VERSION(name) name##_avx2
+#define LANES 4
+#include "gaussian_chunks.h"
+#undef VERSION
+#undef LANES
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,bmi,bmi2,popcnt,prefer-vector-width=512")
+#define VERSION(name) name##_avx512
+#define LANES 8
+#include "gaussian_chunks.h"
+#undef VERSION
+#undef LANES
+#pragma GCC pop_options
+#endif
+
+static const struct {
+    const char *name;
+    block_stats_fn fn;
+} VERSIONS[] = {
+#ifdef X86_VERSIONS
+    {"avx512", block_stats_avx512},
+    {"avx2", block_stats_avx2},
+#endif
+    {"baseline", block_stats_baseline},
+};
+#define N_VERSIONS ((int)(sizeof VERSIONS / sizeof VERSIONS[0]))
+
+/* The version in use, and the first this CPU runs (the widest). */
+static int version, first_version;
+
+static int cpu_runs(const char *name)
+{
+#ifdef X86_VERSIONS
+    __builtin_cpu_init();
+    if (strcmp(name, "avx512") == 0)
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+               __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+               __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
+    if (strcmp(name, "avx2") == 0)
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+               __builtin_cpu_supports("bmi2");
+#endif
+    return 1;
+}
+
+static void pick_version(void)
+{
+    version = N_VERSIONS - 1;
+    for (int v = N_VERSIONS - 1; v >= 0; v--)
+        if (cpu_runs(VERSIONS[v].name))
+            version = v;
+    first_version = version;
+}
+
+/* versions() -> the names of the versions this CPU runs, widest first */
+static PyObject *py_versions(PyObject *self, PyObject *unused)
+{
+    PyObject *names = PyList_New(0);
+    for (int v = first_version; names && v < N_VERSIONS; v++) {
+        PyObject *name = PyUnicode_FromString(VERSIONS[v].name);
+        if (name == NULL || PyList_Append(names, name) < 0)
+            Py_CLEAR(names);
+        Py_XDECREF(name);
     }
-    double *v = mem, *z = v + k * max_m, *q = z + max_m, *c = q + k * b, *y = c + k * d * ld,
-           *g = y + k * d * ld, *xt = g + k * d * ld, *top = xt + d * ld, *tot = top + b,
-           *scale = tot + b, *w = scale + b;
-    double loglik = 0.0, n_rows = 0.0;
-    for (Py_ssize_t start = 0; start < n_in; start += b) {
-        const Py_ssize_t nb = b < n_in - start ? b : n_in - start;
-        const i64 *sel = A->rows + start, *pc = A->pats + start;
-        Py_ssize_t n_inc = 0;
-        for (Py_ssize_t i = 0; i < nb; i++)
-            if (A->pat_m[pc[i]] > 0)
-                inc[n_inc++] = i;
-        Py_ssize_t stride;
-        const double *x = chunk_rows(A, sel, nb, ld, xt, &stride);
-        chunk_products(A, x, stride, nb, ld, c, y, q, w);
-        chunk_log_prob(A, y, inc, n_inc, pc, nb, ld, c, q, v, z, g, w, top);
-        exp_nonpositive(q, k * nb);
-        chunk_weigh(A, q, top, sel, inc, n_inc, pc, nb, tot, scale, resp_by_pattern, &loglik,
-                    &n_rows);
-        lower_moments(A, c, q, nb, ld);
-    }
-    add_conditional_covariance(A, resp_by_pattern);
-    free(mem);
-    free(inc);
-    *loglik_out = loglik;
-    *n_rows_out = n_rows;
-    return 0;
+    return names;
+}
+
+/* use_version(name): the version dense_block_stats runs from now on (for the tests) */
+static PyObject *py_use_version(PyObject *self, PyObject *arg)
+{
+    const char *name = PyUnicode_AsUTF8(arg);
+    if (name == NULL)
+        return NULL;
+    for (int v = first_version; v < N_VERSIONS; v++)
+        if (strcmp(name, VERSIONS[v].name) == 0) {
+            version = v;
+            Py_RETURN_NONE;
+        }
+    return PyErr_Format(PyExc_ValueError, "version must be one of versions() (got %R)", arg);
 }
 
 /* dense_block_stats(block, model, patterns, tables, moments, chunk, work) -> (loglik,
@@ -1121,8 +797,13 @@ static PyObject *py_dense_block_stats(PyObject *self, PyObject *args)
         release_views(&v);
         return Py_BuildValue("dd", 0.0, 0.0);
     }
+    Py_ssize_t max_m = 1;
+    for (Py_ssize_t p = 0; p < A.n_pat; p++)
+        max_m = A.pat_m[p] > max_m ? A.pat_m[p] : max_m;
+    const Py_ssize_t need =
+        A.n_pat * k + scratch_size(k, d, chunk < A.n_in ? chunk : A.n_in, max_m);
     Py_buffer work;
-    if (get_array(work_obj, "work", 8, A.n_pat * k, 1, &work) < 0)
+    if (get_array(work_obj, "work", 8, need, 1, &work) < 0)
         goto fail;
     v.views[v.count++] = work;
     A.work = work.buf;
@@ -1131,7 +812,7 @@ static PyObject *py_dense_block_stats(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     status = check_indices(&A, table_size);
     if (status == 0)
-        status = block_stats(&A, &loglik, &n_rows);
+        status = VERSIONS[version].fn(&A, &loglik, &n_rows);
     Py_END_ALLOW_THREADS
     release_views(&v);
     if (status == ERR_ILL_DEFINED)
@@ -1168,6 +849,15 @@ static PyObject *py_exp_nonpositive(PyObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+/* work_size(k, d, n_pat, max_m, rows) -> the values dense_block_stats needs in `work` */
+static PyObject *py_work_size(PyObject *self, PyObject *args)
+{
+    Py_ssize_t k, d, n_pat, max_m, rows;
+    if (!PyArg_ParseTuple(args, "nnnnn", &k, &d, &n_pat, &max_m, &rows))
+        return NULL;
+    return PyLong_FromSsize_t(n_pat * k + scratch_size(k, d, rows, max_m > 1 ? max_m : 1));
+}
+
 static PyMethodDef methods[] = {
     {"find_patterns", py_find_patterns, METH_VARARGS,
      "find_patterns(block, k, iwork) -> (n_in, rows_at, pats_at, n_pat, small)\n\n"
@@ -1179,6 +869,16 @@ static PyMethodDef methods[] = {
      "E-step statistics of a block under full (or tied) covariances (see "
      "emdask.families._compiled.dense_block_stats); None when the precision of the missing "
      "cells of some pattern is not positive definite."},
+    {"work_size", py_work_size, METH_VARARGS,
+     "work_size(k, d, n_pat, max_m, rows) -> int\n\n"
+     "The float64 scratch values dense_block_stats needs for k components, d features, "
+     "n_pat patterns missing up to max_m cells and chunks of `rows` rows."},
+    {"versions", py_versions, METH_NOARGS,
+     "versions() -> the names of the CPU versions of the block kernel this CPU runs, the "
+     "one in use by default first."},
+    {"use_version", py_use_version, METH_O,
+     "use_version(name): run that version of the block kernel from now on (one of "
+     "versions())."},
     {"exp_nonpositive", py_exp_nonpositive, METH_O,
      "exp_nonpositive(q): q = exp(q) in place, for a float64 array of values <= 0."},
     {NULL, NULL, 0, NULL},
@@ -1189,4 +889,8 @@ static struct PyModuleDef module = {
     "The compiled Gaussian E-step under full or tied covariances.", -1, methods,
 };
 
-PyMODINIT_FUNC PyInit__cgaussian(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__cgaussian(void)
+{
+    pick_version();
+    return PyModule_Create(&module);
+}
