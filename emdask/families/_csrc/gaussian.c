@@ -148,7 +148,7 @@ static Py_ssize_t informative_rows(const double *restrict data, int column_major
             for (Py_ssize_t i = 0; i < n; i++)
                 keys[i] |= col[i] != col[i] ? bit : 0;
         }
-        i64 every = ((i64)1 << d) - 1;
+        const i64 every = ((i64)1 << d) - 1;
         for (Py_ssize_t i = 0; i < n; i++) {
             i64 key = keys[i];
             if (key == every || (weighted && !(weights[i] > 0.0)))
@@ -159,19 +159,15 @@ static Py_ssize_t informative_rows(const double *restrict data, int column_major
         }
         return at;
     }
+    const i64 every = ((i64)1 << d) - 1;
     for (Py_ssize_t i = 0; i < n; i++) {
         if (weighted && !(weights[i] > 0.0))
             continue;
         const double *row = data + i * d;
         i64 key = 0;
-        Py_ssize_t count = 0;
-        for (Py_ssize_t l = 0; l < d; l++) {
-            if (row[l] != row[l]) {
-                key |= (i64)1 << l;
-                count++;
-            }
-        }
-        if (count < d) {
+        for (Py_ssize_t l = 0; l < d; l++) /* branch-free */
+            key |= (i64)(row[l] != row[l]) << l;
+        if (key != every) {
             rows[at] = i;
             keys[at] = key;
             at++;

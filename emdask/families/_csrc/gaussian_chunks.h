@@ -12,18 +12,25 @@ typedef int64_t VERSION(mask) __attribute__((vector_size(8 * LANES), aligned(8),
 #define mask_t VERSION(mask)
 
 /* Up to eight outputs at a time: dst[o] = sum_s w[8 s + o] src[s] for s < n_in and
- * o < n_out, eight rows (from i) with the outputs held in registers (one load per eight
- * multiply-adds); with q, q += sum_o dst[o]^2 on the way. w: zero where U is. */
-STEP void VERSION(products8)(const double *restrict src, Py_ssize_t n_in, const double *restrict w,
-                    double *restrict dst, Py_ssize_t n_out, Py_ssize_t ld, Py_ssize_t i,
-                    double *restrict q)
+ * o < n_out, LANES rows (from i) with the outputs held in registers (one load per eight
+ * multiply-adds); inputs from n_all on only reach outputs 4.. (w is zero for the others:
+ * the lower half of U's diagonal block); with q, q += sum_o dst[o]^2 on the way. */
+STEP void VERSION(products8)(const double *restrict src, Py_ssize_t n_in, Py_ssize_t n_all,
+                             const double *restrict w, double *restrict dst, Py_ssize_t n_out,
+                             Py_ssize_t ld, Py_ssize_t i, double *restrict q)
 {
     lanes_t acc[8];
     for (int o = 0; o < 8; o++)
         acc[o] = (lanes_t){0.0};
-    for (Py_ssize_t s = 0; s < n_in; s++) {
+    Py_ssize_t s = 0;
+    for (; s < n_all; s++) {
         const lanes_t x = *(const lanes_t *)(src + s * ld + i);
         for (int o = 0; o < 8; o++)
+            acc[o] += w[8 * s + o] * x;
+    }
+    for (; s < n_in; s++) {
+        const lanes_t x = *(const lanes_t *)(src + s * ld + i);
+        for (int o = 4; o < 8; o++)
             acc[o] += w[8 * s + o] * x;
     }
     for (int o = 0; o < 8; o++)
@@ -90,7 +97,7 @@ STEP void VERSION(chunk_products)(const Args *A, const double *restrict x, Py_ss
             }
             for (Py_ssize_t ob = 0; ob < blocks; ob++) {
                 const Py_ssize_t o0 = 8 * ob, n_out = d - o0 < 8 ? d - o0 : 8;
-                VERSION(products8)(cj, o0 + n_out, w + 8 * d * ob, yj + o0 * ld, n_out, ld, i, qj);
+                VERSION(products8)(cj, o0 + n_out, o0 + (n_out < 4 ? n_out : 4), w + 8 * d * ob, yj + o0 * ld, n_out, ld, i, qj);
             }
         }
         for (; i < nb; i++) { /* rows past the last eight */
@@ -127,7 +134,7 @@ STEP void VERSION(upper_times)(const Args *A, const double *restrict y, Py_ssize
             double *gb = g + (j * d + ab) * ld;
             Py_ssize_t i = 0;
             for (; i + LANES <= nb; i += LANES)
-                VERSION(products8)(yb, n_in, w, gb, n_out, ld, i, NULL);
+                VERSION(products8)(yb, n_in, n_in, w, gb, n_out, ld, i, NULL);
             for (; i < nb; i++)
                 VERSION(products1)(yb, n_in, w, gb, n_out, ld, i, NULL);
         }
