@@ -133,9 +133,9 @@ static void sort_indices(i64 *restrict idx, Py_ssize_t n, const i64 *key, const 
 
 /* Rows carrying information, in order, into rows; their missing cells as bits into keys
  * (bit l: column l). Returns their number. */
-static Py_ssize_t informative_rows(const double *restrict data, int column_major,
-                                   Py_ssize_t n, Py_ssize_t d, const double *weights,
-                                   int weighted, i64 *restrict rows, i64 *restrict keys)
+STEP Py_ssize_t informative_rows(const double *restrict data, int column_major, Py_ssize_t n,
+                                 Py_ssize_t d, const double *weights, int weighted,
+                                 i64 *restrict rows, i64 *restrict keys)
 {
     Py_ssize_t at = 0;
     if (column_major) {

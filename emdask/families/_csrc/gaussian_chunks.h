@@ -33,9 +33,10 @@ STEP void VERSION(products8)(const double *restrict src, Py_ssize_t n_in, Py_ssi
         for (int o = 4; o < 8; o++)
             acc[o] += w[8 * s + o] * x;
     }
-    for (int o = 0; o < 8; o++)
-        if (o < n_out)
-            *(lanes_t *)(dst + o * ld + i) = acc[o];
+    if (dst)
+        for (int o = 0; o < 8; o++)
+            if (o < n_out)
+                *(lanes_t *)(dst + o * ld + i) = acc[o];
     if (q) {
         lanes_t sq = *(lanes_t *)(q + i);
         for (int o = 0; o < 8; o++)
@@ -53,9 +54,10 @@ STEP void VERSION(products1)(const double *restrict src, Py_ssize_t n_in, const 
     for (Py_ssize_t s = 0; s < n_in; s++)
         for (int o = 0; o < 8; o++)
             acc[o] += w[8 * s + o] * src[s * ld + i];
-    for (int o = 0; o < 8; o++)
-        if (o < n_out)
-            dst[o * ld + i] = acc[o];
+    if (dst)
+        for (int o = 0; o < 8; o++)
+            if (o < n_out)
+                dst[o * ld + i] = acc[o];
     if (q)
         for (int o = 0; o < 8; o++)
             q[i] += acc[o] * acc[o];
@@ -71,10 +73,10 @@ STEP void VERSION(upper_columns8)(const double *U, Py_ssize_t d, Py_ssize_t ob, 
             w[8 * m + o] = o < n_out && m <= ob + o ? U[m * d + ob + o] : 0.0;
 }
 
-/* c[j] = x - mu_j with zeros in the missing cells, y[j] = c_j U_j and q[j] = const_j -
- * |y[j]|^2 / 2 (U_j upper triangular: only its upper triangle is read), eight rows at a
- * time, each step on rows still in the core's first cache. x: the chunk's rows as columns
- * (row stride `stride`); w: scratch of 8 d (d + 7) / 8. */
+/* c[j] = x - mu_j with zeros in the missing cells, y[j] = c_j U_j (unless y is NULL) and
+ * q[j] = const_j - |c_j U_j|^2 / 2 (U_j upper triangular: only its upper triangle is read),
+ * LANES rows at a time, each step on rows still in the core's first cache. x: the chunk's
+ * rows as columns (row stride `stride`); w: scratch of 8 d (d + 7) / 8. */
 STEP void VERSION(chunk_products)(const Args *A, const double *restrict x, Py_ssize_t stride,
                          Py_ssize_t nb, Py_ssize_t ld, double *restrict c, double *restrict y,
                          double *restrict q, double *restrict w)
@@ -82,7 +84,7 @@ STEP void VERSION(chunk_products)(const Args *A, const double *restrict x, Py_ss
     const Py_ssize_t k = A->k, d = A->d, blocks = (d + 7) / 8;
     for (Py_ssize_t j = 0; j < k; j++) {
         const double *U = A->chol + j * d * d, *mu = A->means + j * d;
-        double *restrict cj = c + j * d * ld, *restrict yj = y + j * d * ld,
+        double *restrict cj = c + j * d * ld, *restrict yj = y ? y + j * d * ld : NULL,
                         *restrict qj = q + j * nb;
         for (Py_ssize_t ob = 0; ob < blocks; ob++)
             VERSION(upper_columns8)(U, d, 8 * ob, w + 8 * d * ob);
@@ -97,7 +99,8 @@ STEP void VERSION(chunk_products)(const Args *A, const double *restrict x, Py_ss
             }
             for (Py_ssize_t ob = 0; ob < blocks; ob++) {
                 const Py_ssize_t o0 = 8 * ob, n_out = d - o0 < 8 ? d - o0 : 8;
-                VERSION(products8)(cj, o0 + n_out, o0 + (n_out < 4 ? n_out : 4), w + 8 * d * ob, yj + o0 * ld, n_out, ld, i, qj);
+                VERSION(products8)(cj, o0 + n_out, o0 + (n_out < 4 ? n_out : 4),
+                                   w + 8 * d * ob, yj ? yj + o0 * ld : NULL, n_out, ld, i, qj);
             }
         }
         for (; i < nb; i++) { /* rows past the last eight */
@@ -107,7 +110,8 @@ STEP void VERSION(chunk_products)(const Args *A, const double *restrict x, Py_ss
             }
             for (Py_ssize_t ob = 0; ob < blocks; ob++) {
                 const Py_ssize_t o0 = 8 * ob, n_out = d - o0 < 8 ? d - o0 : 8;
-                VERSION(products1)(cj, o0 + n_out, w + 8 * d * ob, yj + o0 * ld, n_out, ld, i, qj);
+                VERSION(products1)(cj, o0 + n_out, w + 8 * d * ob, yj ? yj + o0 * ld : NULL,
+                                   n_out, ld, i, qj);
             }
         }
         const double cn = A->cnst[j];
@@ -453,7 +457,8 @@ static int VERSION(block_stats)(const Args *A, double *loglik_out, double *n_row
                 inc[n_inc++] = i;
         Py_ssize_t stride;
         const double *x = chunk_rows(A, sel, nb, ld, xt, &stride);
-        VERSION(chunk_products)(A, x, stride, nb, ld, c, y, q, w);
+        /* y only where rows miss cells (their conditional terms read it) */
+        VERSION(chunk_products)(A, x, stride, nb, ld, c, n_inc ? y : NULL, q, w);
         VERSION(chunk_log_prob)(A, y, inc, n_inc, pc, nb, ld, c, q, v, z, g, w, top);
         exp_nonpositive(q, k * nb);
         VERSION(chunk_weigh)(A, q, top, sel, inc, n_inc, pc, nb, tot, scale, resp_by_pattern, &loglik,
