@@ -396,8 +396,9 @@ STEP int pattern_tables(const Args *A)
         return ERR_MEMORY;
     }
     memset(mem, 0, (size_t)total * sizeof(double));
-    double *Pt = mem, *L = Pt + d * d * k, *Li = L + size * size * k, *rdiag = Li + size * size * k,
-           *log_det_upto = rdiag + size * k, *acc = log_det_upto + (size + 1) * k;
+    double *Pt = mem, *L = Pt + d * d * k, *Li = L + size * size * k,
+           *rdiag = Li + size * size * k, *log_det_upto = rdiag + size * k,
+           *acc = log_det_upto + (size + 1) * k;
     i64 *c = cidx, *prev = cidx + size;
     for (Py_ssize_t j = 0; j < k; j++)
         for (Py_ssize_t a = 0; a < d; a++)
@@ -631,7 +632,8 @@ typedef int (*block_stats_fn)(const Args *A, double *loglik_out, double *n_rows_
 #pragma GCC pop_options
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,bmi,bmi2,popcnt,prefer-vector-width=512")
+#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,bmi,bmi2,popcnt")
+#pragma GCC target("prefer-vector-width=512")
 #define VERSION(name) name##_avx512
 #define LANES 8
 #include "gaussian_chunks.h"

@@ -45,10 +45,10 @@ STEP void VERSION(products8)(const double *restrict src, Py_ssize_t n_in, Py_ssi
     }
 }
 
-/* products8 for one row i (the rows past the last eight). */
-STEP void VERSION(products1)(const double *restrict src, Py_ssize_t n_in, const double *restrict w,
-                    double *restrict dst, Py_ssize_t n_out, Py_ssize_t ld, Py_ssize_t i,
-                    double *restrict q)
+/* products8 for one row i (the rows past the last LANES). */
+STEP void VERSION(products1)(const double *restrict src, Py_ssize_t n_in,
+                             const double *restrict w, double *restrict dst, Py_ssize_t n_out,
+                             Py_ssize_t ld, Py_ssize_t i, double *restrict q)
 {
     double acc[8] = {0.0};
     for (Py_ssize_t s = 0; s < n_in; s++)
@@ -65,7 +65,8 @@ STEP void VERSION(products1)(const double *restrict src, Py_ssize_t n_in, const 
 
 /* U's columns ob .. ob + 7 as the weights of products8 for c U: w[8 m + o] = U[m, ob + o]
  * for m <= ob + o < d, else 0 (m < ob + 8). */
-STEP void VERSION(upper_columns8)(const double *U, Py_ssize_t d, Py_ssize_t ob, double *restrict w)
+STEP void VERSION(upper_columns8)(const double *U, Py_ssize_t d, Py_ssize_t ob,
+                                  double *restrict w)
 {
     const Py_ssize_t n_out = d - ob < 8 ? d - ob : 8;
     for (Py_ssize_t m = 0; m < ob + n_out; m++)
@@ -78,8 +79,8 @@ STEP void VERSION(upper_columns8)(const double *U, Py_ssize_t d, Py_ssize_t ob, 
  * LANES rows at a time, each step on rows still in the core's first cache. x: the chunk's
  * rows as columns (row stride `stride`); w: scratch of 8 d (d + 7) / 8. */
 STEP void VERSION(chunk_products)(const Args *A, const double *restrict x, Py_ssize_t stride,
-                         Py_ssize_t nb, Py_ssize_t ld, double *restrict c, double *restrict y,
-                         double *restrict q, double *restrict w)
+                                  Py_ssize_t nb, Py_ssize_t ld, double *restrict c,
+                                  double *restrict y, double *restrict q, double *restrict w)
 {
     const Py_ssize_t k = A->k, d = A->d, blocks = (d + 7) / 8;
     for (Py_ssize_t j = 0; j < k; j++) {
@@ -103,7 +104,7 @@ STEP void VERSION(chunk_products)(const Args *A, const double *restrict x, Py_ss
                                    w + 8 * d * ob, yj ? yj + o0 * ld : NULL, n_out, ld, i, qj);
             }
         }
-        for (; i < nb; i++) { /* rows past the last eight */
+        for (; i < nb; i++) { /* rows past the last LANES */
             for (Py_ssize_t l = 0; l < d; l++) {
                 const double xl = x[l * stride + i];
                 cj[l * ld + i] = xl == xl ? xl - mu[l] : 0.0;
@@ -122,8 +123,8 @@ STEP void VERSION(chunk_products)(const Args *A, const double *restrict x, Py_ss
 }
 
 /* g[j] = U_j y[j] (U_j upper triangular). w: scratch of 8 d. */
-STEP void VERSION(upper_times)(const Args *A, const double *restrict y, Py_ssize_t nb, Py_ssize_t ld,
-                      double *restrict g, double *restrict w)
+STEP void VERSION(upper_times)(const Args *A, const double *restrict y, Py_ssize_t nb,
+                               Py_ssize_t ld, double *restrict g, double *restrict w)
 {
     const Py_ssize_t k = A->k, d = A->d;
     for (Py_ssize_t j = 0; j < k; j++) {
@@ -150,9 +151,9 @@ STEP void VERSION(upper_times)(const Args *A, const double *restrict y, Py_ssize
  * missing cells' conditional mean, centred on mu_j, -P_mm^-1 v_j into c, and
  * v_j^T P_mm^-1 v_j / 2 plus the pattern's correction added to q. z: scratch of m. */
 STEP void VERSION(conditional_terms)(const int M, Py_ssize_t m, const Args *A, Py_ssize_t i,
-                            Py_ssize_t nb, Py_ssize_t ld, const i64 *cols, const double *tab,
-                            double *restrict c, double *restrict q, const double *v,
-                            double *restrict z)
+                                     Py_ssize_t nb, Py_ssize_t ld, const i64 *cols,
+                                     const double *tab, double *restrict c, double *restrict q,
+                                     const double *v, double *restrict z)
 {
     const Py_ssize_t k = A->k, d = A->d, n = M ? M : m;
     for (Py_ssize_t j = 0; j < k; j++) {
@@ -180,10 +181,11 @@ STEP void VERSION(conditional_terms)(const int M, Py_ssize_t m, const Args *A, P
  * y and the rows m of U_j), the conditional mean of the missing cells, centred on mu_j, is
  * -P_mm^-1 v (into c) and the Mahalanobis term of the observed cells |y|^2 - v^T P_mm^-1 v.
  * incomplete: positions in the chunk of rows missing cells; pc: each row's pattern rank. */
-STEP void VERSION(chunk_log_prob)(const Args *A, const double *restrict y, const i64 *incomplete,
-                         Py_ssize_t n_inc, const i64 *pc, Py_ssize_t nb, Py_ssize_t ld, double *restrict c,
-                         double *restrict q, double *restrict v, double *restrict z,
-                         double *restrict g, double *restrict w, double *restrict top)
+STEP void VERSION(chunk_log_prob)(const Args *A, const double *restrict y,
+                                  const i64 *incomplete, Py_ssize_t n_inc, const i64 *pc,
+                                  Py_ssize_t nb, Py_ssize_t ld, double *restrict c,
+                                  double *restrict q, double *restrict v, double *restrict z,
+                                  double *restrict g, double *restrict w, double *restrict top)
 {
     const Py_ssize_t k = A->k, d = A->d;
     /* v row by row costs the sum of (d - column) per missing cell; for many such cells the
@@ -250,9 +252,10 @@ STEP void VERSION(chunk_log_prob)(const Args *A, const double *restrict y, const
  * largest term is exp(0) = 1), so without weights one log of a product of 32 totals
  * replaces 32 logs. */
 STEP void VERSION(chunk_weigh)(const Args *A, double *restrict e, const double *restrict top,
-                      const i64 *sel, const i64 *incomplete, Py_ssize_t n_inc, const i64 *pc,
-                      Py_ssize_t nb, double *restrict total, double *restrict scale,
-                      double *resp_by_pattern, double *loglik, double *n_rows)
+                               const i64 *sel, const i64 *incomplete, Py_ssize_t n_inc,
+                               const i64 *pc, Py_ssize_t nb, double *restrict total,
+                               double *restrict scale, double *resp_by_pattern, double *loglik,
+                               double *n_rows)
 {
     const Py_ssize_t k = A->k;
     for (Py_ssize_t i = 0; i < nb; i++)
@@ -307,13 +310,13 @@ STEP void VERSION(chunk_weigh)(const Args *A, double *restrict e, const double *
 }
 
 /* One 4 x 4 block of sum_i r_i c_i c_i^T: rows lb.. (cl) against columns mb.. (cm), into
- * the lane sums la (row stride d), the rows past the last eight into lower (row stride d);
+ * the lane sums la (row stride d), the rows past the last LANES into lower (row stride d);
  * on the diagonal (diag) only its lower triangle, and the weighted rows' sums into ls1 and
  * s1. */
 STEP void VERSION(moments_block4)(const double *restrict r, const double *restrict cl,
-                         const double *restrict cm, Py_ssize_t nb, Py_ssize_t ld, const int diag,
-                         lanes_t *restrict la, lanes_t *restrict ls1, double *restrict lower,
-                         double *restrict s1, Py_ssize_t d)
+                                  const double *restrict cm, Py_ssize_t nb, Py_ssize_t ld,
+                                  const int diag, lanes_t *restrict la, lanes_t *restrict ls1,
+                                  double *restrict lower, double *restrict s1, Py_ssize_t d)
 {
     lanes_t a[16], b[4];
     for (int s = 0; s < 4; s++)
@@ -344,7 +347,7 @@ STEP void VERSION(moments_block4)(const double *restrict r, const double *restri
     if (diag)
         for (int o = 0; o < 4; o++)
             ls1[o] = b[o];
-    for (; i < nb; i++) { /* rows past the last eight */
+    for (; i < nb; i++) { /* rows past the last LANES */
         double x[4], w[4];
         for (int s = 0; s < 4; s++) {
             x[s] = cl[s * ld + i];
@@ -362,11 +365,12 @@ STEP void VERSION(moments_block4)(const double *restrict r, const double *restri
 
 /* lower[j] += sum_i r_ji c_j[:, i] c_j[:, i]^T on and below the diagonal, by 4 x 4 blocks
  * held in registers, and s1[j] += sum_i r_ji c_j[:, i] on the way. Up to the last full
- * block of four, eight rows at a time into the lane sums `lanes` ((k, d + 1, d): per
+ * block of four, LANES rows at a time into the lane sums `lanes` ((k, d + 1, d): per
  * component the lower triangle, then s1), added up by lane_totals at the end of the block:
  * once per block, not per chunk. */
-STEP void VERSION(lower_moments)(const Args *A, const double *restrict c, const double *restrict r,
-                        Py_ssize_t nb, Py_ssize_t ld, lanes_t *restrict lanes)
+STEP void VERSION(lower_moments)(const Args *A, const double *restrict c,
+                                 const double *restrict r, Py_ssize_t nb, Py_ssize_t ld,
+                                 lanes_t *restrict lanes)
 {
     const Py_ssize_t k = A->k, d = A->d, full = d - d % 4;
     for (Py_ssize_t j = 0; j < k; j++) {
@@ -375,11 +379,12 @@ STEP void VERSION(lower_moments)(const Args *A, const double *restrict c, const 
         lanes_t *la = lanes + j * (d + 1) * d, *ls1 = la + d * d;
         for (Py_ssize_t lb = 0; lb < full; lb += 4) {
             /* the diagonal block, whose pass also sums the weighted rows */
-            VERSION(moments_block4)(rj, cj + lb * ld, cj + lb * ld, nb, ld, 1, la + lb * d + lb,
-                           ls1 + lb, lower + lb * d + lb, s1 + lb, d);
+            VERSION(moments_block4)(rj, cj + lb * ld, cj + lb * ld, nb, ld, 1,
+                                    la + lb * d + lb, ls1 + lb, lower + lb * d + lb, s1 + lb,
+                                    d);
             for (Py_ssize_t mb = 0; mb < lb; mb += 4)
-                VERSION(moments_block4)(rj, cj + lb * ld, cj + mb * ld, nb, ld, 0, la + lb * d + mb,
-                               NULL, lower + lb * d + mb, NULL, d);
+                VERSION(moments_block4)(rj, cj + lb * ld, cj + mb * ld, nb, ld, 0,
+                                        la + lb * d + mb, NULL, lower + lb * d + mb, NULL, d);
         }
         /* rows past the last full block of four */
         for (Py_ssize_t l = full; l < d; l++) {
@@ -461,8 +466,8 @@ static int VERSION(block_stats)(const Args *A, double *loglik_out, double *n_row
         VERSION(chunk_products)(A, x, stride, nb, ld, c, n_inc ? y : NULL, q, w);
         VERSION(chunk_log_prob)(A, y, inc, n_inc, pc, nb, ld, c, q, v, z, g, w, top);
         exp_nonpositive(q, k * nb);
-        VERSION(chunk_weigh)(A, q, top, sel, inc, n_inc, pc, nb, tot, scale, resp_by_pattern, &loglik,
-                    &n_rows);
+        VERSION(chunk_weigh)(A, q, top, sel, inc, n_inc, pc, nb, tot, scale, resp_by_pattern,
+                             &loglik, &n_rows);
         VERSION(lower_moments)(A, c, q, nb, ld, lanes);
     }
     VERSION(lane_totals)(A, lanes);
