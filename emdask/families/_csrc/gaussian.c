@@ -577,7 +577,8 @@ static int check_indices(const Args *A, Py_ssize_t table_size)
             return ERR_INDEX;
     for (Py_ssize_t p = 0; p < A->n_pat; p++) {
         const i64 m = A->pat_m[p];
-        if (m < 0 || m >= A->d || A->off[p] < 0 || A->off[p] + A->k + A->k * m * m > table_size)
+        if (m < 0 || m >= A->d || A->col_off[p] < 0 || A->off[p] < 0 ||
+            A->off[p] + A->k + A->k * m * m > table_size)
             return ERR_INDEX;
         for (Py_ssize_t a = 0; a < m; a++)
             if (A->cols[A->col_off[p] + a] < 0 || A->cols[A->col_off[p] + a] >= A->d)
