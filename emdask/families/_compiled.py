@@ -18,7 +18,10 @@ from collections import namedtuple
 
 import numpy as np
 
-from . import _cgaussian
+from ._cgaussian import dense_block_stats as _dense_block_stats
+from ._cgaussian import exp_nonpositive as _exp_nonpositive
+from ._cgaussian import find_patterns as _find_patterns
+from ._cgaussian import work_size as _work_size
 from .base import ILL_DEFINED
 
 #: Widest row whose missingness pattern fits in one integer key (wider blocks find their
@@ -79,7 +82,7 @@ def find_patterns(block, k, iwork):
     -------
     Patterns
     """
-    n_in, rows_at, pats_at, n_pat, small = _cgaussian.find_patterns(block, k, iwork)
+    n_in, rows_at, pats_at, n_pat, small = _find_patterns(block, k, iwork)
     small = np.frombuffer(small, dtype=np.int64)
     return Patterns(iwork[rows_at : rows_at + n_in], iwork[pats_at : pats_at + n_in],
                     small[:n_pat], small[n_pat : 2 * n_pat], small[3 * n_pat :],
@@ -121,7 +124,7 @@ def dense_block_stats(block, model, patterns, tables, moments, chunk, work):
         If the precision of the missing cells of some pattern is not positive definite
         (nothing is added then).
     """
-    result = _cgaussian.dense_block_stats(block, model, patterns, tables, moments, chunk, work)
+    result = _dense_block_stats(block, model, patterns, tables, moments, chunk, work)
     if result is None:
         raise ValueError(ILL_DEFINED)
     return result
@@ -132,12 +135,11 @@ def work_size(k, d, patterns, chunk):
     components of ``d`` features, a block's :class:`Patterns` (at least one row) and chunks
     of ``chunk`` rows."""
     max_m = int(patterns.pat_m.max()) if patterns.pat_m.size else 0
-    return _cgaussian.work_size(k, d, patterns.pat_m.size, max_m,
-                                min(chunk, patterns.rows.size))
+    return _work_size(k, d, patterns.pat_m.size, max_m, min(chunk, patterns.rows.size))
 
 
 def exp_nonpositive(q):
     """``q = exp(q)`` in place for a C-ordered float64 array of values ``<= 0`` (NaN-free),
     in steps the compiler vectorises; agrees with ``numpy.exp`` to a few units in the last
     place, arguments below -708 give 0."""
-    _cgaussian.exp_nonpositive(q)
+    _exp_nonpositive(q)
