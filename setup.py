@@ -19,7 +19,7 @@ KERNELS = [
     Extension(
         f"emdask.families._c{name}",
         sources=[f"emdask/families/_csrc/{name}.c"],
-        depends=["emdask/families/_csrc/common.h"],
+        depends=["emdask/families/_csrc/common.h", "emdask/families/_csrc/gaussian_chunks.h"],
         extra_compile_args=FLAGS,
     )
     for name in ("gaussian", "discrete")

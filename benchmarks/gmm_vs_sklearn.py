@@ -33,7 +33,7 @@ What is timed
 Usage:  python benchmarks/gmm_vs_sklearn.py [--rows 1000000] [--features 16] [--components 8]
         [--iterations 10] [--partitions 8] [--missing-rate 0.2] [--missing-iterations 5]
         [--no-sklearn]
-        EMDASK_COMPILED=0 in the environment times the plain numpy steps (without numba).
+        EMDASK_COMPILED=0 in the environment times the plain numpy steps (without the C kernel).
 """
 
 from __future__ import annotations
@@ -205,8 +205,8 @@ def _worker_peak(dask_worker=None):
 
 
 def _worker_warm_up(d, k):
-    """Import and (when compiled steps are installed) compile the kernels, so that the
-    timed iterations do not include it."""
+    """Import the kernels and run them once on every path (complete rows, missing cells,
+    row weights), so that the timed iterations do not include it."""
     from emdask.families import _kernels
     from emdask.families.gaussian import GaussianFamily
 
@@ -380,7 +380,7 @@ def main():
     print("emdask seconds per iteration:", " ".join(f"{x:.3f}" for x in seconds))
     t_em = em_time(seconds)
     flops = 4.0 * n * k * d * d * iters
-    print(f"kernel steps: {'compiled (numba)' if compiled else 'numpy'}")
+    print(f"kernel steps: {'compiled (C)' if compiled else 'numpy'}")
     print(f"emdask  (2 workers x 1 thread): EM time {t_em:7.2f} s  "
           f"({t_em / iters:.3f} s/iteration), fit() {fit_time:7.2f} s")
     print(f"emdask  rate: {flops / t_em / 1e9:.1f} GFLOP/s = "

@@ -7,6 +7,7 @@ name`` is an edge to ``package.name`` when that is a module, else to ``package``
 """
 
 import ast
+from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
 import emdask
@@ -15,13 +16,20 @@ ROOT = Path(emdask.__file__).resolve().parent
 
 
 def _modules():
-    """``{dotted name: path}`` of every module of the package."""
+    """``{dotted name: path}`` of every module of the package; ``None`` for the path of a
+    compiled extension module (it imports nothing of the package)."""
     out = {}
     for path in sorted(ROOT.rglob("*.py")):
         parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
         if parts[-1] == "__init__":
             parts = parts[:-1]
         out[".".join(parts)] = path
+    for path in sorted(ROOT.rglob("*")):
+        # the most specific suffix first (".cpython-311-x86_64-linux-gnu.so", then ".so")
+        suffix = next((s for s in EXTENSION_SUFFIXES if path.name.endswith(s)), None)
+        if suffix:
+            parts = path.relative_to(ROOT.parent).parts
+            out[".".join(parts[:-1] + (path.name[: -len(suffix)],))] = None
     return out
 
 
@@ -60,7 +68,8 @@ def _imports(name, path, modules):
 
 def _graph():
     modules = _modules()
-    return modules, {name: _imports(name, path, modules) for name, path in modules.items()}
+    return modules, {name: _imports(name, path, modules) if path else []
+                     for name, path in modules.items()}
 
 
 def _find_cycle(graph):

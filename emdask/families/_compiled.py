@@ -1,13 +1,15 @@
-"""The compiled Gaussian E-step under full (or tied) covariances: one call per block (needs
-numba: the ``fast`` extra).
+"""The compiled Gaussian E-step under full (or tied) covariances: one call per block, in the
+C extension module ``emdask.families._cgaussian`` built with the package
+(``emdask/families/_csrc/gaussian.c``).
 
-:func:`find_patterns` finds a block's missingness patterns
-(:mod:`emdask.families._compiled_patterns`), then :func:`dense_block_stats` runs the steps
-of :mod:`emdask.families._compiled_products` over the chunks of the block. Their arguments
-are small named groups of arrays, each with one type (a read-only C-ordered float64 block,
-weights always an array, ...: see :func:`emdask.families._kernels.dense_block_stats`), so
-that each is compiled once. The numpy steps of :class:`emdask.families._kernels.DenseKernel`
-are the reference the tests compare them with. Importing this module raises ImportError when numba is not installed.
+:func:`find_patterns` finds a block's missingness patterns, then :func:`dense_block_stats`
+runs the steps of the kernel over the chunks of the block: rows centred on each component's
+mean, triangular products, the conditional terms of rows missing cells, responsibilities and
+moments. Their arguments are small named groups of arrays (see
+:func:`emdask.families._kernels.dense_block_stats` for their types), read by the C module by
+attribute. The numpy steps of :class:`emdask.families._kernels.DenseKernel` are the reference
+the tests compare them with. Importing this module raises ImportError when the C module was
+not built.
 """
 
 from __future__ import annotations
@@ -16,35 +18,24 @@ from collections import namedtuple
 
 import numpy as np
 
-from ._codegen import prefer_wide_vectors
+from ._cgaussian import dense_block_stats as _dense_block_stats
+from ._cgaussian import exp_nonpositive as _exp_nonpositive
+from ._cgaussian import find_patterns as _find_patterns
+from ._cgaussian import work_size as _work_size
+from .base import ILL_DEFINED
 
-prefer_wide_vectors()  # before numba's first import
-
-from numba import njit  # noqa: E402
-
-from ._compiled_patterns import (  # noqa: E402, F401
-    MAX_KEY_FEATURES,
-    SORT_TABLE_BYTES,
-    TABLE_FEATURES,
-    Patterns,
-    Tables,
-    add_conditional_covariance,
-    block_patterns,
-    pattern_tables,
-)
-from ._compiled_products import (  # noqa: E402, F401
-    _FASTMATH,
-    centre_chunk,
-    chunk_log_prob,
-    chunk_products,
-    chunk_weigh,
-    exp_nonpositive,
-    lower_moments,
-)
+#: Widest row whose missingness pattern fits in one integer key (wider blocks find their
+#: patterns with numpy, :func:`emdask.families._kernels._numpy_patterns`).
+MAX_KEY_FEATURES = 62
+#: Up to this many features, patterns are found through a table indexed by the key;
+#: wider rows sort their keys instead.
+TABLE_FEATURES = 16
+#: Rows are taken in pattern order when their patterns' tables exceed this many bytes.
+SORT_TABLE_BYTES = 1 << 20
 
 #: A block: ``data`` the rows (n, d), or their transpose (d, n) when ``column_major``
-#: (read-only, C-ordered, float64, NaN for a missing cell); row ``weights`` (n,), read
-#: when ``weighted`` (else of length 0).
+#: (C-ordered float64, NaN for a missing cell); row ``weights`` (n,), read when
+#: ``weighted`` (else of length 0).
 Block = namedtuple("Block", ["data", "column_major", "weights", "weighted"])
 
 #: The components (all float64, C-ordered): ``means`` (k, d); ``chol`` (k, d, d) the
@@ -52,28 +43,52 @@ Block = namedtuple("Block", ["data", "column_major", "weights", "weighted"])
 #: ``const`` (k,) ``log w_j + log det U_j - d/2 log 2π``.
 Model = namedtuple("Model", ["means", "chol", "precision", "const"])
 
+#: The informative rows of a block and their missingness patterns (all int64 arrays).
+#: ``rows``, ``pats``: each row's position in the block and its pattern rank; per pattern,
+#: ``pat_m`` its missing count, ``col_off`` the offset of its missing columns (ascending)
+#: in ``cols``, ``keys`` its missing columns as bits (bit l: column l; zero above
+#: :data:`MAX_KEY_FEATURES` columns). Patterns are ranked by missing count, then by key, so
+#: the complete pattern, if present, is rank 0.
+Patterns = namedtuple("Patterns", ["rows", "pats", "pat_m", "col_off", "cols", "keys"])
+
+#: Per pattern p and component j, the correction ``0.5 m log 2π - 0.5 log det P_mm`` at
+#: ``table[off[p] + j]`` followed by the k inverses ``P_mm⁻¹`` (row-major) from
+#: ``table[off[p] + k]``; only the patterns with ``compute[p]`` (bool) are computed, the
+#: others are in ``table`` already.
+Tables = namedtuple("Tables", ["table", "off", "compute"])
+
 #: Statistics added to: ``nk`` (k,) summed responsibilities, ``s1`` (k, d) first moments
 #: and ``lower`` (k, d, d) the lower triangles of the second moments about each
 #: component's mean.
 Moments = namedtuple("Moments", ["nk", "s1", "lower"])
 
 
-@njit(cache=True, nogil=True)
 def find_patterns(block, k, iwork):
     """The informative rows of a :class:`Block` (some cell observed, weight above zero) and
-    their missingness patterns, for ``k`` components (see
-    :func:`emdask.families._compiled_patterns.block_patterns`; ``iwork``: int64 scratch of
-    at least ``5 n + 2^d`` values, ``5 n + 1`` above ``TABLE_FEATURES`` columns).
+    their missingness patterns.
+
+    Parameters
+    ----------
+    block : Block
+        At most :data:`MAX_KEY_FEATURES` columns.
+    k : int
+        Number of components: when the patterns' tables (k of each) outgrow the core's
+        cache (:data:`SORT_TABLE_BYTES`), the rows are taken in pattern order.
+    iwork : ndarray (int64), at least ``5 n + 2^d`` long (``5 n + 1`` above
+        :data:`TABLE_FEATURES` columns)
+        Scratch space; the returned arrays of row length are views of it.
 
     Returns
     -------
     Patterns
     """
-    return block_patterns(block.data, block.column_major, block.weights, block.weighted, k,
-                          iwork)
+    n_in, rows_at, pats_at, n_pat, small = _find_patterns(block, k, iwork)
+    small = np.frombuffer(small, dtype=np.int64)
+    return Patterns(iwork[rows_at : rows_at + n_in], iwork[pats_at : pats_at + n_in],
+                    small[:n_pat], small[n_pat : 2 * n_pat], small[3 * n_pat :],
+                    small[2 * n_pat : 3 * n_pat])
 
 
-@njit(cache=True, nogil=True)
 def dense_block_stats(block, model, patterns, tables, moments, chunk, work):
     """E-step statistics of a block's informative rows under full (or tied) covariances.
 
@@ -88,7 +103,7 @@ def dense_block_stats(block, model, patterns, tables, moments, chunk, work):
     block : Block
     model : Model
     patterns : Patterns
-        The rows to take (at least one) and their missingness patterns.
+        The rows to take and their missingness patterns.
     tables : Tables
         Where each pattern's tables are; those with ``compute`` are computed here.
     moments : Moments, added to
@@ -97,7 +112,7 @@ def dense_block_stats(block, model, patterns, tables, moments, chunk, work):
     work : ndarray (float64)
         Scratch space kept by the caller between blocks (fresh allocations cost page
         faults at every block in Dask workers, whose allocator hands large blocks back to
-        the system), at least ``n_patterns k + k d min(chunk, rows)`` long.
+        the system), at least :func:`work_size` long.
 
     Returns
     -------
@@ -109,53 +124,22 @@ def dense_block_stats(block, model, patterns, tables, moments, chunk, work):
         If the precision of the missing cells of some pattern is not positive definite
         (nothing is added then).
     """
-    data, column_major, weights, weighted = block
-    means, chol, precision, const = model
-    nk, s1, lower = moments
-    rows, pats, pat_m = patterns.rows, patterns.pats, patterns.pat_m
-    k, d = means.shape
-    n_in = rows.size
-    n_pat = pat_m.size
-    pattern_tables(precision, patterns, tables)
-    max_m = 1
-    for p in range(n_pat):
-        max_m = max(max_m, pat_m[p])
-    b = min(chunk, n_in)
-    resp_by_pattern = work[: n_pat * k].reshape((n_pat, k))
-    resp_by_pattern[:] = 0.0
-    g_flat = work[n_pat * k : n_pat * k + k * d * b]
-    v = np.zeros(k * max_m)
-    z = np.zeros(max_m)
-    q_full = np.empty((k, b))
-    c_full = np.empty((k, d, b))
-    y_full = np.empty((k, d, b))
-    bits = np.empty(k * b, dtype=np.int64)
-    inc = np.empty(b, dtype=np.int64)
-    xt = np.empty((d, b))
-    loglik = 0.0
-    n_rows = 0.0
-    for start in range(0, n_in, b):
-        nb = min(b, n_in - start)
-        if nb == b:
-            q, c, y = q_full, c_full, y_full
-        else:
-            q, c, y = np.empty((k, nb)), np.empty((k, d, nb)), np.empty((k, d, nb))
-        sel = rows[start : start + nb]
-        pc = pats[start : start + nb]
-        n_inc = 0
-        for i in range(nb):
-            if pat_m[pc[i]] > 0:
-                inc[n_inc] = i
-                n_inc += 1
-        incomplete = inc[:n_inc]
-        centre_chunk(data, column_major, sel, means, xt, c)
-        chunk_products(chol, c, const, y, q)
-        top = chunk_log_prob(y, incomplete, pc, patterns, tables, chol, c, q, v, z, g_flat)
-        exp_nonpositive(q, bits)
-        ll, nr = chunk_weigh(q, top, weights, weighted, sel, incomplete, pc, nk,
-                             resp_by_pattern)
-        loglik += ll
-        n_rows += nr
-        lower_moments(c, q, lower, s1)
-    add_conditional_covariance(lower, resp_by_pattern, patterns, tables)
-    return loglik, n_rows
+    result = _dense_block_stats(block, model, patterns, tables, moments, chunk, work)
+    if result is None:
+        raise ValueError(ILL_DEFINED)
+    return result
+
+
+def work_size(k, d, patterns, chunk):
+    """Length of the float64 scratch space :func:`dense_block_stats` needs for ``k``
+    components of ``d`` features, a block's :class:`Patterns` (at least one row) and chunks
+    of ``chunk`` rows."""
+    max_m = int(patterns.pat_m.max()) if patterns.pat_m.size else 0
+    return _work_size(k, d, patterns.pat_m.size, max_m, min(chunk, patterns.rows.size))
+
+
+def exp_nonpositive(q):
+    """``q = exp(q)`` in place for a C-ordered float64 array of values ``<= 0`` (NaN-free),
+    in steps the compiler vectorises; agrees with ``numpy.exp`` to a few units in the last
+    place, arguments below -708 give 0."""
+    _exp_nonpositive(q)

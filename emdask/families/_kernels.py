@@ -41,9 +41,9 @@ row with zeros in its missing cells,
 enters the second moment once per pattern, weighted by the pattern's summed
 responsibilities.
 
-Compiled kernel (numba, optional)
----------------------------------
-With numba installed, a whole block goes through one compiled call
+Compiled kernel
+---------------
+A whole block goes through one call of a C extension module built with the package
 (:mod:`emdask.families._compiled`) instead of the numpy steps above: per chunk, rows centred
 on each component's own previous mean ``x - mu_j`` (exactly, as in the reference; missing
 cells zero) times ``U_j`` by register-blocked triangular products, the conditional terms of
@@ -51,8 +51,8 @@ rows with missing cells from per-pattern tables (one loop, specialised by the co
 each small missing count), log-densities less the row maximum, one vectorised ``exp``,
 responsibilities and the second moments ``Σ_i r_ij (x_i - mu_j)(x_i - mu_j)ᵀ`` by a
 register-blocked kernel over the lower triangle. No common shift is used there at all.
-Without numba (or with ``EMDASK_COMPILED=0``) the numpy steps above run; the tests compare
-both with the per-component reference and with each other.
+Where the module was not built (or with ``EMDASK_COMPILED=0``) the numpy steps above run;
+the tests compare both with the per-component reference and with each other.
 
 Diagonal and spherical covariance
 ---------------------------------
@@ -291,12 +291,12 @@ def row_selection(X, weights):
 def dense_block_stats(X, weights, means, mix_weights, chol, const, chunk=COMPLETE_CHUNK):
     """E-step statistics of a whole block under full or tied covariances in one compiled
     call (complete rows and rows with missing cells alike), or ``None`` when the compiled
-    kernels are not in use (numba missing, or ``EMDASK_COMPILED=0``): the caller then runs
-    the numpy steps of :class:`DenseKernel`.
+    kernel is not in use (not built, or ``EMDASK_COMPILED=0``): the caller then runs the
+    numpy steps of :class:`DenseKernel`.
 
-    Every argument reaches the compiled kernel with one type, so that it is compiled once:
-    the block read-only, C-ordered float64 (a column-major block as its transpose, without
-    a copy), the weights always an array, the parameters fresh C-ordered float64 arrays.
+    Every argument reaches the compiled kernel in one form: the block read-only, C-ordered
+    float64 (a column-major block as its transpose, without a copy), the weights always an
+    array, the parameters fresh C-ordered float64 arrays.
 
     Returns ``(n_rows, loglik, nk, s1, s2)`` with the moments about each component's mean.
     """
@@ -323,7 +323,7 @@ def dense_block_stats(X, weights, means, mix_weights, chol, const, chunk=COMPLET
     sizes = k + k * patterns.pat_m * patterns.pat_m
     cache = _pattern_cache(precision, d, compiled.TABLE_FEATURES)
     plan = None if cache is None else cache.plan(patterns.keys, sizes)
-    work_size = n_pat * k + k * d * min(chunk, n_in)
+    work_size = compiled.work_size(k, d, patterns, chunk)
     if plan is None:
         work = _float_workspace(int(sizes.sum()) + work_size)
         off = np.cumsum(sizes) - sizes
@@ -822,18 +822,17 @@ class DiagonalKernel:
 
 
 # --------------------------------------------------------------------------------------
-# Compiled per-row steps (optional: numba)
+# The compiled kernel (a C extension module built with the package)
 # --------------------------------------------------------------------------------------
 
-#: Whether to use the compiled per-row steps when numba is installed (the numpy steps
-#: above are the reference they are tested against). ``EMDASK_COMPILED=0`` in the
-#: environment turns them off.
+#: Whether to use the compiled kernel (the numpy steps above are the reference it is tested
+#: against). ``EMDASK_COMPILED=0`` in the environment turns it off.
 use_compiled = os.environ.get("EMDASK_COMPILED", "1") != "0"
 _COMPILED = []
 
 
 def compiled_available():
-    """Whether numba can be imported (a dependency of emdask; an environment may lack it)."""
+    """Whether the compiled kernel's C module was built in this installation."""
     return _load_compiled() is not None
 
 
@@ -861,14 +860,9 @@ _COMPILED_DISCRETE = []
 def _load_compiled():
     if not _COMPILED:
         try:
-            from . import _compiled, _compiled_patterns, _compiled_products
+            from . import _compiled
         except ImportError:
             _COMPILED.append(None)
         else:
-            from ._codegen import install_entries
-
-            # the block driver and the kernels it calls: each compiled once per machine
-            for module in (_compiled_patterns, _compiled_products, _compiled):
-                install_entries(module)
             _COMPILED.append(_compiled)
     return _COMPILED[0]
