@@ -11,7 +11,7 @@ Two tables, generated partition by partition on the workers (the client never ho
 Each is fitted on a ``LocalCluster`` of two single-threaded worker processes. Between two
 cluster iterations (the cluster idle), the same iteration is timed in this process: the
 family's ``partial_stats`` and ``m_step`` over the whole table in memory, one BLAS thread,
-with the same kernels as the workers (compiled where numba is installed) — the scaling
+with the same kernels as the workers (compiled, unless EMDASK_COMPILED=0) — the scaling
 ratio — and again with the pure-numpy steps. Interleaving puts them all under the same load
 from whatever else runs on the machine. Reported: EM iterations as rows per second (median over the iterations)
 and the ratio cluster / single process, all measured in the same run.

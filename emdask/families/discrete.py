@@ -589,7 +589,8 @@ class ProductMixtureFamily:
 
     def _compiled_stats(self, X, params, weights):
         """:meth:`partial_stats` of a family of categorical columns alone, in one compiled
-        call per block (``None`` where that does not apply: other parts, or no numba)."""
+        call per block (``None`` where that does not apply: other parts, or the compiled
+        kernels turned off)."""
         if len(self.parts) != 1 or not isinstance(self.parts[0], CategoricalPart):
             return None
         compiled = _kernels.compiled_discrete()
