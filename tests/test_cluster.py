@@ -74,6 +74,24 @@ def test_fit_through_the_scheduler_address_equals_a_local_fit(cluster, table):
     assert len(workers) == 2
 
 
+def _kernels_in_use():
+    from emdask.families import _kernels
+
+    return {"gaussian": _kernels._compiled_kernels() is not None,
+            "categorical": _kernels.compiled_discrete() is not None}
+
+
+@pytest.mark.skipif(os.environ.get("EMDASK_COMPILED") == "0",
+                    reason="EMDASK_COMPILED=0 runs the numpy reference")
+def test_workers_run_the_compiled_kernels_built_with_the_package(cluster):
+    """Worker processes find the C kernels of the installation: nothing to compile or warm."""
+    with Client(cluster.address) as client:
+        in_use = client.run(_kernels_in_use)
+    assert len(in_use) == 2
+    for worker, kernels in in_use.items():
+        assert all(kernels.values()), (worker, kernels)
+
+
 def test_predict_on_the_cluster_is_lazy_and_matches(cluster, table):
     frame, path = table
     with dask.config.set(scheduler="synchronous"):
