@@ -11,6 +11,86 @@ typedef double VERSION(lanes) __attribute__((vector_size(8 * LANES), aligned(8),
 typedef int64_t VERSION(mask) __attribute__((vector_size(8 * LANES), aligned(8), may_alias));
 #define mask_t VERSION(mask)
 
+/* A LANES x LANES tile transposed in registers: t[c][r] = t[r][c] on return, by log2(LANES)
+ * stages that interleave pairs of vectors h = 1, 2, 4 apart. */
+STEP void VERSION(transpose_tile)(lanes_t *t)
+{
+#if LANES == 8
+    static const mask_t lo[3] = {{0, 8, 2, 10, 4, 12, 6, 14}, {0, 1, 8, 9, 4, 5, 12, 13},
+                                 {0, 1, 2, 3, 8, 9, 10, 11}};
+    static const mask_t hi[3] = {{1, 9, 3, 11, 5, 13, 7, 15}, {2, 3, 10, 11, 6, 7, 14, 15},
+                                 {4, 5, 6, 7, 12, 13, 14, 15}};
+#elif LANES == 4
+    static const mask_t lo[2] = {{0, 4, 2, 6}, {0, 1, 4, 5}};
+    static const mask_t hi[2] = {{1, 5, 3, 7}, {2, 3, 6, 7}};
+#else
+    static const mask_t lo[1] = {{0, 2}};
+    static const mask_t hi[1] = {{1, 3}};
+#endif
+    for (int stage = 0, h = 1; h < LANES; stage++, h *= 2)
+        for (int r = 0; r < LANES; r++)
+            if (!(r & h)) {
+                const lanes_t a = t[r], b = t[r + h];
+                t[r] = __builtin_shuffle(a, b, lo[stage]);
+                t[r + h] = __builtin_shuffle(a, b, hi[stage]);
+            }
+}
+
+/* Rows 0 .. nb - 1 of a row-major block (d columns) as columns: xt[l * ld + i] =
+ * rows[i * d + l], by tiles of LANES rows and LANES columns transposed in registers. */
+STEP void VERSION(transpose_rows)(const double *restrict rows, Py_ssize_t d, Py_ssize_t nb,
+                                  Py_ssize_t ld, double *restrict xt)
+{
+    const Py_ssize_t tiled = d - d % LANES;
+    Py_ssize_t i = 0;
+    for (; i + LANES <= nb; i += LANES) {
+        const double *r0 = rows + i * d;
+        Py_ssize_t l = 0;
+        for (; l < tiled; l += LANES) {
+            lanes_t t[LANES];
+            for (int r = 0; r < LANES; r++)
+                t[r] = *(const lanes_t *)(r0 + r * d + l);
+            VERSION(transpose_tile)(t);
+            for (int r = 0; r < LANES; r++)
+                *(lanes_t *)(xt + (l + r) * ld + i) = t[r];
+        }
+        for (; l < d; l++)
+            for (int r = 0; r < LANES; r++)
+                xt[l * ld + i + r] = r0[r * d + l];
+    }
+    for (; i < nb; i++)
+        for (Py_ssize_t l = 0; l < d; l++)
+            xt[l * ld + i] = rows[i * d + l];
+}
+
+/* The chunk's rows as columns: x[l * stride + i] = X[sel[i], l]. Rows that follow each other
+ * in X (the usual case: every row of the block carries information) are read without the
+ * index: a column-major X in place, a row-major one through its transpose xt (by tiles). */
+STEP const double *VERSION(chunk_rows)(const Args *A, const i64 *sel, Py_ssize_t nb,
+                                       Py_ssize_t ld, double *restrict xt, Py_ssize_t *stride)
+{
+    const Py_ssize_t d = A->d, n = A->n;
+    const double *data = A->data;
+    const i64 s0 = sel[0];
+    *stride = ld;
+    if (sel[nb - 1] - s0 == nb - 1) {
+        if (A->column_major) {
+            *stride = n;
+            return data + s0;
+        }
+        VERSION(transpose_rows)(data + s0 * d, d, nb, ld, xt);
+    } else if (A->column_major) {
+        for (Py_ssize_t l = 0; l < d; l++)
+            for (Py_ssize_t i = 0; i < nb; i++)
+                xt[l * ld + i] = data[l * n + sel[i]];
+    } else {
+        for (Py_ssize_t i = 0; i < nb; i++)
+            for (Py_ssize_t l = 0; l < d; l++)
+                xt[l * ld + i] = data[sel[i] * d + l];
+    }
+    return xt;
+}
+
 /* Up to eight outputs at a time: dst[o] = sum_s w[8 s + o] src[s] for s < n_in and
  * o < n_out, LANES rows (from i) with the outputs held in registers (one load per eight
  * multiply-adds); inputs from n_all on only reach outputs 4.. (w is zero for the others:
@@ -461,7 +541,7 @@ static int VERSION(block_stats)(const Args *A, double *loglik_out, double *n_row
             if (A->pat_m[pc[i]] > 0)
                 inc[n_inc++] = i;
         Py_ssize_t stride;
-        const double *x = chunk_rows(A, sel, nb, ld, xt, &stride);
+        const double *x = VERSION(chunk_rows)(A, sel, nb, ld, xt, &stride);
         /* y only where rows miss cells (their conditional terms read it) */
         VERSION(chunk_products)(A, x, stride, nb, ld, c, n_inc ? y : NULL, q, w);
         VERSION(chunk_log_prob)(A, y, inc, n_inc, pc, nb, ld, c, q, v, z, g, w, top);
