@@ -298,27 +298,42 @@ def _compute_watched(client, value, keep=None):
     """``value.compute()`` on a cluster, stopped with a clear error if every worker stays
     paused (process memory above Dask's pause threshold) for ``emdask.paused-timeout``
     seconds: Dask would otherwise wait for ever for a worker to free memory."""
+    many = isinstance(value, list)
+    futures = client.compute(value) if many else [client.compute(value)]
+    results = _gather_watched(client, futures, keep)
+    return results if many else results[0]
+
+
+def _gather_watched(client, futures, keep=None):
+    """The results of ``futures`` (a list), each fetched as soon as it is ready (the fetch of
+    the first overlaps the work of the others), with the watch of
+    :func:`_compute_watched`."""
     from distributed import TimeoutError as DaskTimeoutError
     from distributed import wait
 
     limit = float(dask.config.get("emdask.paused-timeout", PAUSED_TIMEOUT))
-    many = isinstance(value, list)
-    futures = client.compute(value) if many else [client.compute(value)]
     # The previous pass's results are released only now, after this pass was submitted:
     # the client batches its messages to the scheduler, and a release sent just before
     # would hold this pass's submission back until the batch interval (10 ms) has passed.
     if keep is not None:
         keep[:] = futures
+    results = [None] * len(futures)
+    pending = dict(enumerate(futures))
     paused_since = None
     try:
-        while True:
+        while pending:
             try:
-                wait(futures, timeout=_WATCH_INTERVAL)
+                done = wait(list(pending.values()), timeout=_WATCH_INTERVAL,
+                            return_when="FIRST_COMPLETED").done
             except (DaskTimeoutError, TimeoutError):
-                pass
-            else:
-                results = client.gather(futures)
-                return results if many else results[0]
+                done = ()
+            if done:
+                paused_since = None
+                ready = [i for i, f in pending.items() if f in done]
+                for i, result in zip(ready, client.gather([pending[i] for i in ready])):
+                    results[i] = result
+                    del pending[i]
+                continue
             paused = _paused_workers(client)
             if paused is None:
                 paused_since = None
@@ -333,6 +348,7 @@ def _compute_watched(client, value, keep=None):
                     "partitions, or raise distributed.worker.memory.pause if the memory is "
                     "not the data's"
                 )
+        return results
     finally:
         pending = [f for f in futures if not f.done()]
         if pending:
