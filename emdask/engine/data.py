@@ -424,6 +424,37 @@ def _group_task(chunk, shared):
     return task
 
 
+def _block_future(block):
+    """The cluster's future of a persisted block (a future, or a persisted delayed value),
+    or ``None``."""
+    from distributed import Future, futures_of
+
+    if isinstance(block, Future):
+        return block
+    found = [f for f in futures_of(block) if f.key == block.key]
+    return found[0] if found else None
+
+
+def _submit_groups(chunk, shared, groups, blocks, keep):
+    """The results of :func:`_group_task`'s tasks over persisted blocks, the tasks handed
+    to the cluster directly, in one submission (no graph to build and optimise: that is
+    most of what the client spends on a pass), or ``None`` when some argument is a lazy
+    value or some block has no future (then the caller builds the graph)."""
+    client = current_client()
+    if client is None or any(dask.is_dask_collection(a) for a in shared):
+        return None
+    futures = [_block_future(b) for b in blocks]
+    if any(f is None for f in futures):
+        return None
+    name = getattr(chunk, "__name__", "chunk")  # keys read like a task per block's
+    tasks = client.map(
+        _chunk_group, [chunk] * len(groups), [tuple(g) for g in groups],
+        [[futures[i] for i in g] for g in groups], [shared] * len(groups),
+        key=[f"{name}-{uuid.uuid4().hex}" for _ in groups], pure=False,
+    )
+    return _gather_watched(client, tasks, keep)
+
+
 def _chunk_group(chunk, indices, blocks, args):
     return tuple(chunk(block, index, *args) for index, block in zip(indices, blocks))
 
@@ -524,9 +555,12 @@ class BlockData:
                     with dask.config.set({"optimization.fuse.delayed": not self.persisted}):
                         result = _compute(root, self._last_results)
                 else:  # a few small results: reduced here, without one more task hop
-                    group_task = _group_task(chunk, shared)
-                    tasks = [group_task(g, [self.blocks[i] for i in g]) for g in groups]
-                    parts = _compute(tasks, self._last_results)
+                    parts = _submit_groups(chunk, shared, groups, self.blocks,
+                                           self._last_results)
+                    if parts is None:
+                        group_task = _group_task(chunk, shared)
+                        tasks = [group_task(g, [self.blocks[i] for i in g]) for g in groups]
+                        parts = _compute(tasks, self._last_results)
                     result = _tree_reduce(combine, split_every, groups, *parts)
                 break
             except CancelledError:
