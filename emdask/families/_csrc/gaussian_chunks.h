@@ -91,37 +91,56 @@ STEP const double *VERSION(chunk_rows)(const Args *A, const i64 *sel, Py_ssize_t
     return xt;
 }
 
+/* Groups of LANES rows products8 takes at once where the registers hold twice its
+ * outputs: each weight loaded once for G vectors of rows (AVX-512: 32 registers). */
+#define GROUPS (LANES == 8 ? 2 : 1)
+
 /* Up to eight outputs at a time: dst[o] = sum_s w[8 s + o] src[s] for s < n_in and
- * o < n_out, LANES rows (from i) with the outputs held in registers (one load per eight
- * multiply-adds); inputs from n_all on only reach outputs 4.. (w is zero for the others:
- * the lower half of U's diagonal block); with q, q += sum_o dst[o]^2 on the way. */
-STEP void VERSION(products8)(const double *restrict src, Py_ssize_t n_in, Py_ssize_t n_all,
-                             const double *restrict w, double *restrict dst, Py_ssize_t n_out,
-                             Py_ssize_t ld, Py_ssize_t i, double *restrict q)
+ * o < n_out, G groups of LANES rows (from i) with the outputs held in registers (one load
+ * per 8 G multiply-adds, and one per weight); inputs from n_all on only reach outputs 4..
+ * (w is zero for the others: the lower half of U's diagonal block); with q,
+ * q += sum_o dst[o]^2 on the way. Each row's sums are the same whatever G. */
+STEP void VERSION(products8)(const int G, const double *restrict src, Py_ssize_t n_in,
+                             Py_ssize_t n_all, const double *restrict w,
+                             double *restrict dst, Py_ssize_t n_out, Py_ssize_t ld,
+                             Py_ssize_t i, double *restrict q)
 {
-    lanes_t acc[8];
-    for (int o = 0; o < 8; o++)
-        acc[o] = (lanes_t){0.0};
+    lanes_t acc[GROUPS][8];
+    for (int g = 0; g < G; g++)
+        for (int o = 0; o < 8; o++)
+            acc[g][o] = (lanes_t){0.0};
     Py_ssize_t s = 0;
     for (; s < n_all; s++) {
-        const lanes_t x = *(const lanes_t *)(src + s * ld + i);
-        for (int o = 0; o < 8; o++)
-            acc[o] += w[8 * s + o] * x;
+        lanes_t x[GROUPS];
+        for (int g = 0; g < G; g++)
+            x[g] = *(const lanes_t *)(src + s * ld + i + g * LANES);
+        for (int o = 0; o < 8; o++) {
+            const double wo = w[8 * s + o];
+            for (int g = 0; g < G; g++)
+                acc[g][o] += wo * x[g];
+        }
     }
     for (; s < n_in; s++) {
-        const lanes_t x = *(const lanes_t *)(src + s * ld + i);
-        for (int o = 4; o < 8; o++)
-            acc[o] += w[8 * s + o] * x;
+        lanes_t x[GROUPS];
+        for (int g = 0; g < G; g++)
+            x[g] = *(const lanes_t *)(src + s * ld + i + g * LANES);
+        for (int o = 4; o < 8; o++) {
+            const double wo = w[8 * s + o];
+            for (int g = 0; g < G; g++)
+                acc[g][o] += wo * x[g];
+        }
     }
-    if (dst)
-        for (int o = 0; o < 8; o++)
-            if (o < n_out)
-                *(lanes_t *)(dst + o * ld + i) = acc[o];
-    if (q) {
-        lanes_t sq = *(lanes_t *)(q + i);
-        for (int o = 0; o < 8; o++)
-            sq += acc[o] * acc[o];
-        *(lanes_t *)(q + i) = sq;
+    for (int g = 0; g < G; g++) {
+        if (dst)
+            for (int o = 0; o < 8; o++)
+                if (o < n_out)
+                    *(lanes_t *)(dst + o * ld + i + g * LANES) = acc[g][o];
+        if (q) {
+            lanes_t sq = *(lanes_t *)(q + i + g * LANES);
+            for (int o = 0; o < 8; o++)
+                sq += acc[g][o] * acc[g][o];
+            *(lanes_t *)(q + i + g * LANES) = sq;
+        }
     }
 }
 
@@ -154,6 +173,27 @@ STEP void VERSION(upper_columns8)(const double *U, Py_ssize_t d, Py_ssize_t ob,
             w[8 * m + o] = o < n_out && m <= ob + o ? U[m * d + ob + o] : 0.0;
 }
 
+/* chunk_products for G groups of LANES rows from i (G fixed at compile time). */
+STEP void VERSION(group_products)(const int G, const double *restrict x, Py_ssize_t stride,
+                                  const double *restrict mu, Py_ssize_t d, Py_ssize_t blocks,
+                                  const double *restrict w, double *restrict cj,
+                                  double *restrict yj, double *restrict qj, Py_ssize_t ld,
+                                  Py_ssize_t i)
+{
+    for (Py_ssize_t l = 0; l < d; l++)
+        for (int g = 0; g < G; g++) {
+            const Py_ssize_t r = i + g * LANES;
+            const lanes_t xl = *(const lanes_t *)(x + l * stride + r);
+            const mask_t seen = xl == xl;
+            *(lanes_t *)(cj + l * ld + r) = (lanes_t)((mask_t)(xl - mu[l]) & seen);
+        }
+    for (Py_ssize_t ob = 0; ob < blocks; ob++) {
+        const Py_ssize_t o0 = 8 * ob, n_out = d - o0 < 8 ? d - o0 : 8;
+        VERSION(products8)(G, cj, o0 + n_out, o0 + (n_out < 4 ? n_out : 4), w + 8 * d * ob,
+                           yj ? yj + o0 * ld : NULL, n_out, ld, i, qj);
+    }
+}
+
 /* c[j] = x - mu_j with zeros in the missing cells, y[j] = c_j U_j (unless y is NULL) and
  * q[j] = const_j - |c_j U_j|^2 / 2 (U_j upper triangular: only its upper triangle is read),
  * LANES rows at a time, each step on rows still in the core's first cache. x: the chunk's
@@ -172,18 +212,10 @@ STEP void VERSION(chunk_products)(const Args *A, const double *restrict x, Py_ss
         for (Py_ssize_t i = 0; i < nb; i++)
             qj[i] = 0.0;
         Py_ssize_t i = 0;
-        for (; i + LANES <= nb; i += LANES) {
-            for (Py_ssize_t l = 0; l < d; l++) {
-                const lanes_t xl = *(const lanes_t *)(x + l * stride + i);
-                const mask_t seen = xl == xl;
-                *(lanes_t *)(cj + l * ld + i) = (lanes_t)((mask_t)(xl - mu[l]) & seen);
-            }
-            for (Py_ssize_t ob = 0; ob < blocks; ob++) {
-                const Py_ssize_t o0 = 8 * ob, n_out = d - o0 < 8 ? d - o0 : 8;
-                VERSION(products8)(cj, o0 + n_out, o0 + (n_out < 4 ? n_out : 4),
-                                   w + 8 * d * ob, yj ? yj + o0 * ld : NULL, n_out, ld, i, qj);
-            }
-        }
+        for (; i + GROUPS * LANES <= nb; i += GROUPS * LANES)
+            VERSION(group_products)(GROUPS, x, stride, mu, d, blocks, w, cj, yj, qj, ld, i);
+        for (; i + LANES <= nb; i += LANES)
+            VERSION(group_products)(1, x, stride, mu, d, blocks, w, cj, yj, qj, ld, i);
         for (; i < nb; i++) { /* rows past the last LANES */
             for (Py_ssize_t l = 0; l < d; l++) {
                 const double xl = x[l * stride + i];
@@ -219,7 +251,7 @@ STEP void VERSION(upper_times)(const Args *A, const double *restrict y, Py_ssize
             double *gb = g + (j * d + ab) * ld;
             Py_ssize_t i = 0;
             for (; i + LANES <= nb; i += LANES)
-                VERSION(products8)(yb, n_in, n_in, w, gb, n_out, ld, i, NULL);
+                VERSION(products8)(1, yb, n_in, n_in, w, gb, n_out, ld, i, NULL);
             for (; i < nb; i++)
                 VERSION(products1)(yb, n_in, w, gb, n_out, ld, i, NULL);
         }
@@ -559,3 +591,4 @@ static int VERSION(block_stats)(const Args *A, double *loglik_out, double *n_row
 
 #undef lanes_t
 #undef mask_t
+#undef GROUPS
