@@ -533,10 +533,11 @@ class BlockData:
         ``split_every``, and one small result brought back to the client. ``args`` travel
         inside the graph (they should be small: parameters, not data).
 
-        Over blocks persisted on a cluster (up to :data:`GROUP_MAX_BLOCKS`), the graph has
-        a task per worker thread instead, each over the blocks its worker holds; their
-        per-block results come back here and are reduced by the same tree: fewer scheduler
-        round trips per pass, and the same result to the last bit.
+        Over blocks persisted on a cluster (up to :data:`GROUP_MAX_BLOCKS`), a pass runs a
+        task per worker thread instead, each over the blocks its worker holds, handed to the
+        cluster in one submission without a graph (see :func:`_submit_groups`); their
+        per-block results come back here as each task finishes and are reduced by the same
+        tree: fewer scheduler round trips per pass, and the same result to the last bit.
         """
         split_every = split_every or self.split_every
         if split_every < 2:
