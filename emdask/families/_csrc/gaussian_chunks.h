@@ -36,36 +36,43 @@ STEP void VERSION(transpose_tile)(lanes_t *t)
             }
 }
 
-/* Rows 0 .. nb - 1 of a row-major block (d columns) as columns: xt[l * ld + i] =
- * rows[i * d + l], by tiles of LANES rows and LANES columns transposed in registers. */
-STEP void VERSION(transpose_rows)(const double *restrict rows, Py_ssize_t d, Py_ssize_t nb,
-                                  Py_ssize_t ld, double *restrict xt)
+/* Rows of a row-major block (d columns) as columns: xt[l * ld + i] = data[row_i * d + l],
+ * row_i = first + i, or sel[i] when sel is given, by tiles of LANES rows and LANES columns
+ * transposed in registers. */
+STEP void VERSION(transpose_rows)(const double *restrict data, Py_ssize_t d, const i64 *sel,
+                                  i64 first, Py_ssize_t nb, Py_ssize_t ld,
+                                  double *restrict xt)
 {
     const Py_ssize_t tiled = d - d % LANES;
     Py_ssize_t i = 0;
     for (; i + LANES <= nb; i += LANES) {
-        const double *r0 = rows + i * d;
+        const double *row[LANES];
+        for (int r = 0; r < LANES; r++)
+            row[r] = data + (sel ? sel[i + r] : first + i + r) * d;
         Py_ssize_t l = 0;
         for (; l < tiled; l += LANES) {
             lanes_t t[LANES];
             for (int r = 0; r < LANES; r++)
-                t[r] = *(const lanes_t *)(r0 + r * d + l);
+                t[r] = *(const lanes_t *)(row[r] + l);
             VERSION(transpose_tile)(t);
             for (int r = 0; r < LANES; r++)
                 *(lanes_t *)(xt + (l + r) * ld + i) = t[r];
         }
         for (; l < d; l++)
             for (int r = 0; r < LANES; r++)
-                xt[l * ld + i + r] = r0[r * d + l];
+                xt[l * ld + i + r] = row[r][l];
     }
-    for (; i < nb; i++)
+    for (; i < nb; i++) {
+        const double *row = data + (sel ? sel[i] : first + i) * d;
         for (Py_ssize_t l = 0; l < d; l++)
-            xt[l * ld + i] = rows[i * d + l];
+            xt[l * ld + i] = row[l];
+    }
 }
 
 /* The chunk's rows as columns: x[l * stride + i] = X[sel[i], l]. Rows that follow each other
  * in X (the usual case: every row of the block carries information) are read without the
- * index: a column-major X in place, a row-major one through its transpose xt (by tiles). */
+ * index: a column-major X in place; a row-major X goes through its transpose xt (by tiles,
+ * the rows picked by the index or not). */
 STEP const double *VERSION(chunk_rows)(const Args *A, const i64 *sel, Py_ssize_t nb,
                                        Py_ssize_t ld, double *restrict xt, Py_ssize_t *stride)
 {
@@ -78,15 +85,13 @@ STEP const double *VERSION(chunk_rows)(const Args *A, const i64 *sel, Py_ssize_t
             *stride = n;
             return data + s0;
         }
-        VERSION(transpose_rows)(data + s0 * d, d, nb, ld, xt);
+        VERSION(transpose_rows)(data, d, NULL, s0, nb, ld, xt);
     } else if (A->column_major) {
         for (Py_ssize_t l = 0; l < d; l++)
             for (Py_ssize_t i = 0; i < nb; i++)
                 xt[l * ld + i] = data[l * n + sel[i]];
     } else {
-        for (Py_ssize_t i = 0; i < nb; i++)
-            for (Py_ssize_t l = 0; l < d; l++)
-                xt[l * ld + i] = data[sel[i] * d + l];
+        VERSION(transpose_rows)(data, d, sel, 0, nb, ld, xt);
     }
     return xt;
 }
