@@ -160,3 +160,34 @@ def test_persisted_pass_runs_a_task_per_worker_thread_with_the_same_result(
     np.testing.assert_array_equal(grouped.means_, per_block.means_)
     np.testing.assert_array_equal(grouped.covariances_, per_block.covariances_)
     np.testing.assert_array_equal(grouped.lower_bounds_, per_block.lower_bounds_)
+
+
+def test_persisted_pass_submitted_without_a_graph_gives_the_graph_s_bits(
+    cluster_client, tmp_path, monkeypatch
+):
+    """The tasks of a pass over persisted blocks go to the cluster directly, one submission
+    without a graph to build; with a lazy argument (parameters too large to travel inside
+    the tasks) the pass builds its graph instead, and both give the same bits."""
+    import emdask.engine.data as engine_data
+
+    df = table(6)
+    path = tmp_path / "t.parquet"
+    dd.from_pandas(df, npartitions=7).to_parquet(path)
+    direct_passes = []
+    submit = engine_data._submit_groups
+
+    def watched(*args):
+        parts = submit(*args)
+        direct_passes.append(parts is not None)
+        return parts
+
+    monkeypatch.setattr(engine_data, "_submit_groups", watched)
+    direct = fit(dd.read_parquet(path), persist=True)
+    assert len(direct_passes) >= direct.n_iter_ and all(direct_passes)
+    direct_passes.clear()
+    monkeypatch.setattr(engine_data, "INLINE_ARGS_BYTES", 0)
+    graph = fit(dd.read_parquet(path), persist=True)
+    assert direct_passes and not any(direct_passes)
+    np.testing.assert_array_equal(direct.means_, graph.means_)
+    np.testing.assert_array_equal(direct.covariances_, graph.covariances_)
+    np.testing.assert_array_equal(direct.lower_bounds_, graph.lower_bounds_)

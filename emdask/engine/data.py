@@ -298,27 +298,42 @@ def _compute_watched(client, value, keep=None):
     """``value.compute()`` on a cluster, stopped with a clear error if every worker stays
     paused (process memory above Dask's pause threshold) for ``emdask.paused-timeout``
     seconds: Dask would otherwise wait for ever for a worker to free memory."""
+    many = isinstance(value, list)
+    futures = client.compute(value) if many else [client.compute(value)]
+    results = _gather_watched(client, futures, keep)
+    return results if many else results[0]
+
+
+def _gather_watched(client, futures, keep=None):
+    """The results of ``futures`` (a list), each fetched as soon as it is ready (the fetch of
+    the first overlaps the work of the others), with the watch of
+    :func:`_compute_watched`."""
     from distributed import TimeoutError as DaskTimeoutError
     from distributed import wait
 
     limit = float(dask.config.get("emdask.paused-timeout", PAUSED_TIMEOUT))
-    many = isinstance(value, list)
-    futures = client.compute(value) if many else [client.compute(value)]
     # The previous pass's results are released only now, after this pass was submitted:
     # the client batches its messages to the scheduler, and a release sent just before
     # would hold this pass's submission back until the batch interval (10 ms) has passed.
     if keep is not None:
         keep[:] = futures
+    results = [None] * len(futures)
+    pending = dict(enumerate(futures))
     paused_since = None
     try:
-        while True:
+        while pending:
             try:
-                wait(futures, timeout=_WATCH_INTERVAL)
+                done = wait(list(pending.values()), timeout=_WATCH_INTERVAL,
+                            return_when="FIRST_COMPLETED").done
             except (DaskTimeoutError, TimeoutError):
-                pass
-            else:
-                results = client.gather(futures)
-                return results if many else results[0]
+                done = ()
+            if done:
+                paused_since = None
+                ready = [i for i, f in pending.items() if f in done]
+                for i, result in zip(ready, client.gather([pending[i] for i in ready])):
+                    results[i] = result
+                    del pending[i]
+                continue
             paused = _paused_workers(client)
             if paused is None:
                 paused_since = None
@@ -333,6 +348,7 @@ def _compute_watched(client, value, keep=None):
                     "partitions, or raise distributed.worker.memory.pause if the memory is "
                     "not the data's"
                 )
+        return results
     finally:
         pending = [f for f in futures if not f.done()]
         if pending:
@@ -406,6 +422,37 @@ def _group_task(chunk, shared):
                     dask_key_name=f"{name}-{uuid.uuid4().hex}")
 
     return task
+
+
+def _block_future(block):
+    """The cluster's future of a persisted block (a future, or a persisted delayed value),
+    or ``None``."""
+    from distributed import Future, futures_of
+
+    if isinstance(block, Future):
+        return block
+    found = [f for f in futures_of(block) if f.key == block.key]
+    return found[0] if found else None
+
+
+def _submit_groups(chunk, shared, groups, blocks, keep):
+    """The results of :func:`_group_task`'s tasks over persisted blocks, the tasks handed
+    to the cluster directly, in one submission (no graph to build and optimise: that is
+    most of what the client spends on a pass), or ``None`` when some argument is a lazy
+    value or some block has no future (then the caller builds the graph)."""
+    client = current_client()
+    if client is None or any(dask.is_dask_collection(a) for a in shared):
+        return None
+    futures = [_block_future(b) for b in blocks]
+    if any(f is None for f in futures):
+        return None
+    name = getattr(chunk, "__name__", "chunk")  # keys read like a task per block's
+    tasks = client.map(
+        _chunk_group, [chunk] * len(groups), [tuple(g) for g in groups],
+        [[futures[i] for i in g] for g in groups], [shared] * len(groups),
+        key=[f"{name}-{uuid.uuid4().hex}" for _ in groups], pure=False,
+    )
+    return _gather_watched(client, tasks, keep)
 
 
 def _chunk_group(chunk, indices, blocks, args):
@@ -486,10 +533,11 @@ class BlockData:
         ``split_every``, and one small result brought back to the client. ``args`` travel
         inside the graph (they should be small: parameters, not data).
 
-        Over blocks persisted on a cluster (up to :data:`GROUP_MAX_BLOCKS`), the graph has
-        a task per worker thread instead, each over the blocks its worker holds; their
-        per-block results come back here and are reduced by the same tree: fewer scheduler
-        round trips per pass, and the same result to the last bit.
+        Over blocks persisted on a cluster (up to :data:`GROUP_MAX_BLOCKS`), a pass runs a
+        task per worker thread instead, each over the blocks its worker holds, handed to the
+        cluster in one submission without a graph (see :func:`_submit_groups`); their
+        per-block results come back here as each task finishes and are reduced by the same
+        tree: fewer scheduler round trips per pass, and the same result to the last bit.
         """
         split_every = split_every or self.split_every
         if split_every < 2:
@@ -508,9 +556,12 @@ class BlockData:
                     with dask.config.set({"optimization.fuse.delayed": not self.persisted}):
                         result = _compute(root, self._last_results)
                 else:  # a few small results: reduced here, without one more task hop
-                    group_task = _group_task(chunk, shared)
-                    tasks = [group_task(g, [self.blocks[i] for i in g]) for g in groups]
-                    parts = _compute(tasks, self._last_results)
+                    parts = _submit_groups(chunk, shared, groups, self.blocks,
+                                           self._last_results)
+                    if parts is None:
+                        group_task = _group_task(chunk, shared)
+                        tasks = [group_task(g, [self.blocks[i] for i in g]) for g in groups]
+                        parts = _compute(tasks, self._last_results)
                     result = _tree_reduce(combine, split_every, groups, *parts)
                 break
             except CancelledError:

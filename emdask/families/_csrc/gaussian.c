@@ -535,36 +535,6 @@ STEP void add_conditional_covariance(const Args *A, const double *resp_by_patter
  * the row stride of the larger arrays, so that their rows fall on different cache sets)
  * ------------------------------------------------------------------------------------- */
 
-/* The chunk's rows as columns: x[l * stride + i] = X[sel[i], l]. Rows that follow each other
- * in X (the usual case: every row of the block carries information) are read without the
- * index: a column-major X in place, a row-major one through its transpose xt. */
-STEP const double *chunk_rows(const Args *A, const i64 *sel, Py_ssize_t nb, Py_ssize_t ld,
-                              double *restrict xt, Py_ssize_t *stride)
-{
-    const Py_ssize_t d = A->d, n = A->n;
-    const double *data = A->data;
-    const i64 s0 = sel[0];
-    *stride = ld;
-    if (sel[nb - 1] - s0 == nb - 1) {
-        if (A->column_major) {
-            *stride = n;
-            return data + s0;
-        }
-        for (Py_ssize_t i = 0; i < nb; i++)
-            for (Py_ssize_t l = 0; l < d; l++)
-                xt[l * ld + i] = data[(s0 + i) * d + l];
-    } else if (A->column_major) {
-        for (Py_ssize_t l = 0; l < d; l++)
-            for (Py_ssize_t i = 0; i < nb; i++)
-                xt[l * ld + i] = data[l * n + sel[i]];
-    } else {
-        for (Py_ssize_t i = 0; i < nb; i++)
-            for (Py_ssize_t l = 0; l < d; l++)
-                xt[l * ld + i] = data[sel[i] * d + l];
-    }
-    return xt;
-}
-
 /* ---------------------------------------------------------------------------------------
  * A block
  * ------------------------------------------------------------------------------------- */

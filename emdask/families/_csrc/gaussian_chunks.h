@@ -11,37 +11,141 @@ typedef double VERSION(lanes) __attribute__((vector_size(8 * LANES), aligned(8),
 typedef int64_t VERSION(mask) __attribute__((vector_size(8 * LANES), aligned(8), may_alias));
 #define mask_t VERSION(mask)
 
-/* Up to eight outputs at a time: dst[o] = sum_s w[8 s + o] src[s] for s < n_in and
- * o < n_out, LANES rows (from i) with the outputs held in registers (one load per eight
- * multiply-adds); inputs from n_all on only reach outputs 4.. (w is zero for the others:
- * the lower half of U's diagonal block); with q, q += sum_o dst[o]^2 on the way. */
-STEP void VERSION(products8)(const double *restrict src, Py_ssize_t n_in, Py_ssize_t n_all,
-                             const double *restrict w, double *restrict dst, Py_ssize_t n_out,
-                             Py_ssize_t ld, Py_ssize_t i, double *restrict q)
+/* A LANES x LANES tile transposed in registers: t[c][r] = t[r][c] on return, by log2(LANES)
+ * stages that interleave pairs of vectors h = 1, 2, 4 apart. */
+STEP void VERSION(transpose_tile)(lanes_t *t)
 {
-    lanes_t acc[8];
-    for (int o = 0; o < 8; o++)
-        acc[o] = (lanes_t){0.0};
+#if LANES == 8
+    static const mask_t lo[3] = {{0, 8, 2, 10, 4, 12, 6, 14}, {0, 1, 8, 9, 4, 5, 12, 13},
+                                 {0, 1, 2, 3, 8, 9, 10, 11}};
+    static const mask_t hi[3] = {{1, 9, 3, 11, 5, 13, 7, 15}, {2, 3, 10, 11, 6, 7, 14, 15},
+                                 {4, 5, 6, 7, 12, 13, 14, 15}};
+#elif LANES == 4
+    static const mask_t lo[2] = {{0, 4, 2, 6}, {0, 1, 4, 5}};
+    static const mask_t hi[2] = {{1, 5, 3, 7}, {2, 3, 6, 7}};
+#else
+    static const mask_t lo[1] = {{0, 2}};
+    static const mask_t hi[1] = {{1, 3}};
+#endif
+    for (int stage = 0, h = 1; h < LANES; stage++, h *= 2)
+        for (int r = 0; r < LANES; r++)
+            if (!(r & h)) {
+                const lanes_t a = t[r], b = t[r + h];
+                t[r] = __builtin_shuffle(a, b, lo[stage]);
+                t[r + h] = __builtin_shuffle(a, b, hi[stage]);
+            }
+}
+
+/* Rows of a row-major block (d columns) as columns: xt[l * ld + i] = data[row_i * d + l],
+ * row_i = first + i, or sel[i] when sel is given, by tiles of LANES rows and LANES columns
+ * transposed in registers. */
+STEP void VERSION(transpose_rows)(const double *restrict data, Py_ssize_t d, const i64 *sel,
+                                  i64 first, Py_ssize_t nb, Py_ssize_t ld,
+                                  double *restrict xt)
+{
+    const Py_ssize_t tiled = d - d % LANES;
+    Py_ssize_t i = 0;
+    for (; i + LANES <= nb; i += LANES) {
+        const double *row[LANES];
+        for (int r = 0; r < LANES; r++)
+            row[r] = data + (sel ? sel[i + r] : first + i + r) * d;
+        Py_ssize_t l = 0;
+        for (; l < tiled; l += LANES) {
+            lanes_t t[LANES];
+            for (int r = 0; r < LANES; r++)
+                t[r] = *(const lanes_t *)(row[r] + l);
+            VERSION(transpose_tile)(t);
+            for (int r = 0; r < LANES; r++)
+                *(lanes_t *)(xt + (l + r) * ld + i) = t[r];
+        }
+        for (; l < d; l++)
+            for (int r = 0; r < LANES; r++)
+                xt[l * ld + i + r] = row[r][l];
+    }
+    for (; i < nb; i++) {
+        const double *row = data + (sel ? sel[i] : first + i) * d;
+        for (Py_ssize_t l = 0; l < d; l++)
+            xt[l * ld + i] = row[l];
+    }
+}
+
+/* The chunk's rows as columns: x[l * stride + i] = X[sel[i], l]. Rows that follow each other
+ * in X (the usual case: every row of the block carries information) are read without the
+ * index: a column-major X in place; a row-major X goes through its transpose xt (by tiles,
+ * the rows picked by the index or not). */
+STEP const double *VERSION(chunk_rows)(const Args *A, const i64 *sel, Py_ssize_t nb,
+                                       Py_ssize_t ld, double *restrict xt, Py_ssize_t *stride)
+{
+    const Py_ssize_t d = A->d, n = A->n;
+    const double *data = A->data;
+    const i64 s0 = sel[0];
+    *stride = ld;
+    if (sel[nb - 1] - s0 == nb - 1) {
+        if (A->column_major) {
+            *stride = n;
+            return data + s0;
+        }
+        VERSION(transpose_rows)(data, d, NULL, s0, nb, ld, xt);
+    } else if (A->column_major) {
+        for (Py_ssize_t l = 0; l < d; l++)
+            for (Py_ssize_t i = 0; i < nb; i++)
+                xt[l * ld + i] = data[l * n + sel[i]];
+    } else {
+        VERSION(transpose_rows)(data, d, sel, 0, nb, ld, xt);
+    }
+    return xt;
+}
+
+/* Groups of LANES rows products8 takes at once where the registers hold twice its
+ * outputs: each weight loaded once for G vectors of rows (AVX-512: 32 registers). */
+#define GROUPS (LANES == 8 ? 2 : 1)
+
+/* Up to eight outputs at a time: dst[o] = sum_s w[8 s + o] src[s] for s < n_in and
+ * o < n_out, G groups of LANES rows (from i) with the outputs held in registers (one load
+ * per 8 G multiply-adds, and one per weight); inputs from n_all on only reach outputs 4..
+ * (w is zero for the others: the lower half of U's diagonal block); with q,
+ * q += sum_o dst[o]^2 on the way. Each row's sums are the same whatever G. */
+STEP void VERSION(products8)(const int G, const double *restrict src, Py_ssize_t n_in,
+                             Py_ssize_t n_all, const double *restrict w,
+                             double *restrict dst, Py_ssize_t n_out, Py_ssize_t ld,
+                             Py_ssize_t i, double *restrict q)
+{
+    lanes_t acc[GROUPS][8];
+    for (int g = 0; g < G; g++)
+        for (int o = 0; o < 8; o++)
+            acc[g][o] = (lanes_t){0.0};
     Py_ssize_t s = 0;
     for (; s < n_all; s++) {
-        const lanes_t x = *(const lanes_t *)(src + s * ld + i);
-        for (int o = 0; o < 8; o++)
-            acc[o] += w[8 * s + o] * x;
+        lanes_t x[GROUPS];
+        for (int g = 0; g < G; g++)
+            x[g] = *(const lanes_t *)(src + s * ld + i + g * LANES);
+        for (int o = 0; o < 8; o++) {
+            const double wo = w[8 * s + o];
+            for (int g = 0; g < G; g++)
+                acc[g][o] += wo * x[g];
+        }
     }
     for (; s < n_in; s++) {
-        const lanes_t x = *(const lanes_t *)(src + s * ld + i);
-        for (int o = 4; o < 8; o++)
-            acc[o] += w[8 * s + o] * x;
+        lanes_t x[GROUPS];
+        for (int g = 0; g < G; g++)
+            x[g] = *(const lanes_t *)(src + s * ld + i + g * LANES);
+        for (int o = 4; o < 8; o++) {
+            const double wo = w[8 * s + o];
+            for (int g = 0; g < G; g++)
+                acc[g][o] += wo * x[g];
+        }
     }
-    if (dst)
-        for (int o = 0; o < 8; o++)
-            if (o < n_out)
-                *(lanes_t *)(dst + o * ld + i) = acc[o];
-    if (q) {
-        lanes_t sq = *(lanes_t *)(q + i);
-        for (int o = 0; o < 8; o++)
-            sq += acc[o] * acc[o];
-        *(lanes_t *)(q + i) = sq;
+    for (int g = 0; g < G; g++) {
+        if (dst)
+            for (int o = 0; o < 8; o++)
+                if (o < n_out)
+                    *(lanes_t *)(dst + o * ld + i + g * LANES) = acc[g][o];
+        if (q) {
+            lanes_t sq = *(lanes_t *)(q + i + g * LANES);
+            for (int o = 0; o < 8; o++)
+                sq += acc[g][o] * acc[g][o];
+            *(lanes_t *)(q + i + g * LANES) = sq;
+        }
     }
 }
 
@@ -74,6 +178,27 @@ STEP void VERSION(upper_columns8)(const double *U, Py_ssize_t d, Py_ssize_t ob,
             w[8 * m + o] = o < n_out && m <= ob + o ? U[m * d + ob + o] : 0.0;
 }
 
+/* chunk_products for G groups of LANES rows from i (G fixed at compile time). */
+STEP void VERSION(group_products)(const int G, const double *restrict x, Py_ssize_t stride,
+                                  const double *restrict mu, Py_ssize_t d, Py_ssize_t blocks,
+                                  const double *restrict w, double *restrict cj,
+                                  double *restrict yj, double *restrict qj, Py_ssize_t ld,
+                                  Py_ssize_t i)
+{
+    for (Py_ssize_t l = 0; l < d; l++)
+        for (int g = 0; g < G; g++) {
+            const Py_ssize_t r = i + g * LANES;
+            const lanes_t xl = *(const lanes_t *)(x + l * stride + r);
+            const mask_t seen = xl == xl;
+            *(lanes_t *)(cj + l * ld + r) = (lanes_t)((mask_t)(xl - mu[l]) & seen);
+        }
+    for (Py_ssize_t ob = 0; ob < blocks; ob++) {
+        const Py_ssize_t o0 = 8 * ob, n_out = d - o0 < 8 ? d - o0 : 8;
+        VERSION(products8)(G, cj, o0 + n_out, o0 + (n_out < 4 ? n_out : 4), w + 8 * d * ob,
+                           yj ? yj + o0 * ld : NULL, n_out, ld, i, qj);
+    }
+}
+
 /* c[j] = x - mu_j with zeros in the missing cells, y[j] = c_j U_j (unless y is NULL) and
  * q[j] = const_j - |c_j U_j|^2 / 2 (U_j upper triangular: only its upper triangle is read),
  * LANES rows at a time, each step on rows still in the core's first cache. x: the chunk's
@@ -92,18 +217,10 @@ STEP void VERSION(chunk_products)(const Args *A, const double *restrict x, Py_ss
         for (Py_ssize_t i = 0; i < nb; i++)
             qj[i] = 0.0;
         Py_ssize_t i = 0;
-        for (; i + LANES <= nb; i += LANES) {
-            for (Py_ssize_t l = 0; l < d; l++) {
-                const lanes_t xl = *(const lanes_t *)(x + l * stride + i);
-                const mask_t seen = xl == xl;
-                *(lanes_t *)(cj + l * ld + i) = (lanes_t)((mask_t)(xl - mu[l]) & seen);
-            }
-            for (Py_ssize_t ob = 0; ob < blocks; ob++) {
-                const Py_ssize_t o0 = 8 * ob, n_out = d - o0 < 8 ? d - o0 : 8;
-                VERSION(products8)(cj, o0 + n_out, o0 + (n_out < 4 ? n_out : 4),
-                                   w + 8 * d * ob, yj ? yj + o0 * ld : NULL, n_out, ld, i, qj);
-            }
-        }
+        for (; i + GROUPS * LANES <= nb; i += GROUPS * LANES)
+            VERSION(group_products)(GROUPS, x, stride, mu, d, blocks, w, cj, yj, qj, ld, i);
+        for (; i + LANES <= nb; i += LANES)
+            VERSION(group_products)(1, x, stride, mu, d, blocks, w, cj, yj, qj, ld, i);
         for (; i < nb; i++) { /* rows past the last LANES */
             for (Py_ssize_t l = 0; l < d; l++) {
                 const double xl = x[l * stride + i];
@@ -139,7 +256,7 @@ STEP void VERSION(upper_times)(const Args *A, const double *restrict y, Py_ssize
             double *gb = g + (j * d + ab) * ld;
             Py_ssize_t i = 0;
             for (; i + LANES <= nb; i += LANES)
-                VERSION(products8)(yb, n_in, n_in, w, gb, n_out, ld, i, NULL);
+                VERSION(products8)(1, yb, n_in, n_in, w, gb, n_out, ld, i, NULL);
             for (; i < nb; i++)
                 VERSION(products1)(yb, n_in, w, gb, n_out, ld, i, NULL);
         }
@@ -461,7 +578,7 @@ static int VERSION(block_stats)(const Args *A, double *loglik_out, double *n_row
             if (A->pat_m[pc[i]] > 0)
                 inc[n_inc++] = i;
         Py_ssize_t stride;
-        const double *x = chunk_rows(A, sel, nb, ld, xt, &stride);
+        const double *x = VERSION(chunk_rows)(A, sel, nb, ld, xt, &stride);
         /* y only where rows miss cells (their conditional terms read it) */
         VERSION(chunk_products)(A, x, stride, nb, ld, c, n_inc ? y : NULL, q, w);
         VERSION(chunk_log_prob)(A, y, inc, n_inc, pc, nb, ld, c, q, v, z, g, w, top);
@@ -479,3 +596,4 @@ static int VERSION(block_stats)(const Args *A, double *loglik_out, double *n_row
 
 #undef lanes_t
 #undef mask_t
+#undef GROUPS
