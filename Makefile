@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.emdask-installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-all demo bench clean
 
 KERNELS := setup.py $(wildcard emdask/families/_csrc/*.c emdask/families/_csrc/*.h)
 
@@ -20,6 +20,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=20 tests
+
+# and the tests marked slow
+test-all: $(STAMP)
+	$(PY) -m pytest -q --durations=20 -m "slow or not slow" tests
 
 demo: $(STAMP)
 	$(PY) -m pipelines.cli demo

@@ -153,6 +153,9 @@ def published_ids(version_dir):
     return np.sort(data["id"].to_numpy())
 
 
+# The same crash window on S3, where a cluster shares no disk, runs by default
+# (test_warehouse_cluster.py); this local-folder one runs with `make test-all`.
+@pytest.mark.slow
 def test_flow_killed_while_writing_leaves_the_published_version(cluster, survey, job_env, tmp_path):
     frame, source = survey
     ids = np.sort(frame["id"].to_numpy())
@@ -187,6 +190,10 @@ def test_flow_killed_while_writing_leaves_the_published_version(cluster, survey,
     np.testing.assert_array_equal(published_ids(path), ids)  # the old version is intact
 
 
+# Resuming a killed fit from its checkpoint runs by default in
+# test_killed_fit_resumes_from_its_checkpoint_to_the_same_model and, through a flow on S3, in
+# test_warehouse_cluster.py; this flow run on a local folder runs with `make test-all`.
+@pytest.mark.slow
 def test_flow_killed_mid_fit_resumes_from_its_checkpoint(cluster, survey, job_env, tmp_path):
     from pipelines.versions import CHECKPOINTS
 
