@@ -828,41 +828,34 @@ class DiagonalKernel:
 #: Whether to use the compiled kernel (the numpy steps above are the reference it is tested
 #: against). ``EMDASK_COMPILED=0`` in the environment turns it off.
 use_compiled = os.environ.get("EMDASK_COMPILED", "1") != "0"
-_COMPILED = []
+_LOADED = {}
+
+
+def _load(name):
+    """The compiled module ``name`` (built with the package), or ``None`` when it was not
+    built; imported once."""
+    if name not in _LOADED:
+        try:
+            if name == "gaussian":
+                from . import _compiled as module
+            else:
+                from . import _cdiscrete as module
+        except ImportError:
+            module = None
+        _LOADED[name] = module
+    return _LOADED[name]
 
 
 def compiled_available():
     """Whether the compiled kernel's C module was built in this installation."""
-    return _load_compiled() is not None
+    return _load("gaussian") is not None
 
 
 def _compiled_kernels():
-    return _load_compiled() if use_compiled else None
+    return _load("gaussian") if use_compiled else None
 
 
 def compiled_discrete():
     """The compiled categorical kernel (:mod:`emdask.families._cdiscrete`, built with the
     package), or ``None`` (turned off with ``EMDASK_COMPILED=0``, or not built)."""
-    if not use_compiled:
-        return None
-    if not _COMPILED_DISCRETE:
-        try:
-            from . import _cdiscrete
-        except ImportError:
-            _cdiscrete = None
-        _COMPILED_DISCRETE.append(_cdiscrete)
-    return _COMPILED_DISCRETE[0]
-
-
-_COMPILED_DISCRETE = []
-
-
-def _load_compiled():
-    if not _COMPILED:
-        try:
-            from . import _compiled
-        except ImportError:
-            _COMPILED.append(None)
-        else:
-            _COMPILED.append(_compiled)
-    return _COMPILED[0]
+    return _load("categorical") if use_compiled else None

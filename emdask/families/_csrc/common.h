@@ -17,15 +17,16 @@
 #define CPU_VERSIONS
 #endif
 
-/* An argument's array: a contiguous buffer of `need` items of `itemsize` bytes at least,
- * writable when `writable`. On failure a TypeError or ValueError naming the argument is
- * set and -1 returned; the caller releases the buffers it got with PyBuffer_Release. */
+/* An argument's array: a C-ordered buffer (shape included) of `need` items of `itemsize`
+ * bytes at least, writable when `writable`. On failure a TypeError or ValueError naming the
+ * argument is set and -1 returned; the caller releases the buffers it got with
+ * PyBuffer_Release. */
 static inline int get_array(PyObject *obj, const char *name, Py_ssize_t itemsize, Py_ssize_t need,
                      int writable, Py_buffer *view)
 {
-    int flags = PyBUF_ANY_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0);
+    int flags = PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0);
     if (PyObject_GetBuffer(obj, view, flags) < 0) {
-        PyErr_Format(PyExc_TypeError, "%s must be a contiguous%s array", name,
+        PyErr_Format(PyExc_TypeError, "%s must be a C-ordered%s array", name,
                      writable ? " writable" : "");
         return -1;
     }
@@ -36,6 +37,19 @@ static inline int get_array(PyObject *obj, const char *name, Py_ssize_t itemsize
         PyBuffer_Release(view);
         return -1;
     }
+    return 0;
+}
+
+/* A 2-d array's shape, or an error naming it. */
+static inline int shape2(const Py_buffer *view, const char *name, Py_ssize_t *rows,
+                         Py_ssize_t *cols)
+{
+    if (view->ndim != 2) {
+        PyErr_Format(PyExc_ValueError, "%s must be 2-dimensional", name);
+        return -1;
+    }
+    *rows = view->shape[0];
+    *cols = view->shape[1];
     return 0;
 }
 

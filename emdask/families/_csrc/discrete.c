@@ -127,16 +127,15 @@ static PyObject *categorical_block_stats(PyObject *self, PyObject *args)
     int got = 0;
     PyObject *result = NULL;
     Py_ssize_t d, k, n_slots, n, width;
-    PyObject *shape = PyObject_GetAttrString(o[0], "shape");
-    PyObject *tshape = PyObject_GetAttrString(o[5], "shape");
-    if (!shape || !tshape || !PyArg_ParseTuple(shape, "nn", &n, &width) ||
-        !PyArg_ParseTuple(tshape, "nn", &n_slots, &k)) {
-        if (!PyErr_Occurred() || PyErr_ExceptionMatches(PyExc_TypeError)) {
-            PyErr_Clear();
-            PyErr_SetString(PyExc_ValueError, "X and table must be 2-dimensional arrays");
-        }
+    /* the block and the table first: their shapes give the other arrays' sizes */
+    if (get_array(o[0], "X", 8, 0, 0, &b[got]) < 0)
         goto done;
-    }
+    got++;
+    if (get_array(o[5], "table", 8, 0, 0, &b[got]) < 0)
+        goto done;
+    got++;
+    if (shape2(&b[0], "X", &n, &width) < 0 || shape2(&b[1], "table", &n_slots, &k) < 0)
+        goto done;
     if (column_major) {
         Py_ssize_t t = n;
         n = width;
@@ -145,13 +144,12 @@ static PyObject *categorical_block_stats(PyObject *self, PyObject *args)
     d = PyObject_Length(o[2]);
     if (d < 0)
         goto done;
-    /* the arrays, in the order of b[]: argument, name, items needed, written to */
+    /* the other arrays, in the order of b[]: argument, name, items needed, written to */
     const struct { int arg; const char *name; Py_ssize_t need; int writable; } arrays[] = {
-        {0, "X", n * width, 0},          {2, "cols", d, 0},  {3, "offsets", d, 0},
-        {4, "n_levels", d, 0},           {5, "table", n_slots * k, 0}, {6, "log_w", k, 0},
-        {9, "counts", n_slots * k, 1},   {10, "nk", k, 1},   {7, "weights", n, 0},
+        {2, "cols", d, 0},  {3, "offsets", d, 0}, {4, "n_levels", d, 0}, {6, "log_w", k, 0},
+        {9, "counts", n_slots * k, 1}, {10, "nk", k, 1}, {7, "weights", n, 0},
     };
-    for (int i = 0; i < 9; i++) {
+    for (int i = 0; i < 7; i++) {
         if (arrays[i].arg == 7 && o[7] == Py_None)
             break;
         if (get_array(o[arrays[i].arg], arrays[i].name, 8, arrays[i].need,
@@ -160,7 +158,7 @@ static PyObject *categorical_block_stats(PyObject *self, PyObject *args)
         got++;
     }
     const double *weights = got == 9 ? b[8].buf : NULL;
-    const int64_t *cols = b[1].buf, *offsets = b[2].buf, *n_levels = b[3].buf;
+    const int64_t *cols = b[2].buf, *offsets = b[3].buf, *n_levels = b[4].buf;
     for (Py_ssize_t c = 0; c < d; c++) {
         if (cols[c] < 0 || cols[c] >= width || offsets[c] < 0 || n_levels[c] < 1 ||
             offsets[c] + n_levels[c] >= n_slots) {
@@ -173,7 +171,7 @@ static PyObject *categorical_block_stats(PyObject *self, PyObject *args)
         }
     }
     Categorical a = {b[0].buf, n, column_major ? 1 : width, column_major ? n : 1, cols,
-                     offsets, n_levels, d, b[4].buf, b[5].buf, k, weights, expected,
+                     offsets, n_levels, d, b[1].buf, b[5].buf, k, weights, expected,
                      b[6].buf, b[7].buf};
     int64_t *slots = PyMem_RawMalloc(sizeof(int64_t) * CHUNK * (d ? d : 1));
     double *lp = PyMem_RawMalloc(sizeof(double) * (CHUNK * k + CHUNK + k));
@@ -198,8 +196,6 @@ static PyObject *categorical_block_stats(PyObject *self, PyObject *args)
 done:
     for (int i = 0; i < got; i++)
         PyBuffer_Release(&b[i]);
-    Py_XDECREF(shape);
-    Py_XDECREF(tshape);
     return result;
 }
 

@@ -65,10 +65,6 @@ static Py_buffer *field(PyObject *group, const char *name, Py_ssize_t itemsize,
     if (failed)
         return NULL;
     v->count++;
-    if (!PyBuffer_IsContiguous(view, 'C')) {
-        PyErr_Format(PyExc_ValueError, "%s must be C-ordered", name);
-        return NULL;
-    }
     return view;
 }
 
@@ -83,18 +79,6 @@ static int flag(PyObject *group, const char *name)
 }
 
 static Py_ssize_t items(const Py_buffer *view) { return view->len / view->itemsize; }
-
-/* A 2-d array's shape, or an error naming it. */
-static int shape2(const Py_buffer *view, const char *name, Py_ssize_t *rows, Py_ssize_t *cols)
-{
-    if (view->ndim != 2) {
-        PyErr_Format(PyExc_ValueError, "%s must be 2-dimensional", name);
-        return -1;
-    }
-    *rows = view->shape[0];
-    *cols = view->shape[1];
-    return 0;
-}
 
 /* ---------------------------------------------------------------------------------------
  * Missingness patterns
