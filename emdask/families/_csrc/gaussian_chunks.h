@@ -96,13 +96,59 @@ STEP const double *VERSION(chunk_rows)(const Args *A, const i64 *sel, Py_ssize_t
     return xt;
 }
 
-/* Groups of LANES rows products8 takes at once where the registers hold twice its
- * outputs: each weight loaded once for G vectors of rows (AVX-512: 32 registers). */
-#define GROUPS (LANES == 8 ? 2 : 1)
+/* Register budget: AVX-512 has 32 vector registers, AVX2 and the baseline 16. With 32,
+ * products8 holds its eight outputs for two groups of LANES rows (16 sums, each weight
+ * loaded once for both) and a moments block is 4 x 4; with 16, products8 goes by halves of
+ * four outputs for two groups (8 sums: enough in flight to hide the multiply-add latency)
+ * and a moments block is 4 x 2, so that nothing spills to memory in the inner loops. */
+#define WIDE_REGISTERS (LANES == 8)
+#define GROUPS 2
+#define MOMENT_COLUMNS (WIDE_REGISTERS ? 4 : 2)
+
+/* Outputs h0 .. h0 + H - 1 (H = 8, or 4 for a half) of products8 for G groups of LANES
+ * rows from i, over inputs s < n_s: acc[g][o] = sum_s w[8 s + h0 + o] src[s]. */
+STEP void VERSION(products_part)(const int G, const int H, const int h0,
+                                 const double *restrict src, Py_ssize_t n_s,
+                                 const double *restrict w, Py_ssize_t ld, Py_ssize_t i,
+                                 lanes_t acc[GROUPS][8])
+{
+    for (int g = 0; g < G; g++)
+        for (int o = 0; o < H; o++)
+            acc[g][o] = (lanes_t){0.0};
+    for (Py_ssize_t s = 0; s < n_s; s++) {
+        lanes_t x[GROUPS];
+        for (int g = 0; g < G; g++)
+            x[g] = *(const lanes_t *)(src + s * ld + i + g * LANES);
+        for (int o = 0; o < H; o++) {
+            const double wo = w[8 * s + h0 + o];
+            for (int g = 0; g < G; g++)
+                acc[g][o] += wo * x[g];
+        }
+    }
+}
+
+/* Stores outputs h0 .. h0 + H - 1 (those below n_out) and adds their squares to q. */
+STEP void VERSION(products_store)(const int G, const int H, const int h0,
+                                  lanes_t acc[GROUPS][8], double *restrict dst,
+                                  Py_ssize_t n_out, Py_ssize_t ld, Py_ssize_t i,
+                                  double *restrict q)
+{
+    for (int g = 0; g < G; g++) {
+        if (dst)
+            for (int o = 0; o < H; o++)
+                if (h0 + o < n_out)
+                    *(lanes_t *)(dst + (h0 + o) * ld + i + g * LANES) = acc[g][o];
+        if (q) {
+            lanes_t sq = *(lanes_t *)(q + i + g * LANES);
+            for (int o = 0; o < H; o++)
+                sq += acc[g][o] * acc[g][o];
+            *(lanes_t *)(q + i + g * LANES) = sq;
+        }
+    }
+}
 
 /* Up to eight outputs at a time: dst[o] = sum_s w[8 s + o] src[s] for s < n_in and
- * o < n_out, G groups of LANES rows (from i) with the outputs held in registers (one load
- * per 8 G multiply-adds, and one per weight); inputs from n_all on only reach outputs 4..
+ * o < n_out, G groups of LANES rows (from i); inputs from n_all on only reach outputs 4..
  * (w is zero for the others: the lower half of U's diagonal block); with q,
  * q += sum_o dst[o]^2 on the way. Each row's sums are the same whatever G. */
 STEP void VERSION(products8)(const int G, const double *restrict src, Py_ssize_t n_in,
@@ -111,6 +157,7 @@ STEP void VERSION(products8)(const int G, const double *restrict src, Py_ssize_t
                              Py_ssize_t i, double *restrict q)
 {
     lanes_t acc[GROUPS][8];
+#if WIDE_REGISTERS
     for (int g = 0; g < G; g++)
         for (int o = 0; o < 8; o++)
             acc[g][o] = (lanes_t){0.0};
@@ -135,18 +182,15 @@ STEP void VERSION(products8)(const int G, const double *restrict src, Py_ssize_t
                 acc[g][o] += wo * x[g];
         }
     }
-    for (int g = 0; g < G; g++) {
-        if (dst)
-            for (int o = 0; o < 8; o++)
-                if (o < n_out)
-                    *(lanes_t *)(dst + o * ld + i + g * LANES) = acc[g][o];
-        if (q) {
-            lanes_t sq = *(lanes_t *)(q + i + g * LANES);
-            for (int o = 0; o < 8; o++)
-                sq += acc[g][o] * acc[g][o];
-            *(lanes_t *)(q + i + g * LANES) = sq;
-        }
+    VERSION(products_store)(G, 8, 0, acc, dst, n_out, ld, i, q);
+#else
+    VERSION(products_part)(G, 4, 0, src, n_all, w, ld, i, acc);
+    VERSION(products_store)(G, 4, 0, acc, dst, n_out, ld, i, q);
+    if (n_out > 4) {
+        VERSION(products_part)(G, 4, 4, src, n_in, w, ld, i, acc);
+        VERSION(products_store)(G, 4, 4, acc, dst, n_out, ld, i, q);
     }
+#endif
 }
 
 /* products8 for one row i (the rows past the last LANES). */
@@ -426,63 +470,66 @@ STEP void VERSION(chunk_weigh)(const Args *A, double *restrict e, const double *
     }
 }
 
-/* One 4 x 4 block of sum_i r_i c_i c_i^T: rows lb.. (cl) against columns mb.. (cm), into
- * the lane sums la (row stride d), the rows past the last LANES into lower (row stride d);
- * on the diagonal (diag) only its lower triangle, and the weighted rows' sums into ls1 and
- * s1. */
-STEP void VERSION(moments_block4)(const double *restrict r, const double *restrict cl,
-                                  const double *restrict cm, Py_ssize_t nb, Py_ssize_t ld,
-                                  const int diag, lanes_t *restrict la, lanes_t *restrict ls1,
-                                  double *restrict lower, double *restrict s1, Py_ssize_t d)
+/* One 4 x C block of sum_i r_i c_i c_i^T: rows lb.. (cl) against columns mb.. (cm), into
+ * the lane sums la (row stride d), the rows past the last LANES into lower (row stride d).
+ * A block on the diagonal (DIAG, mb = lb + OFF) takes only its entries on and below the
+ * diagonal, and sums the weighted rows of its columns into ls1 and s1. */
+STEP void VERSION(moments_block)(const int C, const int DIAG, const int OFF,
+                                 const double *restrict r, const double *restrict cl,
+                                 const double *restrict cm, Py_ssize_t nb, Py_ssize_t ld,
+                                 lanes_t *restrict la, lanes_t *restrict ls1,
+                                 double *restrict lower, double *restrict s1, Py_ssize_t d)
 {
-    lanes_t a[16], b[4];
+#define TAKEN(s, o) (!DIAG || (o) + OFF <= (s))
+    lanes_t a[4][4], b[4];
     for (int s = 0; s < 4; s++)
-        for (int o = 0; o < 4; o++)
-            a[4 * s + o] = !diag || o <= s ? la[s * d + o] : (lanes_t){0.0};
-    for (int o = 0; o < 4; o++)
-        b[o] = diag ? ls1[o] : (lanes_t){0.0};
+        for (int o = 0; o < C; o++)
+            a[s][o] = TAKEN(s, o) ? la[s * d + o] : (lanes_t){0.0};
+    for (int o = 0; o < C; o++)
+        b[o] = DIAG ? ls1[o] : (lanes_t){0.0};
     Py_ssize_t i = 0;
     for (; i + LANES <= nb; i += LANES) {
         lanes_t x[4], w[4];
         const lanes_t ri = *(const lanes_t *)(r + i);
-        for (int s = 0; s < 4; s++) {
-            x[s] = *(const lanes_t *)(cl + s * ld + i);
-            w[s] = ri * *(const lanes_t *)(cm + s * ld + i);
-        }
+        for (int o = 0; o < C; o++)
+            w[o] = ri * *(const lanes_t *)(cm + o * ld + i);
         for (int s = 0; s < 4; s++)
-            for (int o = 0; o < 4; o++)
-                if (!diag || o <= s)
-                    a[4 * s + o] += x[s] * w[o];
-        if (diag)
-            for (int o = 0; o < 4; o++)
+            x[s] = *(const lanes_t *)(cl + s * ld + i);
+        for (int s = 0; s < 4; s++)
+            for (int o = 0; o < C; o++)
+                if (TAKEN(s, o))
+                    a[s][o] += x[s] * w[o];
+        if (DIAG)
+            for (int o = 0; o < C; o++)
                 b[o] += w[o];
     }
     for (int s = 0; s < 4; s++)
-        for (int o = 0; o < 4; o++)
-            if (!diag || o <= s)
-                la[s * d + o] = a[4 * s + o];
-    if (diag)
-        for (int o = 0; o < 4; o++)
+        for (int o = 0; o < C; o++)
+            if (TAKEN(s, o))
+                la[s * d + o] = a[s][o];
+    if (DIAG)
+        for (int o = 0; o < C; o++)
             ls1[o] = b[o];
     for (; i < nb; i++) { /* rows past the last LANES */
         double x[4], w[4];
-        for (int s = 0; s < 4; s++) {
-            x[s] = cl[s * ld + i];
-            w[s] = r[i] * cm[s * ld + i];
-        }
+        for (int o = 0; o < C; o++)
+            w[o] = r[i] * cm[o * ld + i];
         for (int s = 0; s < 4; s++)
-            for (int o = 0; o < 4; o++)
-                if (!diag || o <= s)
+            x[s] = cl[s * ld + i];
+        for (int s = 0; s < 4; s++)
+            for (int o = 0; o < C; o++)
+                if (TAKEN(s, o))
                     lower[s * d + o] += x[s] * w[o];
-        if (diag)
-            for (int o = 0; o < 4; o++)
+        if (DIAG)
+            for (int o = 0; o < C; o++)
                 s1[o] += w[o];
     }
+#undef TAKEN
 }
 
-/* lower[j] += sum_i r_ji c_j[:, i] c_j[:, i]^T on and below the diagonal, by 4 x 4 blocks
+/* lower[j] += sum_i r_ji c_j[:, i] c_j[:, i]^T on and below the diagonal, by 4 x C blocks
  * held in registers, and s1[j] += sum_i r_ji c_j[:, i] on the way. Up to the last full
- * block of four, LANES rows at a time into the lane sums `lanes` ((k, d + 1, d): per
+ * block of four rows, LANES rows at a time into the lane sums `lanes` ((k, d + 1, d): per
  * component the lower triangle, then s1), added up by lane_totals at the end of the block:
  * once per block, not per chunk. */
 STEP void VERSION(lower_moments)(const Args *A, const double *restrict c,
@@ -490,18 +537,23 @@ STEP void VERSION(lower_moments)(const Args *A, const double *restrict c,
                                  lanes_t *restrict lanes)
 {
     const Py_ssize_t k = A->k, d = A->d, full = d - d % 4;
+    const int C = MOMENT_COLUMNS;
     for (Py_ssize_t j = 0; j < k; j++) {
         const double *cj = c + j * d * ld, *rj = r + j * nb;
         double *lower = A->lower + j * d * d, *s1 = A->s1 + j * d;
         lanes_t *la = lanes + j * (d + 1) * d, *ls1 = la + d * d;
         for (Py_ssize_t lb = 0; lb < full; lb += 4) {
-            /* the diagonal block, whose pass also sums the weighted rows */
-            VERSION(moments_block4)(rj, cj + lb * ld, cj + lb * ld, nb, ld, 1,
-                                    la + lb * d + lb, ls1 + lb, lower + lb * d + lb, s1 + lb,
-                                    d);
-            for (Py_ssize_t mb = 0; mb < lb; mb += 4)
-                VERSION(moments_block4)(rj, cj + lb * ld, cj + mb * ld, nb, ld, 0,
-                                        la + lb * d + mb, NULL, lower + lb * d + mb, NULL, d);
+            for (Py_ssize_t mb = 0; mb < lb; mb += C)
+                VERSION(moments_block)(C, 0, 0, rj, cj + lb * ld, cj + mb * ld, nb, ld,
+                                       la + lb * d + mb, NULL, lower + lb * d + mb, NULL, d);
+            /* the blocks on the diagonal, whose passes also sum the weighted rows */
+            VERSION(moments_block)(C, 1, 0, rj, cj + lb * ld, cj + lb * ld, nb, ld,
+                                   la + lb * d + lb, ls1 + lb, lower + lb * d + lb, s1 + lb,
+                                   d);
+            if (C == 2)
+                VERSION(moments_block)(C, 1, 2, rj, cj + lb * ld, cj + (lb + 2) * ld, nb,
+                                       ld, la + lb * d + lb + 2, ls1 + lb + 2,
+                                       lower + lb * d + lb + 2, s1 + lb + 2, d);
         }
         /* rows past the last full block of four */
         for (Py_ssize_t l = full; l < d; l++) {
@@ -597,3 +649,5 @@ static int VERSION(block_stats)(const Args *A, double *loglik_out, double *n_row
 #undef lanes_t
 #undef mask_t
 #undef GROUPS
+#undef WIDE_REGISTERS
+#undef MOMENT_COLUMNS
