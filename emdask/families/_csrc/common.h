@@ -60,10 +60,16 @@ static inline int shape2(const Py_buffer *view, const char *name, Py_ssize_t *ro
  * less the row's maximum, where such terms cannot change a sum that holds a 1). */
 #define EXP_FLOOR (-708.0)
 
-/* q = exp(q) in place for q <= 0 (NaN-free), in steps the compiler vectorises:
- * x = n ln 2 + r with |r| <= ln 2 / 2, exp(r) by its Taylor polynomial of degree 13
- * (truncation below 1e-17 relative), 2^n assembled from its exponent bits. Agrees with
- * numpy.exp to a few units in the last place; arguments below -708 give 0. */
+/* 1.5 * 2^52: added to a double of magnitude below 2^51, rounds it to an integer held in
+ * the low bits of the sum's mantissa. */
+#define ROUND_SHIFTER 6755399441055744.0
+
+/* q = exp(q) in place for q <= 0 (NaN-free), in steps the compiler vectorises with any
+ * vector instructions (no conversion between doubles and 64-bit integers, which only
+ * AVX-512 has): x = n ln 2 + r with |r| <= ln 2 / 2 (n rounded by the shifter), exp(r) by
+ * its Taylor polynomial of degree 13 (truncation below 1e-17 relative), 2^n assembled from
+ * n's bits in the shifted sum. Agrees with numpy.exp to a few units in the last place;
+ * arguments below -708 give 0. */
 static inline void exp_nonpositive(double *restrict q, Py_ssize_t size)
 {
 #pragma omp simd
@@ -71,7 +77,8 @@ static inline void exp_nonpositive(double *restrict q, Py_ssize_t size)
         double x = q[t];
         if (x < EXP_FLOOR)
             x = EXP_FLOOR - 1.0;
-        double n = floor(x * LOG2E + 0.5);
+        const double shifted = x * LOG2E + ROUND_SHIFTER;
+        const double n = shifted - ROUND_SHIFTER;
         double r = (x - n * LN2_HI) - n * LN2_LO;
         double p = 1.0 / 6227020800.0;
         p = p * r + 1.0 / 479001600.0;
@@ -87,8 +94,11 @@ static inline void exp_nonpositive(double *restrict q, Py_ssize_t size)
         p = p * r + 0.5;
         p = p * r + 1.0;
         p = p * r + 1.0;
-        int64_t ni = (int64_t)n;
-        int64_t bits = ni >= -1022 ? (ni + 1023) << 52 : 0;
+        /* the low bits of the shifted sum are n (two's complement): its biased exponent
+         * n + 1023 moved to the exponent field (the shifter's own bits move out) */
+        int64_t sb;
+        memcpy(&sb, &shifted, sizeof sb);
+        const int64_t bits = n >= -1022.0 ? (int64_t)((uint64_t)(sb + 1023) << 52) : 0;
         double scale;
         memcpy(&scale, &bits, sizeof scale);
         q[t] = p * scale;
