@@ -104,6 +104,13 @@ STEP const double *VERSION(chunk_rows)(const Args *A, const i64 *sel, Py_ssize_t
 #define WIDE_REGISTERS (LANES == 8)
 #define GROUPS 2
 #define MOMENT_COLUMNS (WIDE_REGISTERS ? 4 : 2)
+/* A value loaded once into a register, where the compiler would rather read it from
+ * memory at each use (which, in the moments, makes the loop wait on loads). */
+#if !WIDE_REGISTERS && defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define IN_REGISTER(v) __asm__("" : "+x"(v))
+#else
+#define IN_REGISTER(v) ((void)0)
+#endif
 
 /* Outputs h0 .. h0 + H - 1 (H = 8, or 4 for a half) of products8 for G groups of LANES
  * rows from i, over inputs s < n_s: acc[g][o] = sum_s w[8 s + h0 + o] src[s]. */
@@ -187,8 +194,10 @@ STEP void VERSION(products8)(const int G, const double *restrict src, Py_ssize_t
     VERSION(products_part)(G, 4, 0, src, n_all, w, ld, i, acc);
     VERSION(products_store)(G, 4, 0, acc, dst, n_out, ld, i, q);
     if (n_out > 4) {
-        VERSION(products_part)(G, 4, 4, src, n_in, w, ld, i, acc);
-        VERSION(products_store)(G, 4, 4, acc, dst, n_out, ld, i, q);
+        lanes_t acc2[GROUPS][8]; /* its own sums: with the first half's reused, the
+                                    * compiler moves registers around at every step */
+        VERSION(products_part)(G, 4, 4, src, n_in, w, ld, i, acc2);
+        VERSION(products_store)(G, 4, 4, acc2, dst, n_out, ld, i, q);
     }
 #endif
 }
@@ -493,8 +502,10 @@ STEP void VERSION(moments_block)(const int C, const int DIAG, const int OFF,
         const lanes_t ri = *(const lanes_t *)(r + i);
         for (int o = 0; o < C; o++)
             w[o] = ri * *(const lanes_t *)(cm + o * ld + i);
-        for (int s = 0; s < 4; s++)
+        for (int s = 0; s < 4; s++) {
             x[s] = *(const lanes_t *)(cl + s * ld + i);
+            IN_REGISTER(x[s]);
+        }
         for (int s = 0; s < 4; s++)
             for (int o = 0; o < C; o++)
                 if (TAKEN(s, o))
@@ -651,3 +662,4 @@ static int VERSION(block_stats)(const Args *A, double *loglik_out, double *n_row
 #undef GROUPS
 #undef WIDE_REGISTERS
 #undef MOMENT_COLUMNS
+#undef IN_REGISTER
