@@ -790,6 +790,8 @@ def test_killed_in_the_commit_leaves_the_published_version_and_a_rerun_publishes
     assert dests["folder"].history()[:2] == [results[0]["version"], before["folder"].name]
 
 
+@pytest.mark.slow  # make test-all: the reruns that find a version up to date, and the
+# commit killed before it shows, are default tests (here and in pipelines/test_warehouses.py)
 def test_killed_right_after_the_commit_the_version_is_complete_and_a_rerun_finds_it(
         jobs, survey, dests, published):
     frame, source, _ = survey
