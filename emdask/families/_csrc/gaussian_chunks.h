@@ -308,6 +308,8 @@ STEP void VERSION(upper_times)(const Args *A, const double *restrict y, Py_ssize
             const double *yb = y + (j * d + ab) * ld;
             double *gb = g + (j * d + ab) * ld;
             Py_ssize_t i = 0;
+            for (; i + GROUPS * LANES <= nb; i += GROUPS * LANES)
+                VERSION(products8)(GROUPS, yb, n_in, n_in, w, gb, n_out, ld, i, NULL);
             for (; i + LANES <= nb; i += LANES)
                 VERSION(products8)(1, yb, n_in, n_in, w, gb, n_out, ld, i, NULL);
             for (; i < nb; i++)
