@@ -112,8 +112,8 @@ STEP const double *VERSION(chunk_rows)(const Args *A, const i64 *sel, Py_ssize_t
 #define IN_REGISTER(v) ((void)0)
 #endif
 
-/* Outputs h0 .. h0 + H - 1 (H = 8, or 4 for a half) of products8 for G groups of LANES
- * rows from i, over inputs s < n_s: acc[g][o] = sum_s w[8 s + h0 + o] src[s]. */
+/* H outputs from h0 (a half of products8's eight) for G groups of LANES rows from i, over
+ * inputs s < n_s: acc[g][o] = sum_s w[8 s + h0 + o] src[s]. */
 STEP void VERSION(products_part)(const int G, const int H, const int h0,
                                  const double *restrict src, Py_ssize_t n_s,
                                  const double *restrict w, Py_ssize_t ld, Py_ssize_t i,
