@@ -671,6 +671,8 @@ def _for_each_kind(action):
         return dict(zip(KINDS, pool.map(action, KINDS)))
 
 
+@pytest.mark.slow  # make test-all: a run killed later, with every file of its version
+# written (in the commit), leaves the published version too, a default test below
 def test_killed_while_writing_leaves_the_published_version(jobs, survey, dests, published, store):
     frame, source, _ = survey
     before = {kind: dests[kind].state() for kind in KINDS}
