@@ -112,22 +112,28 @@ STEP const double *VERSION(chunk_rows)(const Args *A, const i64 *sel, Py_ssize_t
 #define IN_REGISTER(v) ((void)0)
 #endif
 
-/* H outputs from h0 (a half of products8's eight) for G groups of LANES rows from i, over
- * inputs s < n_s: acc[g][o] = sum_s w[8 s + h0 + o] src[s]. */
-STEP void VERSION(products_part)(const int G, const int H, const int h0,
-                                 const double *restrict src, Py_ssize_t n_s,
-                                 const double *restrict w, Py_ssize_t ld, Py_ssize_t i,
+/* Zeroes the sums of outputs h0 .. h0 + H - 1 (acc[g][o]: output o of group g). */
+STEP void VERSION(products_zero)(const int G, const int H, const int h0,
                                  lanes_t acc[GROUPS][8])
 {
     for (int g = 0; g < G; g++)
-        for (int o = 0; o < H; o++)
+        for (int o = h0; o < h0 + H; o++)
             acc[g][o] = (lanes_t){0.0};
-    for (Py_ssize_t s = 0; s < n_s; s++) {
+}
+
+/* Adds inputs s0 <= s < s1 to the sums of outputs h0 .. h0 + H - 1 for G groups of LANES
+ * rows from i: acc[g][o] += sum_s w[8 s + o] src[s]. */
+STEP void VERSION(products_part)(const int G, const int H, const int h0,
+                                 const double *restrict src, Py_ssize_t s0, Py_ssize_t s1,
+                                 const double *restrict w, Py_ssize_t ld, Py_ssize_t i,
+                                 lanes_t acc[GROUPS][8])
+{
+    for (Py_ssize_t s = s0; s < s1; s++) {
         lanes_t x[GROUPS];
         for (int g = 0; g < G; g++)
             x[g] = *(const lanes_t *)(src + s * ld + i + g * LANES);
-        for (int o = 0; o < H; o++) {
-            const double wo = w[8 * s + h0 + o];
+        for (int o = h0; o < h0 + H; o++) {
+            const double wo = w[8 * s + o];
             for (int g = 0; g < G; g++)
                 acc[g][o] += wo * x[g];
         }
@@ -142,12 +148,12 @@ STEP void VERSION(products_store)(const int G, const int H, const int h0,
 {
     for (int g = 0; g < G; g++) {
         if (dst)
-            for (int o = 0; o < H; o++)
-                if (h0 + o < n_out)
-                    *(lanes_t *)(dst + (h0 + o) * ld + i + g * LANES) = acc[g][o];
+            for (int o = h0; o < h0 + H; o++)
+                if (o < n_out)
+                    *(lanes_t *)(dst + o * ld + i + g * LANES) = acc[g][o];
         if (q) {
             lanes_t sq = *(lanes_t *)(q + i + g * LANES);
-            for (int o = 0; o < H; o++)
+            for (int o = h0; o < h0 + H; o++)
                 sq += acc[g][o] * acc[g][o];
             *(lanes_t *)(q + i + g * LANES) = sq;
         }
@@ -157,7 +163,9 @@ STEP void VERSION(products_store)(const int G, const int H, const int h0,
 /* Up to eight outputs at a time: dst[o] = sum_s w[8 s + o] src[s] for s < n_in and
  * o < n_out, G groups of LANES rows (from i); inputs from n_all on only reach outputs 4..
  * (w is zero for the others: the lower half of U's diagonal block); with q,
- * q += sum_o dst[o]^2 on the way. Each row's sums are the same whatever G. */
+ * q += sum_o dst[o]^2 on the way. Each row's sums are the same whatever G. With 32
+ * registers the eight outputs at once; with 16 by halves, the second with sums of its own
+ * (with the first half's reused, the compiler moves registers around at every step). */
 STEP void VERSION(products8)(const int G, const double *restrict src, Py_ssize_t n_in,
                              Py_ssize_t n_all, const double *restrict w,
                              double *restrict dst, Py_ssize_t n_out, Py_ssize_t ld,
@@ -165,38 +173,18 @@ STEP void VERSION(products8)(const int G, const double *restrict src, Py_ssize_t
 {
     lanes_t acc[GROUPS][8];
 #if WIDE_REGISTERS
-    for (int g = 0; g < G; g++)
-        for (int o = 0; o < 8; o++)
-            acc[g][o] = (lanes_t){0.0};
-    Py_ssize_t s = 0;
-    for (; s < n_all; s++) {
-        lanes_t x[GROUPS];
-        for (int g = 0; g < G; g++)
-            x[g] = *(const lanes_t *)(src + s * ld + i + g * LANES);
-        for (int o = 0; o < 8; o++) {
-            const double wo = w[8 * s + o];
-            for (int g = 0; g < G; g++)
-                acc[g][o] += wo * x[g];
-        }
-    }
-    for (; s < n_in; s++) {
-        lanes_t x[GROUPS];
-        for (int g = 0; g < G; g++)
-            x[g] = *(const lanes_t *)(src + s * ld + i + g * LANES);
-        for (int o = 4; o < 8; o++) {
-            const double wo = w[8 * s + o];
-            for (int g = 0; g < G; g++)
-                acc[g][o] += wo * x[g];
-        }
-    }
+    VERSION(products_zero)(G, 8, 0, acc);
+    VERSION(products_part)(G, 8, 0, src, 0, n_all, w, ld, i, acc);
+    VERSION(products_part)(G, 4, 4, src, n_all, n_in, w, ld, i, acc);
     VERSION(products_store)(G, 8, 0, acc, dst, n_out, ld, i, q);
 #else
-    VERSION(products_part)(G, 4, 0, src, n_all, w, ld, i, acc);
+    VERSION(products_zero)(G, 4, 0, acc);
+    VERSION(products_part)(G, 4, 0, src, 0, n_all, w, ld, i, acc);
     VERSION(products_store)(G, 4, 0, acc, dst, n_out, ld, i, q);
     if (n_out > 4) {
-        lanes_t acc2[GROUPS][8]; /* its own sums: with the first half's reused, the
-                                    * compiler moves registers around at every step */
-        VERSION(products_part)(G, 4, 4, src, n_in, w, ld, i, acc2);
+        lanes_t acc2[GROUPS][8];
+        VERSION(products_zero)(G, 4, 4, acc2);
+        VERSION(products_part)(G, 4, 4, src, 0, n_in, w, ld, i, acc2);
         VERSION(products_store)(G, 4, 4, acc2, dst, n_out, ld, i, q);
     }
 #endif
