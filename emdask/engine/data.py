@@ -305,9 +305,13 @@ def _compute_watched(client, value, keep=None):
 
 
 def _gather_watched(client, futures, keep=None):
-    """The results of ``futures`` (a list), each fetched as soon as it is ready (the fetch of
-    the first overlaps the work of the others), with the watch of
-    :func:`_compute_watched`."""
+    """The results of ``futures`` (a list), with the watch of :func:`_compute_watched`.
+
+    The results (a pass's statistics: small) are fetched in one request once every future
+    is done, or at once from a future that failed: each fetch is a round trip through the
+    scheduler, and fetching the first result while the others compute gains nothing (the
+    last fetch comes after the last task whichever way), while two fetches of tasks that end
+    close together cost two round trips in a row."""
     from distributed import TimeoutError as DaskTimeoutError
     from distributed import wait
 
@@ -317,22 +321,20 @@ def _gather_watched(client, futures, keep=None):
     # would hold this pass's submission back until the batch interval (10 ms) has passed.
     if keep is not None:
         keep[:] = futures
-    results = [None] * len(futures)
-    pending = dict(enumerate(futures))
+    running = list(futures)
     paused_since = None
     try:
-        while pending:
+        while running:
             try:
-                done = wait(list(pending.values()), timeout=_WATCH_INTERVAL,
-                            return_when="FIRST_COMPLETED").done
+                done = wait(running, timeout=_WATCH_INTERVAL, return_when="FIRST_COMPLETED").done
             except (DaskTimeoutError, TimeoutError):
                 done = ()
             if done:
                 paused_since = None
-                ready = [i for i, f in pending.items() if f in done]
-                for i, result in zip(ready, client.gather([pending[i] for i in ready])):
-                    results[i] = result
-                    del pending[i]
+                failed = [f for f in done if f.status != "finished"]
+                if failed:
+                    client.gather(failed)  # raises the task's error
+                running = [f for f in running if f not in done]
                 continue
             paused = _paused_workers(client)
             if paused is None:
@@ -348,7 +350,7 @@ def _gather_watched(client, futures, keep=None):
                     "partitions, or raise distributed.worker.memory.pause if the memory is "
                     "not the data's"
                 )
-        return results
+        return client.gather(list(futures))
     finally:
         pending = [f for f in futures if not f.done()]
         if pending:
