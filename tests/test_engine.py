@@ -191,3 +191,34 @@ def test_persisted_pass_submitted_without_a_graph_gives_the_graph_s_bits(
     np.testing.assert_array_equal(direct.means_, graph.means_)
     np.testing.assert_array_equal(direct.covariances_, graph.covariances_)
     np.testing.assert_array_equal(direct.lower_bounds_, graph.lower_bounds_)
+
+
+def test_a_pass_fetches_its_results_in_one_request(cluster_client, tmp_path, monkeypatch):
+    """The results of a pass's tasks (one per worker thread) come back in one request once
+    every task is done, not one request per task: each is a round trip through the
+    scheduler."""
+    import emdask.engine.data as engine_data
+
+    df = table(7)
+    path = tmp_path / "t.parquet"
+    dd.from_pandas(df, npartitions=6).to_parquet(path)
+    passes, fetches = [], []
+    watched = engine_data._gather_watched
+
+    def counted_pass(client, futures, keep=None):
+        passes.append(len(futures))
+        return watched(client, futures, keep)
+
+    gather = cluster_client.gather
+
+    def counted_gather(futures, *args, **kwargs):
+        fetches.append(len(futures))
+        return gather(futures, *args, **kwargs)
+
+    monkeypatch.setattr(engine_data, "_gather_watched", counted_pass)
+    monkeypatch.setattr(cluster_client, "gather", counted_gather)
+    fitted = fit(dd.read_parquet(path), persist=True)
+    threads = sum(cluster_client.nthreads().values())
+    assert threads >= 2
+    assert len(passes) >= fitted.n_iter_ and max(passes) >= 2
+    assert fetches == passes  # one request per pass, for all of its tasks
