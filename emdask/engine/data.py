@@ -538,8 +538,9 @@ class BlockData:
         Over blocks persisted on a cluster (up to :data:`GROUP_MAX_BLOCKS`), a pass runs a
         task per worker thread instead, each over the blocks its worker holds, handed to the
         cluster in one submission without a graph (see :func:`_submit_groups`); their
-        per-block results come back here as each task finishes and are reduced by the same
-        tree: fewer scheduler round trips per pass, and the same result to the last bit.
+        per-block results come back here in one request once every task is done and are
+        reduced by the same tree: fewer scheduler round trips per pass, and the same result
+        to the last bit.
         """
         split_every = split_every or self.split_every
         if split_every < 2:
