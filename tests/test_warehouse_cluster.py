@@ -22,7 +22,8 @@ server of their own, reached over HTTP.
   of ``CURRENT`` refuses the second writer, which retries) and the history lists both; to an
   Iceberg table one commits and the other fails with ``ConcurrentCommitError``, never a mix.
 
-Flow processes run ``tests/warehouse_jobs.py``, which places the kills and the gates.
+Flow processes run ``tests/warehouse_jobs.py``, which places the kills and the gates; they are
+forked from a process that imported the libraries they all use once (`ForkServer`).
 """
 
 from __future__ import annotations
@@ -52,7 +53,6 @@ from warehouse_fixtures import s3  # noqa: F401  (the session's S3 server)
 N_PARTS = 6
 ROWS_PER_PART = 2_000
 COLUMNS = [f"x{j}" for j in range(4)]
-JOBS = TESTS_DIR / "warehouse_jobs.py"
 VERSION_NAME = re.compile(r"\d{8}T\d{12}Z-[0-9a-f]{8}")
 JOB_TIMEOUT = 300  # a whole flow run on a loaded 2-core machine, imports included
 MARK_TIMEOUT = 240
@@ -241,11 +241,78 @@ def survey(s3, base, bucket, store):
 # ----------------------------------------------------------------------------------------
 
 
+class ForkServer:
+    """`multiprocessing`'s fork server, started with the flow processes' environment and a
+    directory of its own, having imported `warehouse_jobs.PRELOAD`: the flow processes are
+    forked from it, so that each does not import those libraries again (seconds of CPU per
+    process, which the flow processes of this module, started by the dozen on two cores,
+    would otherwise spend side by side)."""
+
+    def __init__(self, base, env):
+        import multiprocessing
+        import multiprocessing.forkserver
+
+        import warehouse_jobs
+
+        self.dirs = _own_dirs(base)
+        self.context = multiprocessing.get_context("forkserver")
+        self.context.set_forkserver_preload(["warehouse_jobs", *warehouse_jobs.PRELOAD])
+        saved = dict(os.environ)
+        os.environ.clear()  # the server starts with the environment of this process
+        os.environ.update(env, HOME=str(self.dirs["home"]), TMPDIR=str(self.dirs["tmp"]))
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+    def stop(self):
+        import multiprocessing.forkserver
+
+        stop = getattr(multiprocessing.forkserver._forkserver, "_stop", None)
+        if stop is not None:
+            stop()
+        self.context.set_forkserver_preload([])  # a later fork server imports nothing of ours
+
+
+class FlowProcess:
+    """A flow process forked from the fork server (`warehouse_jobs.forked`), with what the
+    tests use of a `subprocess.Popen`: ``pid``, ``poll``, ``wait``, ``returncode``
+    (``-SIGKILL`` once killed by it)."""
+
+    def __init__(self, context, env, cwd, args, stdin, stdout, stderr):
+        import warehouse_jobs
+
+        self.args = args
+        self._lock = threading.Lock()  # the exit status is read once, by one thread
+        self._process = context.Process(
+            target=warehouse_jobs.forked, name="flow",
+            args=(env, str(cwd), args, str(stdin), str(stdout), str(stderr)))
+        self._process.start()
+        self.pid = self._process.pid
+
+    def poll(self):
+        with self._lock:
+            return self._process.exitcode
+
+    @property
+    def returncode(self):
+        return self.poll()
+
+    def wait(self, timeout=None):
+        from multiprocessing.connection import wait
+
+        if not wait([self._process.sentinel], timeout):
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.poll()
+
+
 class Job:
     """A flow process (tests/warehouse_jobs.py) with a directory of its own, in its own
-    process group; its stdout is read line by line (``MARK`` and ``RESULT`` lines)."""
+    process group; its stdout (a file) is read line by line (``MARK`` and ``RESULT`` lines).
+    A gated job's stdin is a FIFO that this process holds open for writing."""
 
-    def __init__(self, directory, env, args, gated=False):
+    def __init__(self, server, directory, env, args, gated=False):
         self.dir = directory
         self.dirs = _own_dirs(directory)
         env = dict(env)
@@ -253,11 +320,16 @@ class Job:
                    PREFECT_HOME=str(self.dirs["home"] / ".prefect"))
         self.args = [str(a) for a in args]
         self.stderr_path = directory / "stderr.log"
-        with open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(JOBS), *self.args], cwd=self.dirs["cwd"], env=env,
-                stdin=subprocess.PIPE if gated else subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=err, text=True, start_new_session=True)
+        self.stdout_path = directory / "stdout.log"
+        self.stderr_path.touch()
+        self.stdout_path.touch()
+        stdin, self._gate = os.devnull, None
+        if gated:
+            stdin = directory / "stdin"
+            os.mkfifo(stdin)
+            self._gate = os.open(stdin, os.O_RDWR)  # the job's open does not wait for a writer
+        self.proc = FlowProcess(server.context, env, self.dirs["cwd"], self.args, stdin,
+                                self.stdout_path, self.stderr_path)
         self.started = time.monotonic()
         self.seen = []  # (first words of a line, seconds after the start), for the timing log
         self.lines = []
@@ -265,12 +337,30 @@ class Job:
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
+    def _line(self, line):
+        self.seen.append((line.split(" ", 2)[:2], time.monotonic() - self.started))
+        self.lines.append(line)
+        self._new.put(line)
+
     def _read(self):
-        for line in self.proc.stdout:
-            line = line.rstrip("\n")
-            self.seen.append((line.split(" ", 2)[:2], time.monotonic() - self.started))
-            self.lines.append(line)
-            self._new.put(line)
+        """Whole lines as the job writes them, until it has ended and all is read."""
+        pending = b""
+        with open(self.stdout_path, "rb") as out:
+            while True:
+                chunk = out.read()
+                if not chunk:
+                    if self.proc.poll() is None:
+                        time.sleep(0.02)
+                        continue
+                    chunk = out.read()  # written before it ended
+                    if not chunk:
+                        break
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    self._line(line.decode(errors="replace"))
+        if pending:
+            self._line(pending.decode(errors="replace"))
         self._new.put(None)
         self.seen.append((["end"], time.monotonic() - self.started))
 
@@ -303,15 +393,17 @@ class Job:
 
     def release(self):
         """Let a gated job go on."""
-        self.proc.stdin.write("go\n")
-        self.proc.stdin.flush()
+        os.write(self._gate, b"go\n")
 
     def kill(self):
         """SIGKILL the job's process group: the flow process dies outright."""
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        except ProcessLookupError:  # not yet in a group of its own, or ended
+            try:
+                os.kill(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.proc.wait(timeout=30)
         self._reader.join(timeout=30)
 
@@ -354,6 +446,7 @@ class Jobs:
         self.env = env
         self.address = address
         self.started = []
+        self.server = ForkServer(root / "fork-server", env)
 
     def start(self, runs, address=None, hook=None, slow_writes=None, pause_fit=None, name="job"):
         args = [address or self.address]
@@ -365,7 +458,7 @@ class Jobs:
             args += ["--pause-fit", pause_fit]
         for flow, source, dest, seed in runs:
             args += ["--run", flow, source, dest, seed]
-        job = Job(self.root / _unique(name), self.env, args, gated=hook == "gate")
+        job = Job(self.server, self.root / _unique(name), self.env, args, gated=hook == "gate")
         self.started.append(job)
         return job
 
@@ -380,6 +473,7 @@ class Jobs:
         for job in self.started:
             if job.proc.poll() is None:
                 job.kill()
+        self.server.stop()
         if os.environ.get("WAREHOUSE_CLUSTER_TIMING"):
             t0 = min((j.started for j in self.started), default=0)
             for j in self.started:

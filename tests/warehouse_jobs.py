@@ -36,6 +36,11 @@ to kill it mid-fit.
 
 The last line on stdout is ``RESULT [...]``: per run, in JSON, the version published (or
 found up to date), its folder, table and rows.
+
+tests/test_warehouse_cluster.py starts its flow processes with `forked` instead of this
+command line: forked from a process that imported `PRELOAD` once, each takes its own
+process group, working directory, environment, stdin, stdout and stderr, then runs `main`
+with the same arguments.
 """
 
 from __future__ import annotations
@@ -223,6 +228,58 @@ def run_all(address, runs):
         result["up_to_date"] = bool(summary.get("up_to_date"))
         results.append(result)
     return results
+
+
+#: What the process the tests fork flow processes from imports once, before any flow
+#: process exists (see `forked`). Of these libraries, only Dask and fsspec read a
+#: configuration when imported (environment variables, files under HOME); each flow
+#: process reads theirs again once it has its own environment. Prefect, the Iceberg
+#: catalog client and matplotlib read theirs when imported: each flow process imports them
+#: itself.
+PRELOAD = ("numpy", "pandas", "pyarrow", "pyarrow.parquet", "dask", "dask.dataframe",
+           "distributed", "emdask", "s3fs")
+
+
+def forked(env, cwd, argv, stdin, stdout, stderr):
+    """A flow process forked from that process (`multiprocessing`'s fork server): it takes
+    a process group, a working directory and an environment of its own, its stdin, stdout
+    and stderr from the paths given, then runs `main` as ``python warehouse_jobs.py ARGV``
+    would; its exit status is the same (an uncaught exception: 1 and its traceback on
+    stderr)."""
+    import atexit
+    import os
+    import tempfile
+    import threading
+
+    os.setsid()
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    tempfile.tempdir = None  # TMPDIR is read again
+    import dask.config
+    import fsspec.config
+
+    dask.config.refresh()
+    fsspec.config.default_conf_dir = os.path.join(os.path.expanduser("~"), ".config/fsspec")
+    fsspec.config.conf_dir = os.environ.get("FSSPEC_CONFIG_DIR", fsspec.config.default_conf_dir)
+    fsspec.config.conf.clear()
+    fsspec.config.set_conf_files(fsspec.config.conf_dir, fsspec.config.conf)
+    fsspec.config.set_conf_env(fsspec.config.conf, os.environ)
+    for fd, path, flags in ((0, stdin, os.O_RDONLY), (1, stdout, os.O_WRONLY | os.O_APPEND),
+                            (2, stderr, os.O_WRONLY | os.O_APPEND)):
+        opened = os.open(path, flags)
+        os.dup2(opened, fd)
+        os.close(opened)
+    sys.stdin = open(0, closefd=False)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    try:
+        main(argv)
+    finally:  # what the interpreter does on its way out: other threads, then atexit
+        threading._shutdown()
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
 
 
 def main(argv=None):
