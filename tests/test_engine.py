@@ -3,6 +3,7 @@
 import warnings
 
 import dask
+import dask.array as da
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
@@ -86,6 +87,35 @@ def test_one_graph_per_iteration_and_counted_passes():
     gm = fit(df)
     # summary + k-means|| (1 + 5 rounds + 1 weighting + 2 Lloyd) + 1 initial assignment + 10 EM
     assert gm.n_passes_ == 1 + 9 + 1 + 10
+
+
+def test_a_pass_over_blocks_held_here_builds_no_graph_and_gives_the_graph_s_bits():
+    """Without a cluster, a pass over blocks held in this process calls the E-step on each
+    block directly, on Dask's threads (no graph to build and schedule: that costs more than
+    the pass itself on a small table); through a graph, as a scheduler of another kind gets
+    it, the fit is the same to the bit."""
+    import functools
+
+    from dask.callbacks import Callback
+
+    X = da.from_array(table(7, n=3000).to_numpy(), chunks=(300, 4))  # ten blocks
+    graphs = []
+
+    class Graphs(Callback):
+        def _start(self, dsk):
+            graphs.append(len(dsk))
+
+    with Graphs():
+        direct = fit(X, n_init=2, persist=True)
+    # two graphs: the summary pass reads the array, then the blocks are kept here
+    assert direct.n_passes_ > 10 and len(graphs) == 2
+    graphs.clear()
+    with Graphs(), dask.config.set(scheduler=functools.partial(dask.threaded.get)):
+        graph = fit(X, n_init=2, persist=True)
+    assert len(graphs) == graph.n_passes_ + 1
+    np.testing.assert_array_equal(direct.means_, graph.means_)
+    np.testing.assert_array_equal(direct.covariances_, graph.covariances_)
+    np.testing.assert_array_equal(direct.lower_bounds_, graph.lower_bounds_)
 
 
 def _count_chunk(block, index):

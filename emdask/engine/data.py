@@ -12,13 +12,15 @@ index, lazily when the input was lazy.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import operator
 import os
+import threading
 import time
 import uuid
-from concurrent.futures import CancelledError
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial, reduce
 
@@ -29,6 +31,9 @@ import pandas as pd
 from threadpoolctl import threadpool_limits
 
 import dask
+import dask.local
+import dask.system
+import dask.threaded
 import dask.array as da
 import dask.dataframe as dd
 
@@ -275,10 +280,35 @@ def one_blas_thread(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        with threadpool_limits(limits=1, user_api="blas"):
+        with _one_blas_thread():
             return func(*args, **kwargs)
 
     return wrapper
+
+
+_blas_held = 0  # how many calls in this process hold BLAS to one thread now
+_blas_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _one_blas_thread():
+    """BLAS held to one thread in this process while in the block. Inside a call that holds
+    it already (a fit holds it for all of its passes) this costs nothing: looking up the
+    process's BLAS libraries takes about half a millisecond, more than a pass over a small
+    table."""
+    global _blas_held
+    with _blas_lock:
+        held = _blas_held > 0
+        _blas_held += 1
+    try:
+        if held:
+            yield
+        else:
+            with threadpool_limits(limits=1, user_api="blas"):
+                yield
+    finally:
+        with _blas_lock:
+            _blas_held -= 1
 
 
 def _compute(value, keep=None):
@@ -290,8 +320,42 @@ def _compute(value, keep=None):
     client = current_client()
     if client is not None:
         return _compute_watched(client, value, keep)
-    with threadpool_limits(limits=1, user_api="blas"):
+    with _one_blas_thread():
         return value.compute()
+
+
+_local_pools = {}  # thread pools of passes over blocks held in this process, by size
+_local_pool_lock = threading.Lock()
+
+
+def _local_threads():
+    """Threads for a pass over blocks held in this process, as Dask's local scheduler
+    would use (``None``: a scheduler that is not one of its threads or the synchronous
+    one, which the pass then goes through)."""
+    scheduler = dask.base.get_scheduler()
+    if scheduler is None or scheduler is dask.threaded.get:
+        return int(dask.config.get("num_workers", None) or dask.system.CPU_COUNT)
+    if scheduler is dask.local.get_sync:
+        return 1
+    return None
+
+
+def _local_map(chunk, values, shared, threads):
+    """``[chunk(value, index, *shared) ...]`` over blocks held in this process, on up to
+    ``threads`` threads (the kernels release the GIL), the first error raised."""
+    if threads <= 1 or len(values) <= 1:
+        return [chunk(v, i, *shared) for i, v in enumerate(values)]
+    with _local_pool_lock:
+        pool = _local_pools.get(threads)
+        if pool is None:
+            pool = _local_pools[threads] = ThreadPoolExecutor(
+                threads, thread_name_prefix="emdask-pass")
+    futures = [pool.submit(chunk, v, i, *shared) for i, v in enumerate(values)]
+    try:
+        return [f.result() for f in futures]
+    finally:
+        for f in futures:
+            f.cancel()
 
 
 def _compute_watched(client, value, keep=None):
@@ -510,6 +574,7 @@ class BlockData:
         self._scattered_from = None  # in-memory arrays sent to the workers, kept to resend
         self._placement = None  # (client, valid until pass, groups of blocks by holder)
         self._last_results = []  # futures of the last pass, released after the next starts
+        self._values = None  # the blocks' arrays, when persisted in this process
 
     @property
     def n_features(self):
@@ -545,6 +610,10 @@ class BlockData:
         split_every = split_every or self.split_every
         if split_every < 2:
             raise ValueError(f"split_every must be at least 2, got {split_every}")
+        result = self._local_pass(chunk, args, combine, split_every)
+        if result is not None:
+            self.n_passes += 1
+            return result[0]
         call = dask.delayed(chunk, pure=False)
         shared = _pass_args(args)
         combine_task = partial(dask.delayed(_combine_with), combine)
@@ -574,6 +643,23 @@ class BlockData:
                     raise
         self.n_passes += 1
         return result
+
+    def _local_pass(self, chunk, args, combine, split_every):
+        """``(result,)`` of a pass over blocks persisted in this process, run here without a
+        graph (building and scheduling one costs a millisecond or more per pass, many times
+        a pass over a small table), or ``None`` when the pass goes through Dask: a cluster is
+        in use, some argument is a lazy value, or the scheduler is neither Dask's threads
+        nor its synchronous one. The blocks are reduced by the same tree as the graph's."""
+        if self._values is None or current_client() is not None:
+            return None
+        if any(dask.is_dask_collection(a) for a in args):
+            return None
+        threads = _local_threads()
+        if threads is None:
+            return None
+        with _one_blas_thread():
+            parts = _local_map(chunk, self._values, args, threads)
+        return (_reduce_tree(parts, split_every, lambda *node: reduce(combine, node)),)
 
     def _groups_by_holder(self):
         """Block indices grouped by the worker thread that holds them in memory, or
@@ -669,8 +755,13 @@ class BlockData:
                 self._scattered_from = list(self.blocks)
                 self.blocks = client.scatter(self.blocks, hash=False)
         else:
-            self.blocks = list(dask.persist(*self.blocks))
+            self._hold(dask.compute(*self.blocks))
         self.persisted = True
+
+    def _hold(self, arrays):
+        """Keep ``arrays`` (one per block) in this process as the blocks."""
+        self._values = list(arrays)
+        self.blocks = [dask.delayed(a, name=f"block-{uuid.uuid4().hex}") for a in self._values]
 
     def check(self, *, allow_nan):
         """Clear errors for an empty table, infinite values, all-missing columns and (when
@@ -789,7 +880,7 @@ def prepare(X, columns=None, *, allow_nan=True, persist="auto", npartitions=None
         if persist is not False and current_client() is not None:
             data.persist()  # ship the blocks to the workers once
         else:
-            data.blocks = [dask.delayed(b) for b in blocks]
+            data._hold(blocks)
             data.persisted = True
         data.summarize()
     else:
