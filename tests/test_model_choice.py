@@ -189,7 +189,9 @@ def test_epil_best_of_twenty_default_restarts_reaches_the_published_optimum(seed
 
 def latent_class_best(codes, n_levels, k, n_starts=200, n_iter=1500, seed=0):
     """Best log-likelihood of a k-class latent class model found by plain EM from many random
-    Dirichlet starts, on the distinct response patterns (NaN = missing, marginalized)."""
+    Dirichlet starts, on the distinct response patterns (NaN = missing, marginalized). Every
+    start runs at once (arrays with a leading axis of starts); a start stops moving once its
+    log-likelihood gains less than a relative 1e-11 in an iteration."""
     rng = np.random.default_rng(seed)
     frame = pd.DataFrame(codes).fillna(-1)
     patterns = frame.value_counts().reset_index()
@@ -202,26 +204,34 @@ def latent_class_best(codes, n_levels, k, n_starts=200, n_iter=1500, seed=0):
         seen = P[:, j] >= 0
         oh[np.flatnonzero(seen), P[seen, j]] = 1.0
         onehots.append(oh)
-    best = -np.inf
-    for _ in range(n_starts):
-        w = rng.dirichlet(np.ones(k))
-        theta = [rng.dirichlet(np.ones(L), size=k) for L in n_levels]
-        prev = -np.inf
-        for _ in range(n_iter):
-            logp = np.log(w)[None, :] + sum(oh @ np.log(np.maximum(t, 1e-300)).T
-                                            for oh, t in zip(onehots, theta))
-            m = logp.max(axis=1, keepdims=True)
-            norm = m[:, 0] + np.log(np.exp(logp - m).sum(axis=1))
-            ll = float(counts @ norm)
-            resp = np.exp(logp - norm[:, None]) * counts[:, None]
-            w = resp.sum(axis=0) / counts.sum()
-            theta = [(resp.T @ oh) / np.maximum((resp.T @ oh).sum(axis=1, keepdims=True), 1e-300)
-                     for oh in onehots]
-            if ll - prev < 1e-11 * abs(ll):
-                break
-            prev = ll
-        best = max(best, ll)
-    return best
+    w = np.empty((n_starts, k))
+    theta = [np.empty((n_starts, k, L)) for L in n_levels]
+    for s in range(n_starts):  # the draws of one start after another
+        w[s] = rng.dirichlet(np.ones(k))
+        for t, L in zip(theta, n_levels):
+            t[s] = rng.dirichlet(np.ones(L), size=k)
+    best = np.full(n_starts, -np.inf)
+    prev = np.full(n_starts, -np.inf)
+    live = np.arange(n_starts)  # the starts still moving
+    for _ in range(n_iter):
+        wl, tl = w[live], [t[live] for t in theta]
+        logp = np.log(wl)[:, None, :] + sum(
+            oh @ np.log(np.maximum(t, 1e-300)).transpose(0, 2, 1) for oh, t in zip(onehots, tl))
+        m = logp.max(axis=2, keepdims=True)
+        norm = m[..., 0] + np.log(np.exp(logp - m).sum(axis=2))
+        ll = norm @ counts
+        best[live] = ll
+        moving = ~(ll - prev[live] < 1e-11 * np.abs(ll))
+        prev[live] = ll
+        live, logp, norm = live[moving], logp[moving], norm[moving]
+        if not len(live):
+            break
+        resp = np.exp(logp - norm[..., None]) * counts[None, :, None]
+        w[live] = resp.sum(axis=1) / counts.sum()
+        for j, oh in enumerate(onehots):
+            total = resp.transpose(0, 2, 1) @ oh
+            theta[j][live] = total / np.maximum(total.sum(axis=2, keepdims=True), 1e-300)
+    return float(best.max())
 
 
 def test_lsat6_bernoulli_best_of_twenty_default_restarts_reaches_the_best_optimum():
