@@ -105,7 +105,7 @@ def test_a_pass_over_blocks_held_here_builds_no_graph_and_gives_the_graph_s_bits
         def _start(self, dsk):
             graphs.append(len(dsk))
 
-    with Graphs():
+    with Graphs(), dask.config.set(scheduler="threads"):  # not this module's cluster
         direct = fit(X, n_init=2, persist=True)
     # two graphs: the summary pass reads the array, then the blocks are kept here
     assert direct.n_passes_ > 10 and len(graphs) == 2
