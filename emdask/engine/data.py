@@ -605,7 +605,9 @@ class BlockData:
         cluster in one submission without a graph (see :func:`_submit_groups`); their
         per-block results come back here in one request once every task is done and are
         reduced by the same tree: fewer scheduler round trips per pass, and the same result
-        to the last bit.
+        to the last bit. Without a cluster, over blocks held in this process, ``chunk`` is
+        called on each block directly on Dask's threads (see :meth:`_local_pass`), and the
+        results are reduced by that tree too.
         """
         split_every = split_every or self.split_every
         if split_every < 2:
