@@ -199,11 +199,15 @@ def delta_hook(stop):
 
 
 def local_cluster():
-    """A Dask cluster of threads in this process, reached over TCP on loopback."""
+    """A Dask cluster of threads in this process, reached over TCP on loopback (without
+    Dask's statistical profiler, as the pipeline tests' cluster: walking the frames of another
+    thread of the same process can crash CPython 3.11)."""
+    import dask
     from distributed import LocalCluster
 
-    return LocalCluster(n_workers=2, threads_per_worker=1, processes=False, protocol="tcp://",
-                        host="127.0.0.1", dashboard_address=None)
+    with dask.config.set({"distributed.worker.profile.enabled": False}):
+        return LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                            protocol="tcp://", host="127.0.0.1", dashboard_address=None)
 
 
 def run(flow, address, source, dest, seed):

@@ -30,10 +30,15 @@ def prefect_api():
 
 @pytest.fixture(scope="session")
 def dask_address():
-    """Address of a small Dask cluster on loopback (threads in this process, reached over TCP)."""
+    """Address of a small Dask cluster on loopback (threads in this process, reached over TCP).
+
+    Its worker does not sample its threads' stacks (Dask's statistical profiler): walking the
+    frames of another thread of the same process as a call returns can crash CPython 3.11,
+    and here that process is the test session's."""
+    import dask
     from distributed import LocalCluster
 
-    with LocalCluster(
+    with dask.config.set({"distributed.worker.profile.enabled": False}), LocalCluster(
         n_workers=1, threads_per_worker=2, processes=False, protocol="tcp://",
         host="127.0.0.1", dashboard_address=None,
     ) as cluster:
