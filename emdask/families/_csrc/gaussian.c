@@ -550,16 +550,27 @@ static Py_ssize_t row_stride(Py_ssize_t b)
     return ld % 16 == 0 ? ld + 8 : ld;
 }
 
+/* The next n values of the scratch at *mem, whole cache lines of it (eight values), and
+ * `gap` lines more left unused after them; *mem moves past them. */
+static inline double *take_lines(double **mem, Py_ssize_t n, Py_ssize_t gap)
+{
+    double *start = *mem;
+    *mem += (n + 7) / 8 * 8 + 8 * gap;
+    return start;
+}
+
 /* Scratch values of a block (chunks of b rows, missing counts up to max_m): the lane sums of
- * the moments, v, z, q, c, y, g, xt, top, total, scale, w, the positions of the rows missing
- * cells, and an alignment. */
+ * the moments, c, y, g, xt, q, top, total, scale, v, z, w (each rounded up to whole cache
+ * lines, the first four a line apart), the positions of the rows missing cells, and an
+ * alignment. */
 #define MAX_LANES 8
+#define SCRATCH_ARRAYS 11
 
 static Py_ssize_t scratch_size(Py_ssize_t k, Py_ssize_t d, Py_ssize_t b, Py_ssize_t max_m)
 {
     const Py_ssize_t ld = row_stride(b);
     return k * (d + 1) * d * MAX_LANES + k * max_m + max_m + k * b + 3 * k * d * ld + d * ld +
-           3 * b + d * (d + 8) + b + 8;
+           3 * b + d * (d + 8) + b + 8 + 8 * (SCRATCH_ARRAYS + 4);
 }
 
 /* The kernel of a block in three CPU versions, picked when the module loads: AVX-512 (eight

@@ -140,6 +140,28 @@ STEP void VERSION(products_part)(const int G, const int H, const int h0,
     }
 }
 
+/* Adds inputs s0 .. s0 + H - 1 to outputs h0 .. h0 + H - 1, input s0 + s only to outputs
+ * h0 + s and above (a triangle of U: w is zero below it), unrolled so that no zero weight is
+ * multiplied. */
+STEP void VERSION(products_triangle)(const int G, const int H, const int h0,
+                                     const double *restrict src, Py_ssize_t s0,
+                                     const double *restrict w, Py_ssize_t ld, Py_ssize_t i,
+                                     lanes_t acc[GROUPS][8])
+{
+#pragma GCC unroll 8
+    for (int s = 0; s < H; s++) {
+        lanes_t x[GROUPS];
+        for (int g = 0; g < G; g++)
+            x[g] = *(const lanes_t *)(src + (s0 + s) * ld + i + g * LANES);
+#pragma GCC unroll 8
+        for (int o = h0 + s; o < h0 + H; o++) {
+            const double wo = w[8 * (s0 + s) + o];
+            for (int g = 0; g < G; g++)
+                acc[g][o] += wo * x[g];
+        }
+    }
+}
+
 /* Stores outputs h0 .. h0 + H - 1 (those below n_out) and adds their squares to q. */
 STEP void VERSION(products_store)(const int G, const int H, const int h0,
                                   lanes_t acc[GROUPS][8], double *restrict dst,
@@ -172,6 +194,28 @@ STEP void VERSION(products8)(const int G, const double *restrict src, Py_ssize_t
                              Py_ssize_t i, double *restrict q)
 {
     lanes_t acc[GROUPS][8];
+    if (n_out == 8 && n_in == n_all + 4 && n_all >= 4) {
+        /* a full block of U's columns: its last eight inputs (n_in - 8 ..) form the
+         * triangle of U's diagonal block, the others reach every output */
+        const Py_ssize_t o0 = n_in - 8;
+#if WIDE_REGISTERS
+        VERSION(products_zero)(G, 8, 0, acc);
+        VERSION(products_part)(G, 8, 0, src, 0, o0, w, ld, i, acc);
+        VERSION(products_triangle)(G, 8, 0, src, o0, w, ld, i, acc);
+        VERSION(products_store)(G, 8, 0, acc, dst, n_out, ld, i, q);
+#else
+        VERSION(products_zero)(G, 4, 0, acc);
+        VERSION(products_part)(G, 4, 0, src, 0, o0, w, ld, i, acc);
+        VERSION(products_triangle)(G, 4, 0, src, o0, w, ld, i, acc);
+        VERSION(products_store)(G, 4, 0, acc, dst, n_out, ld, i, q);
+        lanes_t acc2[GROUPS][8];
+        VERSION(products_zero)(G, 4, 4, acc2);
+        VERSION(products_part)(G, 4, 4, src, 0, o0 + 4, w, ld, i, acc2);
+        VERSION(products_triangle)(G, 4, 4, src, o0 + 4, w, ld, i, acc2);
+        VERSION(products_store)(G, 4, 4, acc2, dst, n_out, ld, i, q);
+#endif
+        return;
+    }
 #if WIDE_REGISTERS
     VERSION(products_zero)(G, 8, 0, acc);
     VERSION(products_part)(G, 8, 0, src, 0, n_all, w, ld, i, acc);
@@ -615,13 +659,18 @@ static int VERSION(block_stats)(const Args *A, double *loglik_out, double *n_row
      * the system), from a 64-byte boundary */
     double *mem = A->work + n_pat * k;
     mem += (64 - (uintptr_t)mem % 64) % 64 / sizeof(double);
-    lanes_t *lanes = (lanes_t *)mem;
+    lanes_t *lanes = (lanes_t *)take_lines(&mem, k * (d + 1) * d * LANES, 0);
     memset(lanes, 0, (size_t)(k * (d + 1) * d) * sizeof(lanes_t));
-    mem += k * (d + 1) * d * LANES;
-    double *v = mem, *z = v + k * max_m, *q = z + max_m, *c = q + k * b, *y = c + k * d * ld,
-           *g = y + k * d * ld, *xt = g + k * d * ld, *top = xt + d * ld, *tot = top + b,
-           *scale = tot + b, *w = scale + b;
-    i64 *inc = (i64 *)(w + d * (d + 8));
+    /* each array from a cache line (whole vectors never straddle two), the large ones a
+     * line apart besides, so that the same row of two of them is not 4 KiB apart (loads
+     * would wait on stores to the other) */
+    double *c = take_lines(&mem, k * d * ld, 1), *y = take_lines(&mem, k * d * ld, 1),
+           *g = take_lines(&mem, k * d * ld, 1), *xt = take_lines(&mem, d * ld, 1),
+           *q = take_lines(&mem, k * b, 0), *top = take_lines(&mem, b, 0),
+           *tot = take_lines(&mem, b, 0), *scale = take_lines(&mem, b, 0),
+           *v = take_lines(&mem, k * max_m, 0), *z = take_lines(&mem, max_m, 0),
+           *w = take_lines(&mem, d * (d + 8), 0);
+    i64 *inc = (i64 *)mem;
     double loglik = 0.0, n_rows = 0.0;
     for (Py_ssize_t start = 0; start < n_in; start += b) {
         const Py_ssize_t nb = b < n_in - start ? b : n_in - start;
