@@ -561,16 +561,17 @@ static inline double *take_lines(double **mem, Py_ssize_t n, Py_ssize_t gap)
 
 /* Scratch values of a block (chunks of b rows, missing counts up to max_m): the lane sums of
  * the moments, c, y, g, xt, q, top, total, scale, v, z, w (each rounded up to whole cache
- * lines, the first four a line apart), the positions of the rows missing cells, and an
+ * lines, the SCRATCH_GAPS large ones a line apart), the positions of the rows missing cells, and an
  * alignment. */
 #define MAX_LANES 8
-#define SCRATCH_ARRAYS 11
+#define SCRATCH_ARRAYS 12 /* lanes, c, y, g, xt, q, top, total, scale, v, z, w */
+#define SCRATCH_GAPS 4
 
 static Py_ssize_t scratch_size(Py_ssize_t k, Py_ssize_t d, Py_ssize_t b, Py_ssize_t max_m)
 {
     const Py_ssize_t ld = row_stride(b);
     return k * (d + 1) * d * MAX_LANES + k * max_m + max_m + k * b + 3 * k * d * ld + d * ld +
-           3 * b + d * (d + 8) + b + 8 + 8 * (SCRATCH_ARRAYS + 4);
+           3 * b + d * (d + 8) + b + 8 + 8 * (SCRATCH_ARRAYS + SCRATCH_GAPS);
 }
 
 /* The kernel of a block in three CPU versions, picked when the module loads: AVX-512 (eight

@@ -194,28 +194,6 @@ STEP void VERSION(products8)(const int G, const double *restrict src, Py_ssize_t
                              Py_ssize_t i, double *restrict q)
 {
     lanes_t acc[GROUPS][8];
-    if (n_out == 8 && n_in == n_all + 4 && n_all >= 4) {
-        /* a full block of U's columns: its last eight inputs (n_in - 8 ..) form the
-         * triangle of U's diagonal block, the others reach every output */
-        const Py_ssize_t o0 = n_in - 8;
-#if WIDE_REGISTERS
-        VERSION(products_zero)(G, 8, 0, acc);
-        VERSION(products_part)(G, 8, 0, src, 0, o0, w, ld, i, acc);
-        VERSION(products_triangle)(G, 8, 0, src, o0, w, ld, i, acc);
-        VERSION(products_store)(G, 8, 0, acc, dst, n_out, ld, i, q);
-#else
-        VERSION(products_zero)(G, 4, 0, acc);
-        VERSION(products_part)(G, 4, 0, src, 0, o0, w, ld, i, acc);
-        VERSION(products_triangle)(G, 4, 0, src, o0, w, ld, i, acc);
-        VERSION(products_store)(G, 4, 0, acc, dst, n_out, ld, i, q);
-        lanes_t acc2[GROUPS][8];
-        VERSION(products_zero)(G, 4, 4, acc2);
-        VERSION(products_part)(G, 4, 4, src, 0, o0 + 4, w, ld, i, acc2);
-        VERSION(products_triangle)(G, 4, 4, src, o0 + 4, w, ld, i, acc2);
-        VERSION(products_store)(G, 4, 4, acc2, dst, n_out, ld, i, q);
-#endif
-        return;
-    }
 #if WIDE_REGISTERS
     VERSION(products_zero)(G, 8, 0, acc);
     VERSION(products_part)(G, 8, 0, src, 0, n_all, w, ld, i, acc);
@@ -231,6 +209,33 @@ STEP void VERSION(products8)(const int G, const double *restrict src, Py_ssize_t
         VERSION(products_part)(G, 4, 4, src, 0, n_in, w, ld, i, acc2);
         VERSION(products_store)(G, 4, 4, acc2, dst, n_out, ld, i, q);
     }
+#endif
+}
+
+/* products8 for a full block of eight of U's columns o0 .. o0 + 7 (dst[o] = sum_s
+ * w[8 s + o] src[s], s < o0 + 8): inputs below o0 reach every output, the last eight form
+ * the triangle of U's diagonal block, where input o0 + s reaches outputs s and above only
+ * (no zero weight multiplied). Each row's sums are added in products8's order. */
+STEP void VERSION(upper_products8)(const int G, const double *restrict src, Py_ssize_t o0,
+                                   const double *restrict w, double *restrict dst,
+                                   Py_ssize_t ld, Py_ssize_t i, double *restrict q)
+{
+    lanes_t acc[GROUPS][8];
+#if WIDE_REGISTERS
+    VERSION(products_zero)(G, 8, 0, acc);
+    VERSION(products_part)(G, 8, 0, src, 0, o0, w, ld, i, acc);
+    VERSION(products_triangle)(G, 8, 0, src, o0, w, ld, i, acc);
+    VERSION(products_store)(G, 8, 0, acc, dst, 8, ld, i, q);
+#else
+    VERSION(products_zero)(G, 4, 0, acc);
+    VERSION(products_part)(G, 4, 0, src, 0, o0, w, ld, i, acc);
+    VERSION(products_triangle)(G, 4, 0, src, o0, w, ld, i, acc);
+    VERSION(products_store)(G, 4, 0, acc, dst, 8, ld, i, q);
+    lanes_t acc2[GROUPS][8];
+    VERSION(products_zero)(G, 4, 4, acc2);
+    VERSION(products_part)(G, 4, 4, src, 0, o0 + 4, w, ld, i, acc2);
+    VERSION(products_triangle)(G, 4, 4, src, o0 + 4, w, ld, i, acc2);
+    VERSION(products_store)(G, 4, 4, acc2, dst, 8, ld, i, q);
 #endif
 }
 
@@ -279,8 +284,12 @@ STEP void VERSION(group_products)(const int G, const double *restrict x, Py_ssiz
         }
     for (Py_ssize_t ob = 0; ob < blocks; ob++) {
         const Py_ssize_t o0 = 8 * ob, n_out = d - o0 < 8 ? d - o0 : 8;
-        VERSION(products8)(G, cj, o0 + n_out, o0 + (n_out < 4 ? n_out : 4), w + 8 * d * ob,
-                           yj ? yj + o0 * ld : NULL, n_out, ld, i, qj);
+        if (n_out == 8)
+            VERSION(upper_products8)(G, cj, o0, w + 8 * d * ob, yj ? yj + o0 * ld : NULL, ld,
+                                     i, qj);
+        else /* the last, partial block */
+            VERSION(products8)(G, cj, o0 + n_out, o0 + (n_out < 4 ? n_out : 4),
+                               w + 8 * d * ob, yj ? yj + o0 * ld : NULL, n_out, ld, i, qj);
     }
 }
 
