@@ -484,29 +484,52 @@ def _arm(prefix, token, hold=False):
     return os.getpid()
 
 
+def _kill_if_armed(prefix, key):
+    """The armed action (see ``_arm``) if ``prefix`` is the armed one."""
+    global _ARMED
+    if _ARMED is None or prefix != _ARMED[0]:
+        return
+    _, token, hold = _ARMED
+    _ARMED = None
+    try:
+        fd = os.open(token, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:  # another worker went first
+        return
+    os.write(fd, f"{os.getpid()} {key}".encode())
+    os.close(fd)
+    if hold:
+        time.sleep(HOLD_SECONDS)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 class SelfKillOnTask(WorkerPlugin):
     """When armed (``_arm``), SIGKILL the worker process the moment a task whose key starts
     with the armed prefix begins executing on it: a worker dying mid-pass, at an exact point
-    (or, with ``hold``, stop there and wait to be killed from outside). A restarted worker
-    gets the plugin again, unarmed."""
+    (or, with ``hold``, stop there and wait to be killed from outside). A resident pass
+    (blocks worked on by the worker's helper, not by tasks) counts as a task named after its
+    chunk function, keyed ``<chunk>-resident``. A restarted worker gets the plugin again,
+    unarmed."""
 
     name = "emdask-test-self-kill"
 
+    def setup(self, worker):
+        from emdask.engine import resident
+
+        inner = resident.chunk_group
+        if getattr(inner, "armed_kill", False):
+            return
+
+        def chunk_group(chunk, indices, blocks, args):
+            name = getattr(chunk, "__name__", "chunk")
+            _kill_if_armed(name, f"{name}-resident")
+            return inner(chunk, indices, blocks, args)
+
+        chunk_group.armed_kill = True
+        resident.chunk_group = chunk_group
+
     def transition(self, key, start, finish, **kwargs):
-        global _ARMED
-        if finish != "executing" or _ARMED is None or task_prefix(key) != _ARMED[0]:
-            return
-        _, token, hold = _ARMED
-        _ARMED = None
-        try:
-            fd = os.open(token, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-        except FileExistsError:  # another worker went first
-            return
-        os.write(fd, f"{os.getpid()} {key}".encode())
-        os.close(fd)
-        if hold:
-            time.sleep(HOLD_SECONDS)
-        os.kill(os.getpid(), signal.SIGKILL)
+        if finish == "executing":
+            _kill_if_armed(task_prefix(key), key)
 
 
 def self_kill_plugin():

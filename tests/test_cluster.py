@@ -62,15 +62,21 @@ def test_fit_through_the_scheduler_address_equals_a_local_fit(cluster, table):
         assert len(client.scheduler_info()["workers"]) == 2
         ddf = dd.read_parquet(path)
         assert ddf.npartitions == N_PARTS
-        with get_task_stream(client) as stream:
+        with get_task_stream(client) as persisted_stream:
             persisted = fit(ddf, persist=True)
-        reread = fit(dd.read_parquet(path), persist=False)
+        with get_task_stream(client) as reread_stream:
+            reread = fit(dd.read_parquet(path), persist=False)
         numpy_blocks = fit(frame.drop(columns="id").to_numpy(), persist=True)
     assert_same_model(persisted, local)
     assert_same_model(reread, local)
     assert_same_model(numpy_blocks, local_numpy)
-    # the E-step really ran in both worker processes
-    workers = {t["worker"] for t in stream.data if task_prefix(t["key"]) == "_em_chunk"}
+    # the E-step really ran in both worker processes: over persisted blocks asked of a
+    # resident helper on each (started by a task), re-read as tasks
+    helpers = {t["worker"] for t in persisted_stream.data
+               if str(t["key"]).startswith("emdask-blocks-")}
+    assert len(helpers) == 2
+    assert not [t for t in persisted_stream.data if task_prefix(t["key"]) == "_em_chunk"]
+    workers = {t["worker"] for t in reread_stream.data if task_prefix(t["key"]) == "_em_chunk"}
     assert len(workers) == 2
 
 

@@ -4,8 +4,8 @@ Each test starts its own cluster (a ``dask scheduler`` and two ``dask worker`` p
 127.0.0.1), lets EM run a few iterations, and kills a worker while a pass is running:
 
 * during the E-step: a whole worker machine (nanny and worker) is SIGKILLed while an E-step
-  task is starting on it (the worker holds that task until the kill); the fit finishes on
-  the other worker;
+  task, or a resident pass over its blocks, is starting on it (the worker holds it until the
+  kill); the fit finishes on the other worker;
 * during the reduction: the worker process SIGKILLs itself the moment a combine task starts
   on it (its nanny starts a new one);
 * with in-memory (numpy) input, whose blocks were scattered from the client and cannot be
@@ -117,9 +117,11 @@ def _fit_with_node_killed_in_e_step(cluster, X, persist):
     return model
 
 
-def test_worker_machine_lost_during_the_e_step(cluster, table, reference):
+@pytest.mark.parametrize("resident", [True, False], ids=["resident-pass", "task-pass"])
+def test_worker_machine_lost_during_the_e_step(cluster, table, reference, resident):
     _, path = table
-    model = _fit_with_node_killed_in_e_step(cluster, dd.read_parquet(path), persist=True)
+    with dask.config.set({"emdask.resident-passes": resident}):
+        model = _fit_with_node_killed_in_e_step(cluster, dd.read_parquet(path), persist=True)
     assert_same_model(model, reference["parquet"])
 
 

@@ -31,6 +31,13 @@ def cluster_client():
         yield client
 
 
+@pytest.fixture
+def task_passes():
+    """Passes over persisted blocks as tasks, not asked of resident helpers."""
+    with dask.config.set({"emdask.resident-passes": False}):
+        yield
+
+
 def fit(X, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -165,6 +172,7 @@ def test_statistics_add_associatively_with_zero_for_an_empty_block():
             np.testing.assert_allclose(s.terms[key], whole.terms[key], rtol=1e-12, atol=1e-9)
 
 
+@pytest.mark.usefixtures("task_passes")
 def test_persisted_pass_runs_a_task_per_worker_thread_with_the_same_result(
     cluster_client, tmp_path, monkeypatch
 ):
@@ -192,6 +200,7 @@ def test_persisted_pass_runs_a_task_per_worker_thread_with_the_same_result(
     np.testing.assert_array_equal(grouped.lower_bounds_, per_block.lower_bounds_)
 
 
+@pytest.mark.usefixtures("task_passes")
 def test_persisted_pass_submitted_without_a_graph_gives_the_graph_s_bits(
     cluster_client, tmp_path, monkeypatch
 ):
@@ -223,6 +232,7 @@ def test_persisted_pass_submitted_without_a_graph_gives_the_graph_s_bits(
     np.testing.assert_array_equal(direct.lower_bounds_, graph.lower_bounds_)
 
 
+@pytest.mark.usefixtures("task_passes")
 def test_a_pass_fetches_its_results_in_one_request(cluster_client, tmp_path, monkeypatch):
     """The results of a pass's tasks (one per worker thread) come back in one request once
     every task is done, not one request per task: each is a round trip through the
@@ -252,3 +262,130 @@ def test_a_pass_fetches_its_results_in_one_request(cluster_client, tmp_path, mon
     assert threads >= 2
     assert len(passes) >= fitted.n_iter_ and max(passes) >= 2
     assert fetches == passes  # one request per pass, for all of its tasks
+
+
+def _persisted(frame, npartitions):
+    """``frame`` prepared and persisted on the cluster, its blocks in the workers' memory."""
+    from distributed import futures_of, wait
+
+    data = prepare(dd.from_pandas(frame, npartitions=npartitions), persist=True)
+    wait(futures_of(data.blocks))
+    return data
+
+
+def _counted_resident_passes(monkeypatch):
+    """The outcome of every pass asked of resident helpers (True: answered)."""
+    import emdask.engine.data as engine_data
+
+    outcomes = []
+    run = engine_data.Residents.run
+
+    def counted(self, *args):
+        parts = run(self, *args)
+        outcomes.append(parts is not None)
+        return parts
+
+    monkeypatch.setattr(engine_data.Residents, "run", counted)
+    return outcomes
+
+
+def test_resident_passes_run_no_e_step_task_and_give_the_task_passes_bits(
+    cluster_client, tmp_path, monkeypatch
+):
+    """Over persisted blocks every pass is asked of one resident helper per worker: no
+    E-step task reaches the scheduler, and the model is the task passes' to the bit."""
+    from distributed import get_task_stream
+
+    df = table(8)
+    path = tmp_path / "t.parquet"
+    dd.from_pandas(df, npartitions=7).to_parquet(path)
+    outcomes = _counted_resident_passes(monkeypatch)
+    with get_task_stream(cluster_client) as stream:
+        resident = fit(dd.read_parquet(path), persist=True)
+    assert not [r for r in stream.data if str(r["key"]).startswith("_em_chunk")]
+    assert len(outcomes) >= resident.n_iter_ and all(outcomes)
+    outcomes.clear()
+    with dask.config.set({"emdask.resident-passes": False}):
+        with get_task_stream(cluster_client) as stream:
+            tasks = fit(dd.read_parquet(path), persist=True)
+    assert not outcomes
+    assert len([r for r in stream.data if str(r["key"]).startswith("_em_chunk")]) >= 2
+    np.testing.assert_array_equal(resident.means_, tasks.means_)
+    np.testing.assert_array_equal(resident.covariances_, tasks.covariances_)
+    np.testing.assert_array_equal(resident.lower_bounds_, tasks.lower_bounds_)
+
+
+def test_resident_passes_use_every_thread_of_a_worker(tmp_path, monkeypatch):
+    """A worker of two threads works on its two groups of blocks at once, each on a task
+    thread of its own, and the model is the task passes' to the bit."""
+    import time
+
+    df = table(9)
+    path = tmp_path / "t.parquet"
+    dd.from_pandas(df, npartitions=6).to_parquet(path)
+    outcomes = _counted_resident_passes(monkeypatch)
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster, Client(cluster):
+        data = _persisted(dd.read_parquet(path).compute(), 6)
+        groups = data._groups_by_holder()
+        assert groups == [[0, 2, 4], [1, 3, 5]]
+
+        def spans(block, index):  # the first block of each group takes half a second
+            if index > 1:
+                return []
+            start = time.time()
+            time.sleep(0.5)
+            return [(start, time.time())]
+
+        (a0, a1), (b0, b1) = sorted(data.map_reduce(spans))
+        assert b0 < a1  # the two groups overlapped in time
+        assert outcomes == [True]
+        resident = fit(dd.read_parquet(path), persist=True)
+        with dask.config.set({"emdask.resident-passes": False}):
+            tasks = fit(dd.read_parquet(path), persist=True)
+    assert len(outcomes) >= resident.n_iter_ and all(outcomes)
+    np.testing.assert_array_equal(resident.means_, tasks.means_)
+    np.testing.assert_array_equal(resident.lower_bounds_, tasks.lower_bounds_)
+
+
+def test_an_error_in_a_resident_pass_is_raised_as_it_was(cluster_client, monkeypatch):
+    data = _persisted(table(10), 4)
+    outcomes = _counted_resident_passes(monkeypatch)
+    assert data.map_reduce(lambda block, index: block.shape[0]) == 3000
+
+    def failing(block, index):
+        if index == 2:
+            raise ValueError(f"block {index} cannot be read: give it another look")
+        return block.shape[0]
+
+    with pytest.raises(ValueError, match="block 2 cannot be read"):
+        data.map_reduce(failing)
+    assert outcomes == [True]  # the failing pass was asked of the helpers, and raised
+
+
+def test_a_resident_pass_waits_for_paused_workers_as_tasks_do(monkeypatch):
+    """A worker paused at its memory limit takes no resident pass either: the pass goes to
+    tasks, which Dask holds back, and stops with WorkersPaused when no worker resumes.
+    (Workers without a memory limit: no memory monitor resumes them behind the test.)"""
+    from distributed.core import Status
+
+    from emdask import WorkersPaused
+
+    def set_status(status, dask_worker=None):
+        dask_worker.status = status
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None, memory_limit=0) as cluster, Client(cluster) as c:
+        data = _persisted(table(11), 4)
+        outcomes = _counted_resident_passes(monkeypatch)
+        assert data.map_reduce(lambda block, index: block.shape[0]) == 3000
+        c.run(set_status, Status.paused)
+        try:
+            with dask.config.set({"emdask.paused-timeout": 1}):
+                with pytest.raises(WorkersPaused, match="paused"):
+                    data.map_reduce(lambda block, index: block.shape[0])
+        finally:
+            c.run(set_status, Status.running)
+        assert outcomes == [True, False]
+        assert data.map_reduce(lambda block, index: block.shape[0]) == 3000
+        assert outcomes == [True, False, True]

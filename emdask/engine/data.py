@@ -39,6 +39,7 @@ import dask.dataframe as dd
 
 from ..exceptions import WorkersPaused
 from . import columns as column_rules
+from .resident import Residents, chunk_group, resident_passes
 
 __all__ = [
     "BlockData",
@@ -480,7 +481,7 @@ def _pass_args(args):
 def _group_task(chunk, shared):
     """``task(indices, blocks)`` -> the delayed tuple of ``chunk(block, index, *shared)``
     over the blocks, in one task (``shared``: from :func:`_pass_args`)."""
-    call = dask.delayed(_chunk_group, pure=False)
+    call = dask.delayed(chunk_group, pure=False)
     name = getattr(chunk, "__name__", "chunk")  # keys read like a task per block's
 
     def task(indices, blocks):
@@ -514,15 +515,11 @@ def _submit_groups(chunk, shared, groups, blocks, keep):
         return None
     name = getattr(chunk, "__name__", "chunk")  # keys read like a task per block's
     tasks = client.map(
-        _chunk_group, [chunk] * len(groups), [tuple(g) for g in groups],
+        chunk_group, [chunk] * len(groups), [tuple(g) for g in groups],
         [[futures[i] for i in g] for g in groups], [shared] * len(groups),
         key=[f"{name}-{uuid.uuid4().hex}" for _ in groups], pure=False,
     )
     return _gather_watched(client, tasks, keep)
-
-
-def _chunk_group(chunk, indices, blocks, args):
-    return tuple(chunk(block, index, *args) for index, block in zip(indices, blocks))
 
 
 def _tree_reduce(combine, split_every, groups, *parts):
@@ -574,6 +571,8 @@ class BlockData:
         self._scattered_from = None  # in-memory arrays sent to the workers, kept to resend
         self._placement = None  # (client, valid until pass, groups of blocks by holder)
         self._last_results = []  # futures of the last pass, released after the next starts
+        self._residents = None  # the resident helpers of persisted blocks (see resident.py)
+        self._residents_after = 0  # no helpers made before this pass (after a failure)
         self._values = None  # the blocks' arrays, when persisted in this process
 
     @property
@@ -600,14 +599,17 @@ class BlockData:
         ``split_every``, and one small result brought back to the client. ``args`` travel
         inside the graph (they should be small: parameters, not data).
 
-        Over blocks persisted on a cluster (up to :data:`GROUP_MAX_BLOCKS`), a pass runs a
-        task per worker thread instead, each over the blocks its worker holds, handed to the
-        cluster in one submission without a graph (see :func:`_submit_groups`); their
-        per-block results come back here in one request once every task is done and are
-        reduced by the same tree: fewer scheduler round trips per pass, and the same result
-        to the last bit. Without a cluster, over blocks held in this process, ``chunk`` is
-        called on each block directly on Dask's threads (see :meth:`_local_pass`), and the
-        results are reduced by that tree too.
+        Over blocks persisted on a cluster (up to :data:`GROUP_MAX_BLOCKS`), a pass is asked
+        of a resident helper on each worker holding blocks (see
+        :mod:`emdask.engine.resident`): one request per worker, each worker's blocks worked
+        on by its task threads. Where that cannot be (turned off, a worker paused or lost),
+        it runs a task per worker thread instead, each over the blocks its worker holds,
+        handed to the cluster in one submission without a graph (see
+        :func:`_submit_groups`), their per-block results fetched in one request once every
+        task is done. Either way the per-block results are reduced here by the same tree:
+        the same result to the last bit. Without a cluster, over blocks held in this
+        process, ``chunk`` is called on each block directly on Dask's threads (see
+        :meth:`_local_pass`), and the results are reduced by that tree too.
         """
         split_every = split_every or self.split_every
         if split_every < 2:
@@ -630,8 +632,10 @@ class BlockData:
                     with dask.config.set({"optimization.fuse.delayed": not self.persisted}):
                         result = _compute(root, self._last_results)
                 else:  # a few small results: reduced here, without one more task hop
-                    parts = _submit_groups(chunk, shared, groups, self.blocks,
-                                           self._last_results)
+                    parts = self._resident_pass(chunk, shared, groups)
+                    if parts is None:
+                        parts = _submit_groups(chunk, shared, groups, self.blocks,
+                                               self._last_results)
                     if parts is None:
                         group_task = _group_task(chunk, shared)
                         tasks = [group_task(g, [self.blocks[i] for i in g]) for g in groups]
@@ -662,6 +666,38 @@ class BlockData:
         with _one_blas_thread():
             parts = _local_map(chunk, self._values, args, threads)
         return (_reduce_tree(parts, split_every, lambda *node: reduce(combine, node)),)
+
+    def _resident_pass(self, chunk, shared, groups):
+        """The per-group results of a pass asked of the blocks' resident helpers (made at
+        the first pass over these groups; see :mod:`emdask.engine.resident`), or ``None``
+        when the pass is to run as tasks: resident passes turned off, an argument too large
+        to travel with the request, a worker paused or lost."""
+        if not resident_passes() or any(dask.is_dask_collection(a) for a in shared):
+            return None
+        residents = self._residents
+        if residents is None or residents.groups != groups:
+            if self.n_passes < self._residents_after:
+                return None
+            futures = [_block_future(b) for b in self.blocks]
+            if any(f is None for f in futures):
+                return None
+            from distributed import TimeoutError as DaskTimeoutError
+
+            self._residents = None  # the former helpers are released with their handles
+            try:
+                residents = Residents(current_client(), futures, groups)
+            except (LookupError, OSError, CancelledError, TimeoutError, DaskTimeoutError):
+                # tasks meanwhile; tried again after the next look at where the blocks are
+                self._placement = None
+                self._residents_after = self.n_passes + PLACEMENT_PASSES
+                return None
+            self._residents = residents
+        parts = residents.run(chunk, shared)
+        if residents.lost:
+            self._residents = self._placement = None
+        elif parts is not None:
+            self._last_results[:] = []  # the last task pass's results, if any, are done with
+        return parts
 
     def _groups_by_holder(self):
         """Block indices grouped by the worker thread that holds them in memory, or
@@ -722,7 +758,7 @@ class BlockData:
             lost = [i for i, b in enumerate(self.blocks) if not holders.get(b.key)]
         if not lost:
             return False
-        self._placement = None
+        self._placement = self._residents = None  # the helpers knew the lost blocks' keys
         again = client.scatter([self._scattered_from[i] for i in lost], hash=False)
         for i, future in zip(lost, again):
             self.blocks[i] = future
