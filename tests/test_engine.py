@@ -293,10 +293,12 @@ def test_resident_passes_run_no_e_step_task_and_give_the_task_passes_bits(
     cluster_client, tmp_path, monkeypatch
 ):
     """Over persisted blocks every pass is asked of one resident helper per worker: no
-    E-step task reaches the scheduler, and the model is the task passes' to the bit."""
+    E-step task reaches the scheduler, and the model is the task passes' to the bit (the
+    helpers keep each block's missingness patterns from pass to pass)."""
     from distributed import get_task_stream
 
     df = table(8)
+    df = df.mask(np.random.default_rng(8).random(df.shape) < 0.1)
     path = tmp_path / "t.parquet"
     dd.from_pandas(df, npartitions=7).to_parquet(path)
     outcomes = _counted_resident_passes(monkeypatch)

@@ -356,12 +356,52 @@ def test_scratch_space_kept_between_blocks_changes_nothing():
     check(family.partial_stats(large, params), expected_large)
 
 
+@pytest.mark.skipif(not _kernels.compiled_available(), reason="needs the compiled C module")
+@pytest.mark.parametrize("rate", [0.0, 0.15])
+def test_patterns_kept_in_a_block_memo_are_found_once_and_change_nothing(rate, monkeypatch):
+    """With a memo for its block (what a resident helper keeps), the kernel finds a block's
+    missingness patterns at the first pass only, under any parameters, and every pass
+    gives the bits of a pass without memo; passes with row weights find their own."""
+    from emdask.families import _compiled
+    from emdask.families.base import block_memo
+
+    k, d = 3, 9
+    params = random_params("full", k, d, seed=41)
+    other = random_params("full", k, d, seed=42)
+    X = sample(params, "full", 3000, seed=43)
+    if rate:
+        X = with_missing(X, rate, seed=44)
+    family = GaussianFamily(k, "full")
+    weights = np.random.default_rng(45).poisson(1.0, X.shape[0]).astype(float)
+    expected = [fresh_with(family, X, p) for p in (params, other, params)]
+    expected_weighted = fresh_with(family, X, (params, weights))
+    found = []
+    find = _compiled.find_patterns
+    monkeypatch.setattr(_compiled, "find_patterns", lambda *a: found.append(1) or find(*a))
+    memo = {}
+    token = block_memo.set(memo)
+    try:
+        got = [family.partial_stats(X, p) for p in (params, other, params)]
+        got_weighted = family.partial_stats(X, params, weights)
+    finally:
+        block_memo.reset(token)
+    assert len(found) == 2  # the first pass, then the weighted one
+    assert len(memo) == 1
+    if not rate:
+        assert list(memo.values()) == ["complete"]  # nothing kept but the fact
+    for a, b in zip(got + [got_weighted], expected + [expected_weighted]):
+        assert (a.n_rows, a.loglik) == (b.n_rows, b.loglik)
+        for key in ("nk", "s1", "s2"):
+            np.testing.assert_array_equal(a.terms[key], b.terms[key])
+
+
 def fresh_with(family, X, params):
     """``family.partial_stats(X, params)`` in a new thread (with scratch space of its own)."""
     import threading
 
     out = []
-    t = threading.Thread(target=lambda: out.append(family.partial_stats(X, params)))
+    args = params if isinstance(params, tuple) else (params,)
+    t = threading.Thread(target=lambda: out.append(family.partial_stats(X, *args)))
     t.start()
     t.join()
     return out[0]

@@ -25,8 +25,11 @@ from __future__ import annotations
 import asyncio
 import uuid
 from concurrent.futures import CancelledError
+from functools import partial
 
 import dask
+
+from ..families.base import block_memo
 
 __all__ = ["BlockRunner", "Residents", "chunk_group", "resident_passes"]
 
@@ -54,12 +57,25 @@ def chunk_group(chunk, indices, blocks, args):
     return tuple(chunk(block, index, *args) for index, block in zip(indices, blocks))
 
 
+def _remembering(chunk, memos, block, index, *args):
+    """``chunk(block, index, *args)`` with the block's memo set (see
+    :data:`emdask.families.base.block_memo`)."""
+    token = block_memo.set(memos[index])
+    try:
+        return chunk(block, index, *args)
+    finally:
+        block_memo.reset(token)
+
+
 class BlockRunner:
     """Dask actor: the passes over the blocks one worker holds.
 
     The helper keeps the blocks' keys, not the arrays: at each pass it takes them from the
     worker's store (on the worker's event loop, where that store changes), so the blocks
-    stay the worker's to spill, and the helper's task depends on none of them.
+    stay the worker's to spill, and the helper's task depends on none of them. It keeps a
+    memo per block, in which the kernels keep what they derive from the block alone (a
+    Gaussian block's missingness patterns: two integers per row, or nothing when no cell
+    is missing) instead of deriving it again at every pass.
 
     Parameters
     ----------
@@ -69,6 +85,8 @@ class BlockRunner:
 
     def __init__(self, keys):
         self.keys = dict(keys)
+        # what kernels derive from each block alone, kept while the helper holds it
+        self.memos = {i: {} for i in self.keys}
 
     async def run(self, chunk, groups, args):
         """``("done", [chunk_group(chunk, g, blocks of g, args) for g in groups])``, each
@@ -87,9 +105,10 @@ class BlockRunner:
             return "missing", None
         loop = asyncio.get_running_loop()
         executor = worker.executors["default"]
+        remembering = partial(_remembering, chunk, self.memos)
         jobs = [
-            loop.run_in_executor(executor, chunk_group, chunk, tuple(g), [blocks[i] for i in g],
-                                 args)
+            loop.run_in_executor(executor, chunk_group, remembering, tuple(g),
+                                 [blocks[i] for i in g], args)
             for g in groups
         ]
         return "done", list(await asyncio.gather(*jobs))

@@ -70,7 +70,7 @@ from functools import partial
 
 import numpy as np
 
-from .base import ILL_DEFINED
+from .base import ILL_DEFINED, block_memo
 
 __all__ = [
     "DenseKernel",
@@ -313,10 +313,7 @@ def dense_block_stats(X, weights, means, mix_weights, chol, const, chunk=COMPLET
     model = compiled.Model(np.array(means, dtype=np.float64, order="C"), chol, precision,
                            np.array(const, dtype=np.float64, order="C"))
     block = _block(compiled, X, weights)
-    if d <= compiled.MAX_KEY_FEATURES:
-        patterns = compiled.find_patterns(block, k, _int_workspace(X.shape[0], d, compiled))
-    else:
-        patterns = _numpy_patterns(compiled, X, weights)
+    patterns = _block_patterns(compiled, block, X, weights, k)
     n_in, n_pat = patterns.rows.size, patterns.pat_m.size
     if n_in == 0:
         return 0.0, 0.0, nk, s1, lower
@@ -362,6 +359,42 @@ def _block(compiled, X, weights):
     else:
         w = _read_only(np.ascontiguousarray(weights, dtype=np.float64))
     return compiled.Block(_read_only(data), column_major, w, weights is not None)
+
+
+def _block_patterns(compiled, block, X, weights, k):
+    """The :class:`~emdask.families._compiled.Patterns` of a block, kept in the block's
+    memo (:data:`emdask.families.base.block_memo`) when its caller keeps one: finding them
+    reads the whole block, a few percent of the E-step, and they do not change from pass to
+    pass. Rows of weight zero are not informative, so patterns found under weights are not
+    kept. A block whose rows all carry every cell is kept as that fact alone."""
+    memo = block_memo.get() if weights is None else None
+    key = ("gaussian-patterns", X.shape, k)
+    kept = None if memo is None else memo.get(key)
+    if kept is not None:
+        return _complete_patterns(compiled, X.shape[0]) if kept == "complete" else kept
+    d = X.shape[1]
+    if d <= compiled.MAX_KEY_FEATURES:
+        patterns = compiled.find_patterns(block, k, _int_workspace(X.shape[0], d, compiled))
+    else:
+        patterns = _numpy_patterns(compiled, X, weights)
+    if memo is not None:
+        if _are_complete(patterns, X.shape[0]):
+            memo[key] = "complete"
+        else:  # copies: the rows' arrays are views of this thread's scratch
+            patterns = memo[key] = type(patterns)(*(np.array(a) for a in patterns))
+    return patterns
+
+
+def _are_complete(patterns, n):
+    """Whether ``patterns`` say: every one of the ``n`` rows, in order, nothing missing."""
+    return (patterns.pat_m.size == 1 and patterns.pat_m[0] == 0 and patterns.rows.size == n
+            and (n == 0 or (patterns.rows[0] == 0 and patterns.rows[-1] == n - 1)))
+
+
+def _complete_patterns(compiled, n):
+    none = np.zeros(1, dtype=np.int64)
+    return compiled.Patterns(np.arange(n, dtype=np.int64), np.zeros(n, dtype=np.int64),
+                              none, none, np.zeros(0, dtype=np.int64), none)
 
 
 def _numpy_patterns(compiled, X, weights):

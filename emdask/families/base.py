@@ -13,6 +13,7 @@ Families never see Dask: a block is a 2-D float64 numpy array, NaN marking a mis
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,7 +35,14 @@ __all__ = [
     "logits",
     "from_logits",
     "floored_log",
+    "block_memo",
 ]
+
+#: A dict in which a kernel may keep what it derives from the block it is given alone (its
+#: missingness patterns, say), set by the caller for the length of a call when it holds
+#: that block unchanged from pass to pass and keeps the dict with it; ``None`` (the default)
+#: when nothing may be kept. Entries are the kernels' own, keyed by what they depend on.
+block_memo: ContextVar = ContextVar("emdask_block_memo", default=None)
 
 #: Rows handled at once inside a block: a few hundred kilobytes per component stay in cache.
 ROW_CHUNK = 2048
