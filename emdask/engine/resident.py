@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from concurrent.futures import CancelledError
-from functools import partial
+from functools import partial, update_wrapper
 
 import dask
 
@@ -105,7 +105,8 @@ class BlockRunner:
             return "missing", None
         loop = asyncio.get_running_loop()
         executor = worker.executors["default"]
-        remembering = partial(_remembering, chunk, self.memos)
+        # the chunk with its block's memo set, under the chunk's own name
+        remembering = update_wrapper(partial(_remembering, chunk, self.memos), chunk)
         jobs = [
             loop.run_in_executor(executor, chunk_group, remembering, tuple(g),
                                  [blocks[i] for i in g], args)
