@@ -327,6 +327,33 @@ def test_compiled_kernel_matches_the_numpy_steps_for_every_missing_count(
 
 
 @pytest.mark.skipif(not _kernels.compiled_available(), reason="needs the compiled C module")
+@pytest.mark.parametrize("weighted", [False, True])
+def test_runs_of_rows_missing_the_same_cells_match_the_numpy_steps(cpu_version, weighted,
+                                                                    monkeypatch):
+    """Rows missing the same cells one after the other (as rows taken in pattern order
+    are) have their conditional terms computed a vector of rows at a time: runs of every
+    length around the vector width, of 1 to 7 (and 11) missing cells, broken by complete
+    rows and by rows of other patterns, give the numpy steps' statistics in every CPU
+    version."""
+    k, d = 3, 13
+    params = random_params("full", k, d, seed=71)
+    X = sample(params, "full", 6000, seed=72)
+    rng = np.random.default_rng(73)
+    at = 0
+    while at < len(X) - 40:
+        m = int(rng.choice([1, 2, 3, 4, 5, 7, 11]))
+        cols = rng.choice(d, m, replace=False)
+        run = int(rng.integers(1, 40))
+        X[at : at + run, cols] = np.nan
+        at += run + int(rng.integers(0, 3))  # sometimes a complete row between runs
+    w = rng.poisson(1.0, len(X)).astype(float) if weighted else None
+    family = GaussianFamily(k, "full")
+    compiled = family.partial_stats(X, params, w)
+    monkeypatch.setattr(_kernels, "use_compiled", False)
+    assert_same_stats(compiled, family.partial_stats(X, params, w), 1e-12)
+
+
+@pytest.mark.skipif(not _kernels.compiled_available(), reason="needs the compiled C module")
 def test_scratch_space_kept_between_blocks_changes_nothing():
     """The whole-block kernel reuses its scratch space from block to block: a small block
     after a large one with many more patterns (and the other way) gives the same bits as

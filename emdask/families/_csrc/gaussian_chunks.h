@@ -386,6 +386,69 @@ STEP void VERSION(conditional_terms)(const int M, Py_ssize_t m, const Args *A, P
     }
 }
 
+/* Rows missing more cells than this take their conditional terms one at a time (the
+ * vectors of a run stay on the stack). */
+#define RUN_MAX_MISSING 32
+
+/* conditional_terms for LANES rows i .. i + LANES - 1 of one pattern at once (rows in pattern
+ * order lie in runs of the same pattern), v read from g = U_j y (the whole chunk's): each
+ * row's sums are conditional_terms' own, in the same order. */
+STEP void VERSION(conditional_terms_lanes)(const int M, Py_ssize_t m, const Args *A,
+                                           Py_ssize_t i, Py_ssize_t nb, Py_ssize_t ld,
+                                           const i64 *cols, const double *tab,
+                                           const double *restrict g, double *restrict c,
+                                           double *restrict q)
+{
+    const Py_ssize_t k = A->k, d = A->d, n = M ? M : m;
+    lanes_t v[M ? M : RUN_MAX_MISSING], z[M ? M : RUN_MAX_MISSING];
+    for (Py_ssize_t j = 0; j < k; j++) {
+        const double *inv = tab + k + j * n * n;
+        for (Py_ssize_t a = 0; a < n; a++)
+            v[a] = *(const lanes_t *)(g + (j * d + cols[a]) * ld + i);
+        lanes_t vz = (lanes_t){0.0};
+        for (Py_ssize_t a = 0; a < n; a++) {
+            lanes_t za = (lanes_t){0.0};
+            for (Py_ssize_t b = 0; b < n; b++)
+                za += inv[a * n + b] * v[b];
+            z[a] = za;
+            vz += v[a] * za;
+        }
+        for (Py_ssize_t a = 0; a < n; a++)
+            *(lanes_t *)(c + (j * d + cols[a]) * ld + i) = -z[a];
+        lanes_t *qj = (lanes_t *)(q + j * nb + i);
+        *qj += 0.5 * vz + tab[j];
+    }
+}
+
+/* conditional_terms_lanes for the row incomplete[t] and the LANES - 1 after it, if they
+ * follow each other in the chunk, share its pattern and miss at most RUN_MAX_MISSING
+ * cells; whether they did. */
+STEP int VERSION(run_terms)(const Args *A, const i64 *incomplete, Py_ssize_t n_inc,
+                            Py_ssize_t t, const i64 *pc, Py_ssize_t nb, Py_ssize_t ld,
+                            const double *restrict g, double *restrict c, double *restrict q)
+{
+    const Py_ssize_t i = incomplete[t];
+    if (t + LANES > n_inc || incomplete[t + LANES - 1] != i + LANES - 1)
+        return 0;
+    const i64 p = pc[i];
+    for (int r = 1; r < LANES; r++)
+        if (pc[i + r] != p)
+            return 0;
+    const Py_ssize_t m = A->pat_m[p];
+    if (m > RUN_MAX_MISSING)
+        return 0;
+    const i64 *cols = A->cols + A->col_off[p];
+    const double *tab = A->table + A->off[p];
+    switch (m) { /* the same loop, compiled for each small count */
+    case 1: VERSION(conditional_terms_lanes)(1, m, A, i, nb, ld, cols, tab, g, c, q); break;
+    case 2: VERSION(conditional_terms_lanes)(2, m, A, i, nb, ld, cols, tab, g, c, q); break;
+    case 3: VERSION(conditional_terms_lanes)(3, m, A, i, nb, ld, cols, tab, g, c, q); break;
+    case 4: VERSION(conditional_terms_lanes)(4, m, A, i, nb, ld, cols, tab, g, c, q); break;
+    default: VERSION(conditional_terms_lanes)(0, m, A, i, nb, ld, cols, tab, g, c, q); break;
+    }
+    return 1;
+}
+
 /* Observed-part log-probabilities of a chunk, less each row's maximum (top, 0 where it is
  * not finite), and for rows missing cells the conditional means of those cells.
  *
@@ -418,6 +481,10 @@ STEP void VERSION(chunk_log_prob)(const Args *A, const double *restrict y,
         const i64 p = pc[i];
         const Py_ssize_t m = A->pat_m[p];
         const i64 *cols = A->cols + A->col_off[p];
+        if (whole && VERSION(run_terms)(A, incomplete, n_inc, t, pc, nb, ld, g, c, q)) {
+            t += LANES - 1;
+            continue;
+        }
         for (Py_ssize_t j = 0; j < k; j++)
             for (Py_ssize_t a = 0; a < m; a++) {
                 const i64 ca = cols[a];
@@ -711,3 +778,4 @@ static int VERSION(block_stats)(const Args *A, double *loglik_out, double *n_row
 #undef WIDE_REGISTERS
 #undef MOMENT_COLUMNS
 #undef IN_REGISTER
+#undef RUN_MAX_MISSING
