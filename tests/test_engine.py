@@ -391,3 +391,21 @@ def test_a_resident_pass_waits_for_paused_workers_as_tasks_do(monkeypatch):
         assert outcomes == [True, False]
         assert data.map_reduce(lambda block, index: block.shape[0]) == 3000
         assert outcomes == [True, False, True]
+
+
+def test_blocks_copied_to_several_workers_are_shared_out_between_them(cluster_client):
+    """A block Dask has copied to several workers goes to the one with the fewest blocks,
+    so that no worker sits idle in the passes (resident passes use the placement as is)."""
+    from distributed import futures_of
+
+    data = _persisted(table(12), 4)
+    futures = futures_of(data.blocks)
+    cluster_client.replicate(futures)  # every block on both workers
+    holders = cluster_client.who_has(futures)
+    assert all(len(holders[f.key]) == 2 for f in futures)
+    data._placement = None
+    groups = data._groups_by_holder()
+    assert sorted(len(g) for g in groups) == [2, 2]
+    assert data.map_reduce(lambda block, index: block.shape[0]) == 3000
+    # one helper on each worker, each over two blocks
+    assert len({worker for _, worker, _ in data._residents._runners}) == 2

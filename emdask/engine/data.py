@@ -730,12 +730,22 @@ class BlockData:
             threads = client.nthreads()
         except Exception:  # placement is an optimisation: without it, one task per block
             return None, False
-        by_worker = {}
-        for i, b in enumerate(self.blocks):
-            where = [w for w in holders.get(b.key, ()) if w in threads]
-            if not where:  # not in memory (yet): Dask computes, recomputes or resends it
+        where = []
+        for b in self.blocks:
+            on = sorted(w for w in holders.get(b.key, ()) if w in threads)
+            if not on:  # not in memory (yet): Dask computes, recomputes or resends it
                 return None, False
-            by_worker.setdefault(where[0], []).append(i)
+            where.append(on)
+        # a block held by several workers (a copy Dask made) goes to the one with the fewest
+        # blocks so far, per thread, after the blocks held once: no worker left idle
+        load = {w: 0 for on in where for w in on}
+        owner = {}
+        for i in sorted(range(len(where)), key=lambda i: len(where[i])):
+            owner[i] = min(where[i], key=lambda w: (load[w] / max(1, int(threads[w])), w))
+            load[owner[i]] += 1
+        by_worker = {}
+        for i in range(len(where)):
+            by_worker.setdefault(owner[i], []).append(i)
         groups = []
         for worker, indices in by_worker.items():
             n = max(1, min(int(threads[worker]), len(indices)))
