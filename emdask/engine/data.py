@@ -573,6 +573,7 @@ class BlockData:
         self._last_results = []  # futures of the last pass, released after the next starts
         self._residents = None  # the resident helpers of persisted blocks (see resident.py)
         self._residents_after = 0  # no helpers made before this pass (after a failure)
+        self._owners = {}  # block index -> the worker whose thread takes it (see _find_groups)
         self._values = None  # the blocks' arrays, when persisted in this process
 
     @property
@@ -685,7 +686,8 @@ class BlockData:
 
             self._residents = None  # the former helpers are released with their handles
             try:
-                residents = Residents(current_client(), futures, groups)
+                workers = [self._owners.get(g[0]) for g in groups]
+                residents = Residents(current_client(), futures, groups, workers)
             except (LookupError, OSError, CancelledError, TimeoutError, DaskTimeoutError):
                 # tasks meanwhile; tried again after the next look at where the blocks are
                 self._placement = None
@@ -752,6 +754,7 @@ class BlockData:
             groups += [indices[j::n] for j in range(n)]
         if len(groups) >= len(self.blocks):
             return None, True
+        self._owners = owner
         return sorted(groups), True
 
     def _resend_lost_blocks(self):

@@ -131,9 +131,12 @@ class Residents:
     groups : list of list of int
         Block indices by worker thread, each group held by one worker (as
         ``BlockData._groups_by_holder`` finds them).
+    workers : list of str, optional
+        The worker to take each group (one that holds its blocks); by default the first
+        holder of its first block.
     """
 
-    def __init__(self, client, futures, groups):
+    def __init__(self, client, futures, groups, workers=None):
         from distributed import default_client
 
         try:
@@ -149,9 +152,12 @@ class Residents:
         by_worker = {}  # worker -> positions of its groups in self.groups
         for position, g in enumerate(self.groups):
             where = holders.get(futures[g[0]].key) or ()
-            if not where:
-                raise LookupError(f"block {g[0]} is in no worker's memory")
-            by_worker.setdefault(where[0], []).append(position)
+            chosen = workers[position] if workers else None
+            if chosen not in where:
+                if not where:
+                    raise LookupError(f"block {g[0]} is in no worker's memory")
+                chosen = sorted(where)[0]
+            by_worker.setdefault(chosen, []).append(position)
         pending = []  # (future of the helper, its worker, positions of its groups)
         for worker, positions in by_worker.items():
             keys = {i: futures[i].key for p in positions for i in self.groups[p]}
