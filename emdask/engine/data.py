@@ -39,7 +39,7 @@ import dask.dataframe as dd
 
 from ..exceptions import WorkersPaused
 from . import columns as column_rules
-from .resident import Residents, chunk_group, resident_passes
+from .resident import Residents, chunk_group, resident_passes, scheduler_workers
 
 __all__ = [
     "BlockData",
@@ -425,9 +425,7 @@ def _gather_watched(client, futures, keep=None):
 def _paused_workers(client):
     """``"addr: used of limit, ..."`` when every worker is paused, else ``None``."""
     try:
-        workers = client.scheduler_info(n_workers=-1)["workers"]
-    except TypeError:  # older distributed: no n_workers argument
-        workers = client.scheduler_info()["workers"]
+        workers = scheduler_workers(client)
     except Exception:  # the scheduler is unreachable: the pass itself will say so
         return None
     if not workers or any(w.get("status") != "paused" for w in workers.values()):
@@ -686,7 +684,7 @@ class BlockData:
 
             self._residents = None  # the former helpers are released with their handles
             try:
-                workers = [self._owners.get(g[0]) for g in groups]
+                workers = [self._owners[g[0]] for g in groups]
                 residents = Residents(current_client(), futures, groups, workers)
             except (LookupError, OSError, CancelledError, TimeoutError, DaskTimeoutError):
                 # tasks meanwhile; tried again after the next look at where the blocks are

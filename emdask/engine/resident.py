@@ -31,7 +31,7 @@ import dask
 
 from ..families.base import block_memo
 
-__all__ = ["BlockRunner", "Residents", "chunk_group", "resident_passes"]
+__all__ = ["BlockRunner", "Residents", "chunk_group", "resident_passes", "scheduler_workers"]
 
 #: The Dask setting that turns resident passes on or off (on by default).
 CONFIG_KEY = "emdask.resident-passes"
@@ -50,6 +50,14 @@ def resident_passes():
     if isinstance(value, str):
         return value.strip().lower() not in ("0", "false", "no", "off", "")
     return bool(value)
+
+
+def scheduler_workers(client):
+    """The scheduler's ``{address: info}`` of every worker (all of them, not a sample)."""
+    try:
+        return client.scheduler_info(n_workers=-1)["workers"]
+    except TypeError:  # older distributed: no n_workers argument
+        return client.scheduler_info()["workers"]
 
 
 def chunk_group(chunk, indices, blocks, args):
@@ -120,8 +128,8 @@ class Residents:
     worker holding some of them.
 
     Raises ``TimeoutError`` when the helpers did not start within :data:`START_TIMEOUT`
-    seconds, ``LookupError`` when a block is in no worker's memory or ``client`` is not
-    the default client (Dask binds a helper's handle to the default client).
+    seconds, ``LookupError`` when ``client`` is not the default client (Dask binds a
+    helper's handle to the default client).
 
     Parameters
     ----------
@@ -129,14 +137,13 @@ class Residents:
     futures : list of distributed.Future
         The table's blocks, in order.
     groups : list of list of int
-        Block indices by worker thread, each group held by one worker (as
-        ``BlockData._groups_by_holder`` finds them).
-    workers : list of str, optional
-        The worker to take each group (one that holds its blocks); by default the first
-        holder of its first block.
+        Block indices by worker thread (as ``BlockData._groups_by_holder`` finds them).
+    workers : list of str
+        The worker that holds each group's blocks and takes it (a helper that finds a block
+        gone at a pass says so, and the pass runs as tasks).
     """
 
-    def __init__(self, client, futures, groups, workers=None):
+    def __init__(self, client, futures, groups, workers):
         from distributed import default_client
 
         try:
@@ -148,16 +155,9 @@ class Residents:
         self.client = client
         self.groups = [list(g) for g in groups]
         self.lost = False  # whether a worker holding a helper was lost
-        holders = client.who_has([futures[g[0]] for g in self.groups])
         by_worker = {}  # worker -> positions of its groups in self.groups
-        for position, g in enumerate(self.groups):
-            where = holders.get(futures[g[0]].key) or ()
-            chosen = workers[position] if workers else None
-            if chosen not in where:
-                if not where:
-                    raise LookupError(f"block {g[0]} is in no worker's memory")
-                chosen = sorted(where)[0]
-            by_worker.setdefault(chosen, []).append(position)
+        for position, worker in enumerate(workers):
+            by_worker.setdefault(worker, []).append(position)
         pending = []  # (future of the helper, its worker, positions of its groups)
         for worker, positions in by_worker.items():
             keys = {i: futures[i].key for p in positions for i in self.groups[p]}
@@ -217,9 +217,5 @@ class Residents:
                 return call.result(timeout=WATCH_INTERVAL)
             except (DaskTimeoutError, TimeoutError):
                 pass
-            try:
-                workers = self.client.scheduler_info(n_workers=-1)["workers"]
-            except TypeError:  # older distributed: no n_workers argument
-                workers = self.client.scheduler_info()["workers"]
-            if worker not in workers:
+            if worker not in scheduler_workers(self.client):
                 raise LookupError(f"worker {worker} was lost")
