@@ -136,6 +136,40 @@ def tls_environment(tls):
 # --------------------------------------------------------------------------------------
 
 
+def machine_report(top=8, interval=0.5):
+    """Load, free memory and disk, and the processes using the most CPU now (over
+    ``interval`` s, with their command lines): when a cluster does not start, whether the
+    machine itself was the cause."""
+    import shutil
+
+    import psutil
+
+    lines = [
+        f"load average {tuple(round(x, 2) for x in os.getloadavg())}, "
+        f"{psutil.virtual_memory().available >> 20} MiB available, "
+        f"{shutil.disk_usage(TESTS_DIR).free >> 20} MiB free on disk, "
+        f"{len(psutil.pids())} processes",
+    ]
+    procs = list(psutil.process_iter())
+    for proc in procs:
+        try:
+            proc.cpu_percent(None)
+        except psutil.Error:
+            pass
+    time.sleep(interval)
+    busy = []
+    for proc in procs:
+        try:
+            with proc.oneshot():
+                busy.append((proc.cpu_percent(None), proc.memory_info().rss >> 20, proc.pid,
+                             " ".join(proc.cmdline())[:160]))
+        except psutil.Error:
+            continue
+    for cpu, rss, pid, cmd in sorted(busy, reverse=True)[:top]:
+        lines.append(f"pid {pid}: {cpu:.0f}% CPU, {rss} MiB: {cmd}")
+    return "\n".join(lines)
+
+
 def _signal_group(proc):
     """SIGTERM a process group (a Dask process and its children), as a service manager would."""
     if proc.poll() is None:
@@ -305,11 +339,24 @@ class ProcessCluster:
                 time.sleep(0.05)
             for i in range(self.n_workers):
                 self.add_worker(f"w{i}")
-            self.wait_for_workers(self.n_workers)
+            try:
+                self.wait_for_workers(self.n_workers)
+            except Exception as exc:
+                raise RuntimeError(
+                    f"{self.n_workers} dask workers did not join the scheduler within "
+                    f"{self.start_timeout} s ({exc!r})\n{self.report()}"
+                ) from exc
         except BaseException:
             self.stop()
             raise
         return self
+
+    def report(self):
+        """The end of every process's log, and what else runs on this machine: what a
+        cluster that did not start needs to be understood from a test run's output."""
+        names = (["scheduler"] if self.scheduler else []) + list(self.workers)
+        logs = "\n".join(f"--- {name}.log\n{self.log(name, tail=2000)}" for name in names)
+        return f"{logs}\n--- this machine\n{machine_report()}"
 
     def _scheduler_file_ready(self):
         try:
