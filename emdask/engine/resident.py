@@ -52,12 +52,20 @@ def resident_passes():
     return bool(value)
 
 
-def scheduler_workers(client):
-    """The scheduler's ``{address: info}`` of every worker (all of them, not a sample)."""
+#: Seconds a question to the scheduler about its workers may take.
+ASK_TIMEOUT = 30.0
+
+
+def scheduler_workers(client, timeout=ASK_TIMEOUT):
+    """The scheduler's ``{address: info}`` of every worker (all of them, not a sample),
+    asked now (not the client's cached copy, which stays as it was when the scheduler does
+    not answer). Raises ``OSError`` or ``TimeoutError`` when no answer comes within
+    ``timeout`` seconds."""
     try:
-        return client.scheduler_info(n_workers=-1)["workers"]
+        info = client.sync(client.scheduler.identity, n_workers=-1, callback_timeout=timeout)
     except TypeError:  # older distributed: no n_workers argument
-        return client.scheduler_info()["workers"]
+        info = client.sync(client.scheduler.identity, callback_timeout=timeout)
+    return info["workers"]
 
 
 def chunk_group(chunk, indices, blocks, args):
@@ -217,5 +225,9 @@ class Residents:
                 return call.result(timeout=WATCH_INTERVAL)
             except (DaskTimeoutError, TimeoutError):
                 pass
-            if worker not in scheduler_workers(self.client):
+            try:
+                present = worker in scheduler_workers(self.client)
+            except (OSError, TimeoutError) as exc:  # tasks then, which report a lost scheduler
+                raise LookupError(f"no answer from the scheduler about worker {worker}") from exc
+            if not present:
                 raise LookupError(f"worker {worker} was lost")
