@@ -1,5 +1,6 @@
 """The map-reduce driver on real schedulers: multi-process cluster, synchronous, re-reading."""
 
+import time
 import warnings
 
 import dask
@@ -363,6 +364,33 @@ def test_an_error_in_a_resident_pass_is_raised_as_it_was(cluster_client, monkeyp
     with pytest.raises(ValueError, match="block 2 cannot be read"):
         data.map_reduce(failing)
     assert outcomes == [True]  # the failing pass was asked of the helpers, and raised
+
+
+def test_a_resident_pass_the_scheduler_cannot_vouch_for_goes_to_tasks(cluster_client, monkeypatch):
+    """While a resident pass waits, it asks the scheduler whether the workers it asked are
+    still there; when the scheduler does not answer, the pass does not wait on (the client's
+    cached list of workers would keep a lost worker there for good): it runs as tasks."""
+    from emdask.engine import resident
+
+    data = _persisted(table(12), 4)
+    outcomes = _counted_resident_passes(monkeypatch)
+    assert data.map_reduce(lambda block, index: block.shape[0]) == 3000
+    monkeypatch.setattr(resident, "WATCH_INTERVAL", 0.1)
+
+    async def unanswered(**kwargs):
+        raise OSError("the scheduler did not answer")
+
+    def slow(block, index):
+        time.sleep(0.5)
+        return block.shape[0]
+
+    with monkeypatch.context() as m:
+        m.setattr(cluster_client.scheduler, "identity", unanswered, raising=False)
+        assert data.map_reduce(slow) == 3000
+    assert outcomes == [True, False]  # the helpers' answer was not waited for
+    assert data._residents is None  # and they are made again at the next look
+    assert data.map_reduce(lambda block, index: block.shape[0]) == 3000
+    assert outcomes == [True, False, True]
 
 
 def test_a_resident_pass_waits_for_paused_workers_as_tasks_do(monkeypatch):
