@@ -567,11 +567,11 @@ class BlockData:
         self.persisted = False
         self.n_passes = 0
         self._scattered_from = None  # in-memory arrays sent to the workers, kept to resend
-        self._placement = None  # (client, valid until pass, groups of blocks by holder)
+        # (client, valid until pass, groups of blocks by holder, the worker taking each group)
+        self._placement = None
         self._last_results = []  # futures of the last pass, released after the next starts
         self._residents = None  # the resident helpers of persisted blocks (see resident.py)
         self._residents_after = 0  # no helpers made before this pass (after a failure)
-        self._owners = {}  # block index -> the worker whose thread takes it (see _find_groups)
         self._values = None  # the blocks' arrays, when persisted in this process
 
     @property
@@ -684,7 +684,7 @@ class BlockData:
 
             self._residents = None  # the former helpers are released with their handles
             try:
-                workers = [self._owners[g[0]] for g in groups]
+                workers = self._placement[3]  # the placement these groups come from
                 residents = Residents(current_client(), futures, groups, workers)
             except (LookupError, OSError, CancelledError, TimeoutError, DaskTimeoutError):
                 # tasks meanwhile; tried again after the next look at where the blocks are
@@ -716,25 +716,26 @@ class BlockData:
         cached = self._placement
         if cached is not None and cached[0] is client and self.n_passes < cached[1]:
             return cached[2]
-        groups, settled = self._find_groups(client)
+        groups, workers, settled = self._find_groups(client)
         if settled:  # else ask again at the next pass (blocks still being computed)
-            self._placement = (client, self.n_passes + PLACEMENT_PASSES, groups)
+            self._placement = (client, self.n_passes + PLACEMENT_PASSES, groups, workers)
         return groups
 
     def _find_groups(self, client):
-        """``(groups or None, whether the answer holds for the next passes)``."""
+        """``(groups or None, the worker taking each group, whether the answer holds for
+        the next passes)``."""
         if len(self.blocks) > GROUP_MAX_BLOCKS:
-            return None, True
+            return None, None, True
         try:
             holders = client.who_has(self.blocks)
             threads = client.nthreads()
         except Exception:  # placement is an optimisation: without it, one task per block
-            return None, False
+            return None, None, False
         where = []
         for b in self.blocks:
             on = sorted(w for w in holders.get(b.key, ()) if w in threads)
             if not on:  # not in memory (yet): Dask computes, recomputes or resends it
-                return None, False
+                return None, None, False
             where.append(on)
         # a block held by several workers (a copy Dask made) goes to the one with the fewest
         # blocks so far, per thread, after the blocks held once: no worker left idle
@@ -751,9 +752,9 @@ class BlockData:
             n = max(1, min(int(threads[worker]), len(indices)))
             groups += [indices[j::n] for j in range(n)]
         if len(groups) >= len(self.blocks):
-            return None, True
-        self._owners = owner
-        return sorted(groups), True
+            return None, None, True
+        groups.sort()
+        return groups, [owner[g[0]] for g in groups], True
 
     def _resend_lost_blocks(self):
         """Scatter again the in-memory blocks whose only copy was lost; whether any was."""
