@@ -333,9 +333,9 @@ class ProcessCluster:
             deadline = time.monotonic() + self.start_timeout
             while not self._scheduler_file_ready():
                 if self.scheduler.poll() is not None:
-                    raise RuntimeError(f"dask scheduler exited early:\n{self.log('scheduler')}")
+                    raise RuntimeError(f"dask scheduler exited early:\n{self.report()}")
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"dask scheduler did not start:\n{self.log('scheduler')}")
+                    raise TimeoutError(f"dask scheduler did not start:\n{self.report()}")
                 time.sleep(0.05)
             for i in range(self.n_workers):
                 self.add_worker(f"w{i}")
